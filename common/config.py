@@ -1,0 +1,110 @@
+"""Configuration read from environment variables (API.md, "Operations contract").
+
+Every process of the suite reads the same variables; nothing is read from files except
+the generated secrets under ``PAPERCLIP_HOME`` in local mode.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+DEFAULT_GATEWAY_ADDR = "127.0.0.1:50051"
+DEFAULT_INTERNAL_ADDR = "127.0.0.1:0"
+SECRETS_FILE = "secrets.json"
+
+
+class ConfigError(ValueError):
+    """A configuration variable holds a value the suite cannot use."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class Settings:
+    """Everything a process of the suite is configured with."""
+
+    home: Path
+    database_url: str | None
+    gateway_addr: str
+    issue_service_addr: str
+    run_service_addr: str
+    workspace_service_addr: str
+    internal_key: bytes
+    jwt_secret: bytes
+    db_pool_size: int
+    db_max_overflow: int
+    log_level: str
+    ready_file: Path | None
+
+    @property
+    def embedded(self) -> bool:
+        """True when the suite runs its own PostgreSQL under ``home``."""
+        return self.database_url is None
+
+
+def _int(env: Mapping[str, str], name: str, default: int, *, low: int, high: int) -> int:
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError as exc:
+        raise ConfigError(f"{name} must be an integer, got {raw!r}") from exc
+    if not low <= value <= high:
+        raise ConfigError(f"{name} must be between {low} and {high}, got {value}")
+    return value
+
+
+def load_secrets(home: Path) -> dict[str, str]:
+    """Read the generated secrets of a local instance, creating them (mode 0600) once."""
+    path = home / SECRETS_FILE
+    if path.exists():
+        loaded: dict[str, str] = json.loads(path.read_text())
+        return loaded
+    home.mkdir(parents=True, exist_ok=True)
+    values = {"internal_key": secrets.token_hex(32), "jwt_secret": secrets.token_hex(32)}
+    tmp = path.with_suffix(".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        json.dump(values, fh)
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        # Another process of the same instance won the race: use its secrets.
+        tmp.unlink()
+        existing: dict[str, str] = json.loads(path.read_text())
+        return existing
+    tmp.unlink()
+    return values
+
+
+def load_settings(env: Mapping[str, str] | None = None) -> Settings:
+    """Build the settings from ``env`` (default: the process environment)."""
+    env = os.environ if env is None else env
+    home = Path(env.get("PAPERCLIP_HOME") or ".paperclip").expanduser().resolve()
+    internal_key = env.get("PAPERCLIP_INTERNAL_KEY", "")
+    jwt_secret = env.get("PAPERCLIP_JWT_SECRET", "")
+    if not internal_key or not jwt_secret:
+        generated = load_secrets(home)
+        internal_key = internal_key or generated["internal_key"]
+        jwt_secret = jwt_secret or generated["jwt_secret"]
+    ready = env.get("PAPERCLIP_READY_FILE")
+    return Settings(
+        home=home,
+        database_url=env.get("PAPERCLIP_DATABASE_URL") or None,
+        gateway_addr=env.get("PAPERCLIP_GATEWAY_ADDR") or DEFAULT_GATEWAY_ADDR,
+        issue_service_addr=env.get("PAPERCLIP_ISSUE_SERVICE_ADDR") or DEFAULT_INTERNAL_ADDR,
+        run_service_addr=env.get("PAPERCLIP_RUN_SERVICE_ADDR") or DEFAULT_INTERNAL_ADDR,
+        workspace_service_addr=(
+            env.get("PAPERCLIP_WORKSPACE_SERVICE_ADDR") or DEFAULT_INTERNAL_ADDR
+        ),
+        internal_key=internal_key.encode(),
+        jwt_secret=jwt_secret.encode(),
+        db_pool_size=_int(env, "PAPERCLIP_DB_POOL_SIZE", 10, low=1, high=200),
+        db_max_overflow=_int(env, "PAPERCLIP_DB_MAX_OVERFLOW", 10, low=0, high=200),
+        log_level=(env.get("PAPERCLIP_LOG_LEVEL") or "INFO").upper(),
+        ready_file=Path(ready) if ready else None,
+    )

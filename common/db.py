@@ -1,0 +1,86 @@
+"""The async database engine and the unit of work of one RPC.
+
+One ``AsyncEngine`` (asyncpg) per process with an explicit pool. A service function
+runs in ``async with db.transaction() as conn``: one connection, one transaction,
+committed on success and rolled back on any exception, cancellation included.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
+
+from common.errors import Aborted, Unavailable
+
+#: SQLSTATEs that mean "another transaction won; the caller may retry".
+_CONCURRENCY_STATES = {
+    "40001": "serialization failure",
+    "40P01": "deadlock detected",
+    "55P03": "lock not available",
+}
+#: A row lock not granted within this time aborts the statement instead of queueing
+#: requests forever behind a stuck transaction.
+LOCK_TIMEOUT_MS = 5000
+STATEMENT_TIMEOUT_MS = 30000
+
+
+def sqlstate(exc: BaseException) -> str | None:
+    """The PostgreSQL SQLSTATE of a driver error, if it carries one."""
+    orig = getattr(exc, "orig", exc)
+    state = getattr(orig, "sqlstate", None) or getattr(orig, "pgcode", None)
+    return str(state) if state else None
+
+
+class Database:
+    """The engine of one process and its units of work."""
+
+    def __init__(
+        self, url: str, *, pool_size: int = 10, max_overflow: int = 10, name: str = "paperclip"
+    ) -> None:
+        self.engine: AsyncEngine = create_async_engine(
+            url,
+            pool_size=pool_size,
+            max_overflow=max_overflow,
+            # Connections are recycled before a server-side idle timeout can cut them.
+            pool_recycle=1800,
+            pool_pre_ping=True,
+            connect_args={
+                "server_settings": {
+                    "application_name": name,
+                    "lock_timeout": str(LOCK_TIMEOUT_MS),
+                    "statement_timeout": str(STATEMENT_TIMEOUT_MS),
+                    "timezone": "UTC",
+                }
+            },
+        )
+
+    @asynccontextmanager
+    async def transaction(self) -> AsyncIterator[AsyncConnection]:
+        """One connection in one transaction; driver errors become project errors."""
+        try:
+            async with self.engine.begin() as conn:
+                yield conn
+        except DBAPIError as exc:
+            raise translate_db_error(exc) from exc
+
+    async def dispose(self) -> None:
+        """Close every pooled connection."""
+        await self.engine.dispose()
+
+
+def translate_db_error(exc: DBAPIError) -> Exception:
+    """Map a driver error to ``Aborted``/``Unavailable``; other errors pass unchanged."""
+    state = sqlstate(exc)
+    if state in _CONCURRENCY_STATES:
+        return Aborted(
+            f"concurrent modification: {_CONCURRENCY_STATES[state]}",
+            reason="CONCURRENT_MODIFICATION",
+        )
+    if state is not None and state.startswith("08"):
+        return Unavailable("database connection failed", reason="DATABASE_UNAVAILABLE")
+    if isinstance(exc, (InterfaceError, OperationalError)) and state is None:
+        return Unavailable("database unavailable", reason="DATABASE_UNAVAILABLE")
+    return exc

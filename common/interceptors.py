@@ -1,0 +1,159 @@
+"""The server interceptor chain: request id, signed-actor verification, logging,
+metrics and the one place where project errors become gRPC status.
+
+Health and reflection calls pass through untouched: load balancers and grpcurl
+call them without an actor.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, NamedTuple
+
+import grpc
+from grpc_status import rpc_status
+from prometheus_client import Counter, Histogram
+
+from common.actor import verify_actor
+from common.db import translate_db_error
+from common.errors import PaperclipError, internal_status, to_status_proto
+from common.request_context import CURRENT_ACTOR, REQUEST_ID
+
+log = logging.getLogger("paperclip.rpc")
+
+REQUEST_ID_HEADER = "x-request-id"
+_OPEN_PREFIXES = ("/grpc.health.v1.", "/grpc.reflection.")
+
+RPC_TOTAL = Counter("paperclip_rpc_total", "RPCs served", ["method", "code"])
+RPC_SECONDS = Histogram("paperclip_rpc_seconds", "RPC latency", ["method"])
+
+Unary = Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]]
+Streaming = Callable[[Any, grpc.aio.ServicerContext], AsyncIterator[Any]]
+
+
+class _Status(NamedTuple):
+    code: grpc.StatusCode
+    details: str
+    trailing_metadata: tuple[tuple[str, str | bytes], ...]
+
+
+class _Call:
+    """Book-keeping of one call: its id, outcome and timing."""
+
+    def __init__(self, method: str, context: grpc.aio.ServicerContext, key: bytes) -> None:
+        self.method = method
+        self.started = time.perf_counter()
+        self.code = grpc.StatusCode.OK
+        metadata = {k: v for k, v in context.invocation_metadata() or () if isinstance(v, str)}
+        self.request_id = metadata.get(REQUEST_ID_HEADER) or uuid.uuid4().hex
+        REQUEST_ID.set(self.request_id)
+        CURRENT_ACTOR.set(verify_actor(metadata, key))
+
+    def failure(self, exc: BaseException) -> _Status:
+        """The status to send for ``exc``; unexpected errors are logged with a trace."""
+        if not isinstance(exc, PaperclipError):
+            translated = translate_db_error(exc) if hasattr(exc, "orig") else exc
+            exc = translated
+        if isinstance(exc, PaperclipError):
+            status = rpc_status.to_status(to_status_proto(exc))
+            log.info("rpc refused", extra={"method": self.method, "reason": exc.reason})
+        else:
+            log.error("rpc failed", exc_info=exc, extra={"method": self.method})
+            status = rpc_status.to_status(internal_status())
+        self.code = status.code
+        return _Status(
+            status.code,
+            status.details,
+            (*status.trailing_metadata, (REQUEST_ID_HEADER, self.request_id)),
+        )
+
+    def finish(self) -> None:
+        elapsed = time.perf_counter() - self.started
+        RPC_TOTAL.labels(self.method, self.code.name).inc()
+        RPC_SECONDS.labels(self.method).observe(elapsed)
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug(
+                "rpc",
+                extra={"method": self.method, "code": self.code.name, "ms": elapsed * 1000},
+            )
+
+
+def _open(method: str, context: grpc.aio.ServicerContext, key: bytes) -> _Call | _Status:
+    try:
+        return _Call(method, context, key)
+    except PaperclipError as exc:
+        status = rpc_status.to_status(to_status_proto(exc))
+        RPC_TOTAL.labels(method, status.code.name).inc()
+        return _Status(status.code, status.details, tuple(status.trailing_metadata))
+
+
+def _wrap_unary(behavior: Unary, method: str, key: bytes) -> Unary:
+    async def handler(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        call = _open(method, context, key)
+        if isinstance(call, _Status):
+            await context.abort_with_status(call)
+            return None
+        try:
+            response = await behavior(request, context)
+            context.set_trailing_metadata(((REQUEST_ID_HEADER, call.request_id),))
+            return response
+        except grpc.aio.AbortError:
+            raise
+        except Exception as exc:  # the one mapping point for every error
+            await context.abort_with_status(call.failure(exc))
+        finally:
+            call.finish()
+
+    return handler
+
+
+def _wrap_stream(behavior: Streaming, method: str, key: bytes) -> Streaming:
+    async def handler(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+        call = _open(method, context, key)
+        if isinstance(call, _Status):
+            await context.abort_with_status(call)
+            return
+        try:
+            async for item in behavior(request, context):
+                yield item
+        except grpc.aio.AbortError:
+            raise
+        except Exception as exc:
+            await context.abort_with_status(call.failure(exc))
+        finally:
+            call.finish()
+
+    return handler
+
+
+class ServiceInterceptor(grpc.aio.ServerInterceptor):
+    """Verifies the signed actor and maps errors for every non-health RPC."""
+
+    def __init__(self, internal_key: bytes) -> None:
+        self._key = internal_key
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(handler_call_details)
+        method: str = handler_call_details.method  # type: ignore[attr-defined]
+        if handler is None or method.startswith(_OPEN_PREFIXES):
+            return handler
+        if handler.unary_unary is not None:
+            return grpc.unary_unary_rpc_method_handler(
+                _wrap_unary(handler.unary_unary, method, self._key),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        if handler.unary_stream is not None:
+            return grpc.unary_stream_rpc_method_handler(
+                _wrap_stream(handler.unary_stream, method, self._key),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        return handler

@@ -1,0 +1,200 @@
+"""``make run``: the whole suite on one machine, in the foreground.
+
+Starts embedded PostgreSQL under ``PAPERCLIP_HOME`` unless ``PAPERCLIP_DATABASE_URL`` is
+set, applies the migrations, starts each service as a child process (in order, each told
+the addresses of the ones before it), prints where everything listens and waits. Ctrl-C
+or SIGTERM stops the services, then the database; so does the death of any service.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import signal
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from pathlib import Path
+from types import FrameType
+
+from common import process_group
+from common.config import ConfigError, Settings, load_settings
+from common.embedded_pg import (
+    EmbeddedPostgres,
+    EmbeddedPostgresError,
+    normalize_database_url,
+    redact_database_url,
+)
+from common.file_lock import FileLock, LockHeldError
+from common.log import configure_logging
+from common.migrate import migrate
+from common.process_group import Child, ChildFailedError, ProcessSpec, StartInterruptedError
+
+logger = logging.getLogger("common.launcher")
+
+#: The suite, in start order: each service is given the addresses of those before it.
+SERVICES: tuple[ProcessSpec, ...] = (
+    ProcessSpec("issue_service", "PAPERCLIP_ISSUE_SERVICE_ADDR"),
+    ProcessSpec("run_service", "PAPERCLIP_RUN_SERVICE_ADDR"),
+)
+READY_TIMEOUT_S = 60.0
+#: Longer than the services' own shutdown grace, so a clean stop is never cut short.
+STOP_GRACE_S = 10.0
+_TICK_S = 0.1
+
+
+class LauncherError(RuntimeError):
+    """The suite cannot start; the message says why and what to do."""
+
+
+class StopSignal:
+    """Records SIGINT/SIGTERM; the launcher polls it between steps and while serving."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum: int, _frame: FrameType | None) -> None:
+        self.signum = self.signum or signum
+
+    @property
+    def requested(self) -> bool:
+        """True once a stop signal arrived."""
+        return self.signum is not None
+
+
+def main() -> int:
+    """Run the suite until stopped: 0 after a requested stop, 1 on any failure."""
+    stop = StopSignal()
+    try:
+        settings = load_settings()
+    except ConfigError as exc:
+        print(f"paperclip: configuration error: {exc}", file=sys.stderr)
+        return 1
+    configure_logging("launcher", settings.log_level)
+    try:
+        return _run(settings, stop)
+    except StartInterruptedError:
+        return 0
+    except (LauncherError, EmbeddedPostgresError, ChildFailedError) as exc:
+        print(f"paperclip: {exc}", file=sys.stderr)
+        return 0 if stop.requested else 1
+    except Exception:
+        logger.exception("launcher failed")
+        return 1
+
+
+def _run(settings: Settings, stop: StopSignal) -> int:
+    with ExitStack() as stack:
+        stack.enter_context(_instance_lock(settings.home))
+        url, database = stack.enter_context(_database(settings))
+        logger.info("migrating", extra={"database": database})
+        asyncio.run(migrate(url))
+        children: list[Child] = []
+        stack.callback(process_group.stop_all, children, grace=STOP_GRACE_S)
+        _start_services(settings, url, children, stop)
+        stack.enter_context(_suite_ready_file(settings, children))
+        _print_banner(settings, database, children)
+        status = _supervise(children, stop)
+    return status
+
+
+@contextmanager
+def _instance_lock(home: Path) -> Iterator[None]:
+    try:
+        lock = FileLock.acquire(home / "launcher.lock")
+    except LockHeldError as exc:
+        raise LauncherError(
+            f"another launcher (pid {exc.holder_pid}) already runs the suite in "
+            f"PAPERCLIP_HOME={home}: stop it first, or set PAPERCLIP_HOME to another directory"
+        ) from exc
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+@contextmanager
+def _database(settings: Settings) -> Iterator[tuple[str, str]]:
+    """Yield the SQLAlchemy URL of the suite's database and a description without secrets."""
+    if settings.database_url is not None:
+        try:
+            url = normalize_database_url(settings.database_url)
+        except ValueError as exc:
+            raise LauncherError(f"PAPERCLIP_DATABASE_URL: {exc}") from exc
+        yield url, f"external, {redact_database_url(settings.database_url)}"
+        return
+    server = EmbeddedPostgres.start(settings.home / "pgdata")
+    try:
+        yield server.url, f"embedded, data in {server.data_dir}"
+    finally:
+        server.stop()
+
+
+def _start_services(settings: Settings, url: str, children: list[Child], stop: StopSignal) -> None:
+    env = {
+        **os.environ,
+        "PAPERCLIP_HOME": str(settings.home),
+        "PAPERCLIP_DATABASE_URL": url,
+        "PAPERCLIP_INTERNAL_KEY": settings.internal_key.decode(),
+        "PAPERCLIP_JWT_SECRET": settings.jwt_secret.decode(),
+    }
+    run_dir = settings.home / "run"
+    run_dir.mkdir(parents=True, exist_ok=True)
+    for spec in SERVICES:
+        child = process_group.spawn(spec, env, run_dir / f"{spec.module}.json")
+        children.append(child)
+        addr = process_group.wait_ready(
+            child, timeout=READY_TIMEOUT_S, stop_requested=lambda: stop.requested
+        )
+        env[spec.addr_env] = addr
+
+
+@contextmanager
+def _suite_ready_file(settings: Settings, children: list[Child]) -> Iterator[None]:
+    """Announce the whole suite in ``PAPERCLIP_READY_FILE``, as a service announces itself."""
+    path = settings.ready_file
+    if path is None:
+        yield
+        return
+    services = {child.spec.module: child.addr for child in children}
+    body = {"service": "launcher", "addr": children[-1].addr, "pid": os.getpid()}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps({**body, "services": services}))
+    tmp.replace(path)
+    try:
+        yield
+    finally:
+        path.unlink(missing_ok=True)
+
+
+def _print_banner(settings: Settings, database: str, children: list[Child]) -> None:
+    rows = [(child.spec.module, child.addr) for child in children]
+    rows += [("database", database), ("PAPERCLIP_HOME", str(settings.home))]
+    width = max(len(name) for name, _ in rows)
+    lines = ["", "Paperclip Core is running:"]
+    lines += [f"  {name.ljust(width)}  {value}" for name, value in rows]
+    lines += ["Ctrl-C to stop.", ""]
+    print("\n".join(lines), flush=True)
+    logger.info("suite ready", extra={"services": dict(rows[: len(children)])})
+
+
+def _supervise(children: list[Child], stop: StopSignal) -> int:
+    while not stop.requested:
+        crashed = process_group.first_exited(children)
+        if crashed is not None:
+            status = process_group.describe_exit(crashed.process.returncode)
+            print(f"paperclip: {crashed.spec.module} {status}; stopping", file=sys.stderr)
+            return 1
+        time.sleep(_TICK_S)
+    logger.info("stopping", extra={"signal": stop.signum})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,55 @@
+"""AIP-132 pagination: page sizes and opaque, filter-bound page tokens."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from common.errors import invalid
+
+DEFAULT_PAGE_SIZE = 50
+MAX_PAGE_SIZE = 500
+
+
+@dataclass(frozen=True)
+class Page:
+    """What one List call asks for: how many rows, and after which cursor."""
+
+    size: int
+    cursor: dict[str, Any] | None
+    fingerprint: str
+
+    def next_token(self, cursor: dict[str, Any] | None) -> str:
+        """The token of the page after the one ending at ``cursor`` ('' when none)."""
+        if cursor is None:
+            return ""
+        raw = json.dumps({"f": self.fingerprint, "c": cursor}, separators=(",", ":"))
+        return base64.urlsafe_b64encode(raw.encode()).decode().rstrip("=")
+
+
+def _fingerprint(filters: dict[str, Any]) -> str:
+    raw = json.dumps(filters, sort_keys=True, default=str)
+    return hashlib.sha256(raw.encode()).hexdigest()[:16]
+
+
+def parse_page(page_size: int, page_token: str, **filters: Any) -> Page:
+    """Validate ``page_size``/``page_token``; the token must match the same filters."""
+    if page_size < 0:
+        raise invalid("page_size", "must not be negative")
+    size = DEFAULT_PAGE_SIZE if page_size == 0 else min(page_size, MAX_PAGE_SIZE)
+    fingerprint = _fingerprint(filters)
+    if not page_token:
+        return Page(size, None, fingerprint)
+    try:
+        padded = page_token + "=" * (-len(page_token) % 4)
+        data = json.loads(base64.urlsafe_b64decode(padded.encode()))
+        cursor = data["c"]
+        token_fingerprint = data["f"]
+    except (ValueError, KeyError, TypeError) as exc:
+        raise invalid("page_token", "is not a token this service issued") from exc
+    if token_fingerprint != fingerprint or not isinstance(cursor, dict):
+        raise invalid("page_token", "belongs to a request with different filters")
+    return Page(size, cursor, fingerprint)

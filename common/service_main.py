@@ -1,0 +1,40 @@
+"""The ``python -m <service>`` entrypoint shared by every service process."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Sequence
+
+from common.config import Settings, load_settings
+from common.db import Database
+from common.embedded_pg import normalize_database_url
+from common.log import configure_logging
+from common.server import ServiceSpec, serve_until_signalled, start_server
+
+SpecsFactory = Callable[[Database, Settings], Sequence[ServiceSpec]]
+
+
+async def _main(service: str, address: str, settings: Settings, factory: SpecsFactory) -> None:
+    if settings.database_url is None:
+        raise SystemExit(f"{service}: PAPERCLIP_DATABASE_URL is required (make run sets it)")
+    db = Database(
+        normalize_database_url(settings.database_url),
+        pool_size=settings.db_pool_size,
+        max_overflow=settings.db_max_overflow,
+        name=service,
+    )
+    running = await start_server(factory(db, settings), address, settings.internal_key)
+    await serve_until_signalled(
+        running,
+        service=service,
+        address=address,
+        ready_file=settings.ready_file,
+        on_stop=db.dispose,
+    )
+
+
+def run(service: str, address_of: Callable[[Settings], str], factory: SpecsFactory) -> None:
+    """Configure logging, then serve ``factory``'s services until signalled."""
+    settings = load_settings()
+    configure_logging(service, settings.log_level)
+    asyncio.run(_main(service, address_of(settings), settings, factory))

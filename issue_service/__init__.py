@@ -1,0 +1,1 @@
+"""The issue service: companies, issues, checkout and execution locks, comments, audit."""

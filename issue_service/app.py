@@ -1,0 +1,29 @@
+"""Wiring of the issue service process: its gRPC services."""
+
+from __future__ import annotations
+
+from common.config import Settings
+from common.db import Database
+from common.server import ServiceSpec
+from issue_service.api import IssueApi, IssueLockApi
+from paperclip.issues.v1 import issue_locks_pb2_grpc, issues_pb2_grpc
+
+ISSUE_SERVICE = "paperclip.issues.v1.IssueService"
+ISSUE_LOCK_SERVICE = "paperclip.issues.v1.IssueLockService"
+
+
+def service_specs(db: Database, settings: Settings) -> list[ServiceSpec]:
+    """The services the issue service process serves."""
+    del settings
+    return [
+        ServiceSpec(
+            ISSUE_SERVICE,
+            lambda server: issues_pb2_grpc.add_IssueServiceServicer_to_server(IssueApi(db), server),
+        ),
+        ServiceSpec(
+            ISSUE_LOCK_SERVICE,
+            lambda server: issue_locks_pb2_grpc.add_IssueLockServiceServicer_to_server(
+                IssueLockApi(db), server
+            ),
+        ),
+    ]

@@ -1,0 +1,290 @@
+"""Checkout, release and board force-release of an issue.
+
+Checkout is one conditional UPDATE ... RETURNING on the row the terminal-run check
+has locked; when it matches nothing, the same locked row tells whether the caller may
+adopt an unowned or stale lock, already owns it (idempotent), or lost to a live holder.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from sqlalchemy import text
+from sqlalchemy.engine import RowMapping
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from common.actor import Actor
+from common.audit import record_activity
+from common.authz import (
+    require_acting_as,
+    require_agent_run,
+    require_board,
+    require_company_access,
+)
+from common.db import Database
+from common.errors import FailedPrecondition, NotFound, invalid
+from common.validation import parse_uuid, require_enum
+from issue_service import store
+from issue_service.events import EventType, emit
+from issue_service.locks import lock_and_clear_terminal
+from issue_service.model import STATUS_PROTO_VALUES, Status, run_is_stale
+from issue_service.ownership import adopt_lock, conflict_metadata, enforce_agent_write
+from issue_service.status_rules import LOCK_COLUMNS_CLEARED
+from paperclip.issues.v1 import issues_pb2
+
+_CHECKOUT = text(
+    f"""
+    UPDATE issues.issues
+    SET assignee_agent_id = :agent, assignee_user_id = NULL,
+        checkout_run_id = :run, execution_run_id = :run,
+        execution_agent_name_key = CASE WHEN CAST(:run AS uuid) IS NULL THEN NULL
+                                        ELSE :name_key END,
+        execution_locked_at = CASE WHEN CAST(:run AS uuid) IS NULL THEN NULL ELSE now() END,
+        status = 'in_progress', started_at = coalesce(started_at, now()), updated_at = now(),
+        completed_at = NULL, cancelled_at = NULL
+    WHERE id = :id
+      AND status = ANY(CAST(:expected AS text[]))
+      AND (assignee_agent_id IS NULL
+           OR (assignee_agent_id = :agent
+               AND (checkout_run_id IS NULL OR checkout_run_id = :run)))
+      AND (execution_run_id IS NULL OR execution_run_id = :run)
+    RETURNING {store.ISSUE_COLUMNS}
+    """
+)
+
+
+def _not_found() -> NotFound:
+    return NotFound("issue not found", reason="ISSUE_NOT_FOUND")
+
+
+async def _locked_issue(conn: AsyncConnection, actor: Actor, issue_id: str) -> RowMapping:
+    locked = await lock_and_clear_terminal(conn, issue_id)
+    if locked is None:
+        raise _not_found()
+    require_company_access(actor, str(locked.row["company_id"]), write=True)
+    return locked.row
+
+
+async def _check_assignable(conn: AsyncConnection, row: RowMapping, agent_id: str) -> str:
+    info = await store.agent_info(conn, agent_id)
+    if info is None:
+        raise NotFound("agent not found", reason="AGENT_NOT_FOUND", metadata={"agent_id": agent_id})
+    if info.company_id != str(row["company_id"]):
+        raise invalid("agent_id", "the agent must belong to the issue's company")
+    if info.status == "terminated":
+        raise FailedPrecondition(
+            "cannot assign work to a terminated agent",
+            reason="AGENT_NOT_INVOKABLE",
+            metadata={"agent_id": agent_id, "agent_status": info.status},
+        )
+    return info.name_key
+
+
+async def _refuse_if_blocked(conn: AsyncConnection, issue_id: str) -> None:
+    blockers = await open_blocker_ids(conn, issue_id)
+    if blockers:
+        raise FailedPrecondition(
+            "issue is blocked by unresolved blockers",
+            reason="ISSUE_BLOCKED",
+            metadata={"issue_id": issue_id, "unresolved_blocker_issue_ids": ",".join(blockers)},
+        )
+
+
+async def open_blocker_ids(conn: AsyncConnection, issue_id: str) -> list[str]:
+    """The unresolved blockers of an issue."""
+    return await store.open_blockers(conn, issue_id)
+
+
+async def _conflict(
+    conn: AsyncConnection, row: RowMapping, expected: Sequence[str]
+) -> FailedPrecondition:
+    holder = store.opt_str(row["checkout_run_id"]) or store.opt_str(row["execution_run_id"])
+    holder_live = holder is not None and not run_is_stale(await store.run_status(conn, holder))
+    wrong_status = row["status"] not in expected
+    return FailedPrecondition(
+        "issue checkout conflict",
+        reason="ISSUE_CHECKOUT_CONFLICT",
+        metadata=conflict_metadata(
+            row,
+            holder_run_id=holder or "",
+            holder_live="true" if holder_live else "false",
+            conflict="status" if wrong_status else ("live_holder" if holder_live else "assignee"),
+            retryable="false",
+        ),
+    )
+
+
+async def _adopt_or_conflict(
+    conn: AsyncConnection,
+    actor: Actor,
+    row: RowMapping,
+    *,
+    agent_id: str,
+    run_id: str | None,
+    expected: Sequence[str],
+) -> tuple[RowMapping, bool]:
+    """(row, changed) after adoption or idempotent success; raises the conflict."""
+    mine = store.opt_str(row["assignee_agent_id"]) == agent_id
+    checkout = store.opt_str(row["checkout_run_id"])
+    execution = store.opt_str(row["execution_run_id"])
+    if run_id is not None and mine and row["status"] == Status.IN_PROGRESS:
+        if checkout == run_id and execution in (None, run_id):
+            return row, False
+        if checkout is None and execution in (None, run_id):
+            return await adopt_lock(conn, actor, row, run_id, stale_from=None), True
+        if checkout is not None and execution in (None, run_id, checkout):
+            if run_is_stale(await store.run_status(conn, checkout)):
+                return await adopt_lock(conn, actor, row, run_id, stale_from=checkout), True
+    if (
+        run_id is not None
+        and row["status"] in expected
+        and (mine or row["assignee_agent_id"] is None)
+        and checkout is not None
+        and execution in (None, run_id, checkout)
+        and run_is_stale(await store.run_status(conn, checkout))
+    ):
+        # A stale checkout on an issue not in progress: take it like a fresh checkout.
+        await store.update_issue_row(conn, str(row["id"]), dict(LOCK_COLUMNS_CLEARED))
+        return row, True
+    raise await _conflict(conn, row, expected)
+
+
+async def checkout_issue(
+    db: Database, actor: Actor, *, issue_id: str, agent_id: str, expected_statuses: Sequence[int]
+) -> issues_pb2.Issue:
+    """Assign the issue to ``agent_id`` in progress, locked by the caller's run."""
+    issue = parse_uuid("issue_id", issue_id)
+    agent = parse_uuid("agent_id", agent_id)
+    assert issue and agent
+    if not expected_statuses:
+        raise invalid("expected_statuses", "at least one status is required")
+    expected = [
+        Status.from_proto(require_enum(f"expected_statuses[{i}]", s, STATUS_PROTO_VALUES) or 0)
+        .value
+        for i, s in enumerate(expected_statuses)
+    ]
+    require_acting_as(actor, agent)
+    run_id = require_agent_run(actor) if actor.is_agent else None
+    async with db.transaction() as conn:
+        row = await _locked_issue(conn, actor, issue)
+        name_key = await _check_assignable(conn, row, agent)
+        await _refuse_if_blocked(conn, issue)
+        params = {"id": issue, "agent": agent, "run": run_id, "name_key": name_key,
+                  "expected": expected}
+        updated = (await conn.execute(_CHECKOUT, params)).mappings().first()
+        changed = updated is not None
+        if updated is None:
+            row, changed = await _adopt_or_conflict(
+                conn, actor, row, agent_id=agent, run_id=run_id, expected=expected
+            )
+            if changed and row["status"] != Status.IN_PROGRESS:
+                updated = (await conn.execute(_CHECKOUT, params)).mappings().first()
+                if updated is None:
+                    raise await _conflict(conn, row, expected)
+                row = updated
+        else:
+            row = updated
+        if changed:
+            await record_activity(
+                conn, actor=actor, company_id=str(row["company_id"]),
+                action="issue.checked_out", entity_type="issue", entity_id=issue,
+                details={"agentId": agent, "runId": run_id},
+            )
+            if not (actor.is_agent and actor.agent_id == agent):
+                await emit(
+                    conn, actor=actor, company_id=str(row["company_id"]), issue_id=issue,
+                    type=EventType.CHECKED_OUT, target_agent_id=agent,
+                )
+        return store.issue_to_proto(row)
+
+
+async def release_issue(db: Database, actor: Actor, *, issue_id: str) -> issues_pb2.Issue:
+    """Give the issue up: back to todo (when in progress), unassigned, unlocked."""
+    issue = parse_uuid("issue_id", issue_id)
+    assert issue
+    async with db.transaction() as conn:
+        row = await _locked_issue(conn, actor, issue)
+        if actor.is_agent:
+            run_id = require_agent_run(actor)
+            if store.opt_str(row["assignee_agent_id"]) != actor.agent_id:
+                raise FailedPrecondition(
+                    "only the assignee can release the issue",
+                    reason="ISSUE_OWNERSHIP_CONFLICT",
+                    metadata=conflict_metadata(row, actor_agent_id=actor.agent_id or ""),
+                )
+            checkout = store.opt_str(row["checkout_run_id"])
+            if (
+                row["status"] == Status.IN_PROGRESS
+                and checkout not in (None, run_id)
+                and not run_is_stale(await store.run_status(conn, checkout or ""))
+            ):
+                raise FailedPrecondition(
+                    "only the checkout run can release the issue",
+                    reason="ISSUE_OWNERSHIP_CONFLICT",
+                    metadata=conflict_metadata(row, actor_run_id=run_id, holder_live="true"),
+                )
+        values = dict(LOCK_COLUMNS_CLEARED)
+        values["assignee_agent_id"] = None
+        if row["status"] == Status.IN_PROGRESS:
+            values["status"] = Status.TODO.value
+        updated = await store.update_issue_row(conn, issue, values)
+        company = str(row["company_id"])
+        await record_activity(
+            conn, actor=actor, company_id=company, action="issue.released",
+            entity_type="issue", entity_id=issue,
+        )
+        await emit(
+            conn, actor=actor, company_id=company, issue_id=issue, type=EventType.RELEASED,
+            payload={"previousAssigneeAgentId": store.opt_str(row["assignee_agent_id"]),
+                     "previousStatus": row["status"], "status": updated["status"]},
+        )
+        return store.issue_to_proto(updated)
+
+
+async def force_release_issue(
+    db: Database, actor: Actor, *, issue_id: str, clear_assignee: bool
+) -> tuple[issues_pb2.Issue, str | None, str | None]:
+    """Board only: clear every lock (and optionally the assignee); the status stays."""
+    require_board(actor)
+    issue = parse_uuid("issue_id", issue_id)
+    assert issue
+    async with db.transaction() as conn:
+        row = await store.lock_issue(conn, issue)
+        if row is None:
+            raise _not_found()
+        company = str(row["company_id"])
+        require_company_access(actor, company, write=True)
+        previous_checkout = store.opt_str(row["checkout_run_id"])
+        previous_execution = store.opt_str(row["execution_run_id"])
+        values = dict(LOCK_COLUMNS_CLEARED)
+        if clear_assignee:
+            values["assignee_agent_id"] = None
+        updated = await store.update_issue_row(conn, issue, values)
+        await record_activity(
+            conn, actor=actor, company_id=company, action="issue.admin_force_release",
+            entity_type="issue", entity_id=issue,
+            details={
+                "issueId": issue,
+                "actorUserId": actor.user_id,
+                "prevCheckoutRunId": previous_checkout,
+                "prevExecutionRunId": previous_execution,
+                "clearAssignee": clear_assignee,
+            },
+        )
+        await emit(
+            conn, actor=actor, company_id=company, issue_id=issue,
+            type=EventType.FORCE_RELEASED,
+            payload={"previousCheckoutRunId": previous_checkout,
+                     "previousExecutionRunId": previous_execution,
+                     "clearAssignee": clear_assignee},
+        )
+        return store.issue_to_proto(updated), previous_checkout, previous_execution
+
+
+__all__ = [
+    "checkout_issue",
+    "enforce_agent_write",
+    "force_release_issue",
+    "open_blocker_ids",
+    "release_issue",
+]

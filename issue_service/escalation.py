@@ -1,0 +1,59 @@
+"""Escalating a stranded issue: blocked, with one explanatory comment by the system."""
+
+from __future__ import annotations
+
+import hashlib
+from datetime import UTC, datetime
+
+from common.actor import SYSTEM_ACTOR, Actor
+from common.audit import record_activity
+from common.authz import require_service
+from common.db import Database
+from common.errors import NotFound
+from common.validation import MAX_BODY, parse_uuid, require_text
+from issue_service import store
+from issue_service.comments import comment_to_proto, insert_comment
+from issue_service.events import EventType, emit
+from issue_service.model import Status
+from issue_service.status_rules import status_stamps
+from paperclip.issues.v1 import issues_pb2
+
+
+async def escalate_stranded_issue(
+    db: Database, actor: Actor, *, issue_id: str, body: str, idempotency_key: str
+) -> tuple[issues_pb2.Issue, issues_pb2.Comment | None, bool]:
+    """(issue, comment, escalated); a repeat with the same key changes nothing."""
+    require_service(actor)
+    issue = parse_uuid("issue_id", issue_id)
+    text_body = require_text("body", body, max_length=MAX_BODY)
+    key = require_text("idempotency_key", idempotency_key, max_length=200, required=False)
+    assert issue
+    key = key or "escalate:" + hashlib.sha256(f"{issue}\n{text_body}".encode()).hexdigest()[:32]
+    async with db.transaction() as conn:
+        row = await store.lock_issue(conn, issue)
+        if row is None:
+            raise NotFound("issue not found", reason="ISSUE_NOT_FOUND")
+        comment = await insert_comment(conn, SYSTEM_ACTOR, row, text_body, key=key)
+        if comment is None:
+            return store.issue_to_proto(row), None, False
+        company = str(row["company_id"])
+        previous = row["status"]
+        if previous != Status.BLOCKED:
+            row = await store.update_issue_row(
+                conn, issue, status_stamps(Status.BLOCKED, started_at=row["started_at"],
+                                           now=datetime.now(UTC)))
+            await record_activity(conn, actor=SYSTEM_ACTOR, company_id=company,
+                                  action="issue.updated", entity_type="issue", entity_id=issue,
+                                  details={"status": "blocked", "source": "stranded_issue",
+                                           "identifier": row["identifier"],
+                                           "_previous": {"status": previous}})
+            await emit(conn, actor=SYSTEM_ACTOR, company_id=company, issue_id=issue,
+                       type=EventType.STATUS_CHANGED,
+                       target_agent_id=store.opt_str(row["assignee_agent_id"]),
+                       payload={"from": previous, "to": "blocked", "source": "stranded_issue"})
+        await record_activity(conn, actor=SYSTEM_ACTOR, company_id=company,
+                              action="issue.comment_added", entity_type="issue",
+                              entity_id=issue, details={"commentId": str(comment["id"]),
+                                                        "bodySnippet": text_body[:120],
+                                                        "source": "stranded_issue"})
+        return store.issue_to_proto(row), comment_to_proto(comment), True

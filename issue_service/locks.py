@@ -1,0 +1,230 @@
+"""Execution locks: the terminal-run check every lock decision starts with, and the
+internal compare-and-set operations other services call (IssueLockService).
+
+Lock order is always the issue row first, then the run row. Every operation here is
+safe to repeat: it states its precondition and succeeds again if already applied.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from sqlalchemy import text
+from sqlalchemy.engine import RowMapping
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from common.actor import Actor
+from common.audit import record_activity
+from common.authz import require_service
+from common.db import Database
+from common.errors import FailedPrecondition, NotFound
+from common.validation import parse_uuid
+from issue_service import store
+from issue_service.model import TERMINAL_RUN_STATUSES, run_is_stale
+from issue_service.status_rules import LOCK_COLUMNS_CLEARED
+from paperclip.issues.v1 import issues_pb2
+
+_CLEAR_EXECUTION = text(
+    f"""
+    UPDATE issues.issues
+    SET execution_run_id = NULL, execution_agent_name_key = NULL,
+        execution_locked_at = NULL, updated_at = now()
+    WHERE id = :id AND execution_run_id = :run
+    RETURNING {store.ISSUE_COLUMNS}
+    """
+)
+
+
+@dataclass(frozen=True)
+class LockedIssue:
+    """An issue row locked for the rest of the transaction, after the terminal check."""
+
+    row: RowMapping
+    cleared_run_id: str | None
+
+
+async def lock_and_clear_terminal(conn: AsyncConnection, issue_id: str) -> LockedIssue | None:
+    """Lock the issue, then its execution run; clear the execution lock when that run
+    is terminal or missing (compare-and-set on the value read). None: no such issue."""
+    row = await store.lock_issue(conn, issue_id)
+    if row is None:
+        return None
+    run_id = row["execution_run_id"]
+    if run_id is None:
+        return LockedIssue(row, None)
+    status = await store.run_status(conn, str(run_id), lock=True)
+    if not run_is_stale(status):
+        return LockedIssue(row, None)
+    updated = (
+        (await conn.execute(_CLEAR_EXECUTION, {"id": issue_id, "run": run_id})).mappings().first()
+    )
+    if updated is None:
+        return LockedIssue(row, None)
+    return LockedIssue(updated, str(run_id))
+
+
+async def clear_execution_run_if_terminal(db: Database, actor: Actor, *, issue_id: str) -> bool:
+    """IssueLockService.ClearExecutionRunIfTerminal: whether a stale lock was cleared."""
+    require_service(actor)
+    issue = parse_uuid("issue_id", issue_id)
+    assert issue is not None
+    async with db.transaction() as conn:
+        locked = await lock_and_clear_terminal(conn, issue)
+        if locked is None:
+            raise NotFound("issue not found", reason="ISSUE_NOT_FOUND")
+        return locked.cleared_run_id is not None
+
+
+def _issue_missing() -> NotFound:
+    return NotFound("issue not found", reason="ISSUE_NOT_FOUND")
+
+
+async def acquire_execution_lock(
+    db: Database, actor: Actor, *, issue_id: str, run_id: str, agent_id: str
+) -> tuple[issues_pb2.Issue, str | None]:
+    """Take the execution lock for a live run: free, own, or held by a stale run."""
+    require_service(actor)
+    issue = parse_uuid("issue_id", issue_id)
+    run = parse_uuid("run_id", run_id)
+    agent = parse_uuid("agent_id", agent_id)
+    assert issue and run and agent
+    async with db.transaction() as conn:
+        locked = await lock_and_clear_terminal(conn, issue)
+        if locked is None:
+            raise _issue_missing()
+        status = await store.run_status(conn, run, lock=True)
+        if status is None:
+            raise NotFound("run not found", reason="RUN_NOT_FOUND", metadata={"run_id": run})
+        if status in TERMINAL_RUN_STATUSES:
+            raise FailedPrecondition(
+                "a finished run cannot take a lock",
+                reason="RUN_NOT_LIVE",
+                metadata={"run_id": run, "run_status": status},
+            )
+        row = locked.row
+        holder = row["execution_run_id"]
+        if holder is not None and str(holder) != run:
+            raise FailedPrecondition(
+                "issue is locked by another live run",
+                reason="ISSUE_EXECUTION_LOCKED",
+                metadata={"issue_id": issue, "holder_run_id": str(holder), "holder_live": "true"},
+            )
+        if holder is not None:
+            return store.issue_to_proto(row), locked.cleared_run_id
+        info = await store.agent_info(conn, agent)
+        if info is None or info.company_id != str(row["company_id"]):
+            raise NotFound("agent not found", reason="AGENT_NOT_FOUND")
+        updated = await conn.execute(
+            text(
+                f"""
+                UPDATE issues.issues SET execution_run_id = :run,
+                    execution_agent_name_key = :name, execution_locked_at = now(),
+                    updated_at = now()
+                WHERE id = :id AND execution_run_id IS NULL
+                RETURNING {store.ISSUE_COLUMNS}
+                """
+            ),
+            {"id": issue, "run": run, "name": info.name_key},
+        )
+        new_row = updated.mappings().one()
+        await record_activity(
+            conn,
+            actor=actor,
+            company_id=str(row["company_id"]),
+            action="issue.execution_lock_acquired",
+            entity_type="issue",
+            entity_id=issue,
+            details={"runId": run, "agentId": agent, "adoptedFromRunId": locked.cleared_run_id},
+        )
+        return store.issue_to_proto(new_row), locked.cleared_run_id
+
+
+async def transfer_execution_lock(
+    db: Database, actor: Actor, *, issue_id: str, from_run_id: str, to_run_id: str
+) -> issues_pb2.Issue:
+    """Move the locks from ``from_run_id`` to ``to_run_id`` only while ``from`` holds them."""
+    require_service(actor)
+    issue = parse_uuid("issue_id", issue_id)
+    source = parse_uuid("from_run_id", from_run_id)
+    target = parse_uuid("to_run_id", to_run_id)
+    assert issue and source and target
+    async with db.transaction() as conn:
+        row = await store.lock_issue(conn, issue)
+        if row is None:
+            raise _issue_missing()
+        execution = store.opt_str(row["execution_run_id"])
+        checkout = store.opt_str(row["checkout_run_id"])
+        if source not in (execution, checkout):
+            if execution == target:
+                return store.issue_to_proto(row)
+            raise FailedPrecondition(
+                "the run no longer holds the issue's lock",
+                reason="ISSUE_LOCK_NOT_HELD",
+                metadata={
+                    "issue_id": issue,
+                    "from_run_id": source,
+                    "execution_run_id": execution or "",
+                    "checkout_run_id": checkout or "",
+                },
+            )
+        values: dict[str, object] = {}
+        if execution == source:
+            values["execution_run_id"] = target
+            values["execution_locked_at"] = row["execution_locked_at"]
+        if checkout == source:
+            values["checkout_run_id"] = target
+        new_row = await store.update_issue_row(conn, issue, values)
+        await record_activity(
+            conn,
+            actor=actor,
+            company_id=str(row["company_id"]),
+            action="issue.execution_lock_transferred",
+            entity_type="issue",
+            entity_id=issue,
+            details={"fromRunId": source, "toRunId": target},
+        )
+        return store.issue_to_proto(new_row)
+
+
+async def release_run_locks(db: Database, actor: Actor, *, run_id: str) -> list[str]:
+    """Clear every lock a terminal (or missing) run holds; the issues it touched."""
+    require_service(actor)
+    run = parse_uuid("run_id", run_id)
+    assert run
+    async with db.transaction() as conn:
+        rows = (
+            await conn.execute(
+                text(
+                    "SELECT id, company_id, checkout_run_id, execution_run_id "
+                    "FROM issues.issues WHERE execution_run_id = :r OR checkout_run_id = :r "
+                    "ORDER BY id FOR UPDATE"
+                ),
+                {"r": run},
+            )
+        ).mappings().all()
+        status = await store.run_status(conn, run, lock=True)
+        if not run_is_stale(status):
+            raise FailedPrecondition(
+                "the run is still live",
+                reason="RUN_NOT_TERMINAL",
+                metadata={"run_id": run, "run_status": status or ""},
+            )
+        for row in rows:
+            values: dict[str, object] = {}
+            if store.opt_str(row["execution_run_id"]) == run:
+                values.update(
+                    {k: v for k, v in LOCK_COLUMNS_CLEARED.items() if k != "checkout_run_id"}
+                )
+            if store.opt_str(row["checkout_run_id"]) == run:
+                values["checkout_run_id"] = None
+            await store.update_issue_row(conn, str(row["id"]), values)
+            await record_activity(
+                conn,
+                actor=actor,
+                company_id=str(row["company_id"]),
+                action="issue.run_locks_released",
+                entity_type="issue",
+                entity_id=str(row["id"]),
+                details={"runId": run, "runStatus": status},
+            )
+        return [str(row["id"]) for row in rows]

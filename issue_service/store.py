@@ -1,0 +1,198 @@
+"""SQL for the issue service's own rows and its reads of other services' rows."""
+
+from __future__ import annotations
+
+import re
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import text
+from sqlalchemy.engine import RowMapping
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from common.errors import NotFound, invalid
+from common.protoconv import text as opt
+from common.protoconv import timestamp
+from issue_service.model import Priority, Status
+from paperclip.issues.v1 import issues_pb2
+
+ISSUE_COLUMNS = """
+    issues.id, issues.company_id, issues.issue_number, issues.identifier, issues.title,
+    issues.description, issues.status, issues.priority, issues.assignee_agent_id,
+    issues.assignee_user_id, issues.checkout_run_id, issues.execution_run_id,
+    issues.execution_agent_name_key, issues.execution_locked_at, issues.parent_issue_id,
+    issues.created_by_agent_id, issues.created_by_user_id, issues.started_at,
+    issues.completed_at, issues.cancelled_at, issues.created_at, issues.updated_at,
+    ARRAY(SELECT b.blocker_issue_id FROM issues.issue_blockers b
+          WHERE b.issue_id = issues.id ORDER BY b.created_at, b.blocker_issue_id) AS blocked_by
+"""
+
+IDENTIFIER_RE = re.compile(r"^([A-Za-z]{2,10})-(\d{1,18})$")
+
+_SELECT_BY_ID = text(f"SELECT {ISSUE_COLUMNS} FROM issues.issues WHERE id = :id")
+_LOCK_BY_ID = text(f"SELECT {ISSUE_COLUMNS} FROM issues.issues WHERE id = :id FOR UPDATE")
+_SELECT_BY_IDENTIFIER = text(
+    f"SELECT {ISSUE_COLUMNS} FROM issues.issues WHERE identifier = :identifier"
+)
+_RUN_STATUS = text("SELECT status FROM runs.heartbeat_runs WHERE id = :id")
+_RUN_STATUS_SHARE = text("SELECT status FROM runs.heartbeat_runs WHERE id = :id FOR SHARE")
+_AGENT = text(
+    "SELECT id, company_id, status, name_key FROM runs.agents WHERE id = :id"
+)
+_OPEN_BLOCKERS = text(
+    """
+    SELECT b.blocker_issue_id FROM issues.issue_blockers b
+    JOIN issues.issues blocker ON blocker.id = b.blocker_issue_id
+    WHERE b.issue_id = :id AND blocker.status <> 'done'
+    ORDER BY b.blocker_issue_id
+    """
+)
+
+
+@dataclass(frozen=True)
+class AgentInfo:
+    """What the issue service needs to know of an agent (read from the run service)."""
+
+    id: str
+    company_id: str
+    status: str
+    name_key: str
+
+
+def issue_to_proto(row: RowMapping) -> issues_pb2.Issue:
+    """The ``Issue`` message of one issue row."""
+    return issues_pb2.Issue(
+        id=str(row["id"]),
+        company_id=str(row["company_id"]),
+        identifier=row["identifier"],
+        issue_number=row["issue_number"],
+        title=row["title"],
+        description=row["description"],
+        status=Status(row["status"]).to_proto(),
+        priority=Priority(row["priority"]).to_proto(),
+        assignee_agent_id=opt(row["assignee_agent_id"]),
+        assignee_user_id=opt(row["assignee_user_id"]),
+        checkout_run_id=opt(row["checkout_run_id"]),
+        execution_run_id=opt(row["execution_run_id"]),
+        execution_locked_at=timestamp(row["execution_locked_at"]),
+        started_at=timestamp(row["started_at"]),
+        completed_at=timestamp(row["completed_at"]),
+        cancelled_at=timestamp(row["cancelled_at"]),
+        created_at=timestamp(row["created_at"]),
+        updated_at=timestamp(row["updated_at"]),
+        parent_issue_id=opt(row["parent_issue_id"]),
+        blocked_by_issue_ids=[str(b) for b in row["blocked_by"] or ()],
+        created_by_agent_id=opt(row["created_by_agent_id"]),
+        created_by_user_id=opt(row["created_by_user_id"]),
+        execution_agent_name_key=opt(row["execution_agent_name_key"]),
+    )
+
+
+def opt_str(value: object | None) -> str | None:
+    """A nullable UUID column as a string (None stays None)."""
+    return None if value is None else str(value)
+
+
+def parse_issue_ref(field: str, value: str) -> tuple[str, str]:
+    """('id', uuid) or ('identifier', 'PAP-12') for a reference to an issue."""
+    if not value:
+        raise invalid(field, "is required")
+    match = IDENTIFIER_RE.match(value)
+    if match:
+        return ("identifier", f"{match.group(1).upper()}-{int(match.group(2))}")
+    try:
+        return ("id", str(uuid.UUID(value)))
+    except ValueError as exc:
+        raise invalid(field, "must be an issue UUID or an identifier like PAP-12") from exc
+
+
+async def find_issue(conn: AsyncConnection, ref: tuple[str, str]) -> RowMapping:
+    """The issue ``ref`` names; NOT_FOUND when there is none."""
+    kind, value = ref
+    if kind == "id":
+        result = await conn.execute(_SELECT_BY_ID, {"id": value})
+    else:
+        result = await conn.execute(_SELECT_BY_IDENTIFIER, {"identifier": value})
+    row = result.mappings().first()
+    if row is None:
+        raise NotFound("issue not found", reason="ISSUE_NOT_FOUND", metadata={"issue": value})
+    return row
+
+
+async def lock_issue(conn: AsyncConnection, issue_id: str) -> RowMapping | None:
+    """The issue row, locked FOR UPDATE until the transaction ends (None if missing)."""
+    return (await conn.execute(_LOCK_BY_ID, {"id": issue_id})).mappings().first()
+
+
+async def run_status(conn: AsyncConnection, run_id: str, *, lock: bool = False) -> str | None:
+    """A run's status (None when the row is missing); ``lock`` takes a share lock."""
+    result = await conn.execute(_RUN_STATUS_SHARE if lock else _RUN_STATUS, {"id": run_id})
+    value = result.scalar()
+    return None if value is None else str(value)
+
+
+async def agent_info(conn: AsyncConnection, agent_id: str) -> AgentInfo | None:
+    row = (await conn.execute(_AGENT, {"id": agent_id})).mappings().first()
+    if row is None:
+        return None
+    return AgentInfo(str(row["id"]), str(row["company_id"]), row["status"], row["name_key"])
+
+
+async def open_blockers(conn: AsyncConnection, issue_id: str) -> list[str]:
+    """Blockers of the issue that are not done (cancelled blockers still block)."""
+    rows = await conn.execute(_OPEN_BLOCKERS, {"id": issue_id})
+    return [str(r[0]) for r in rows]
+
+
+async def update_issue_row(
+    conn: AsyncConnection, issue_id: str, values: dict[str, Any]
+) -> RowMapping:
+    """Apply ``values`` (column -> value) to a locked issue; bumps ``updated_at``."""
+    assignments = ", ".join(f"{column} = :v_{column}" for column in values)
+    sql = text(
+        f"UPDATE issues.issues SET {assignments}, updated_at = now() "
+        f"WHERE id = :id RETURNING {ISSUE_COLUMNS}"
+    )
+    params = {f"v_{column}": value for column, value in values.items()}
+    params["id"] = issue_id
+    return (await conn.execute(sql, params)).mappings().one()
+
+
+async def replace_blockers(
+    conn: AsyncConnection, issue_id: str, blocker_ids: Sequence[str]
+) -> None:
+    """Make ``blocker_ids`` the exact set of blockers of the issue."""
+    await conn.execute(
+        text(
+            "DELETE FROM issues.issue_blockers WHERE issue_id = :id "
+            "AND NOT (blocker_issue_id = ANY(CAST(:keep AS uuid[])))"
+        ),
+        {"id": issue_id, "keep": list(blocker_ids)},
+    )
+    if blocker_ids:
+        await conn.execute(
+            text(
+                "INSERT INTO issues.issue_blockers (issue_id, blocker_issue_id) "
+                "SELECT :id, unnest(CAST(:ids AS uuid[])) ON CONFLICT DO NOTHING"
+            ),
+            {"id": issue_id, "ids": list(blocker_ids)},
+        )
+
+
+async def missing_or_foreign_issues(
+    conn: AsyncConnection, company_id: str, issue_ids: Sequence[str]
+) -> list[str]:
+    """Those of ``issue_ids`` that do not exist in the company."""
+    if not issue_ids:
+        return []
+    rows = await conn.execute(
+        text(
+            "SELECT id FROM issues.issues WHERE company_id = :c "
+            "AND id = ANY(CAST(:ids AS uuid[]))"
+        ),
+        {"c": company_id, "ids": list(issue_ids)},
+    )
+    found = {str(r[0]) for r in rows}
+    return [i for i in issue_ids if i not in found]

@@ -1,0 +1,1 @@
+"""The run service: agents and their supervised runs (schema ``runs``)."""

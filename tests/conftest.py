@@ -1,0 +1,98 @@
+"""Session fixtures: one real PostgreSQL (embedded unless PAPERCLIP_TEST_DATABASE_URL
+is set), a fresh migrated database, and the real servers on port 0."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import tempfile
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import asyncpg
+import pytest
+
+from common.db import Database
+from common.embedded_pg import EmbeddedPostgres, asyncpg_dsn, normalize_database_url
+from common.migrate import migrate
+from common.server import RunningServer, start_server
+from tests.harness import INTERNAL_KEY, Suite
+
+
+def _with_database(url: str, name: str) -> str:
+    base, _, query = url.partition("?")
+    server = base.rsplit("/", 1)[0]
+    return f"{server}/{name}" + (f"?{query}" if query else "")
+
+
+@pytest.fixture(scope="session")
+def server_url() -> Iterator[str]:
+    """A PostgreSQL server URL (any database on it) the test session may create in."""
+    external = os.environ.get("PAPERCLIP_TEST_DATABASE_URL")
+    if external:
+        yield normalize_database_url(external)
+        return
+    with tempfile.TemporaryDirectory(prefix="paperclip-test-pg-") as tmp:
+        pg = EmbeddedPostgres.start(Path(tmp) / "pgdata", database="postgres")
+        try:
+            yield pg.url
+        finally:
+            pg.stop()
+
+
+@pytest.fixture(scope="session")
+async def database_url(server_url: str) -> AsyncIterator[str]:
+    """A fresh database, migrated, dropped at the end of the session."""
+    name = f"paperclip_test_{uuid.uuid4().hex[:12]}"
+    admin = await asyncpg.connect(asyncpg_dsn(server_url))
+    try:
+        await admin.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        await admin.close()
+    url = _with_database(server_url, name)
+    await migrate(url)
+    yield url
+    admin = await asyncpg.connect(asyncpg_dsn(server_url))
+    try:
+        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    finally:
+        await admin.close()
+
+
+@pytest.fixture(scope="session")
+async def db(database_url: str) -> AsyncIterator[Database]:
+    database = Database(database_url, pool_size=20, max_overflow=40, name="tests")
+    yield database
+    await database.dispose()
+
+
+@pytest.fixture(scope="session")
+async def suite(db: Database, database_url: str) -> AsyncIterator[Suite]:
+    """The issue and run services, each on its own real socket, port 0."""
+    from common.config import load_settings
+    from issue_service.app import service_specs as issue_specs
+    from run_service.app import service_specs as run_specs
+
+    settings = load_settings(
+        {
+            "PAPERCLIP_HOME": tempfile.mkdtemp(prefix="paperclip-test-home-"),
+            "PAPERCLIP_DATABASE_URL": database_url,
+            "PAPERCLIP_INTERNAL_KEY": INTERNAL_KEY.decode(),
+            "PAPERCLIP_JWT_SECRET": "test-jwt-secret",
+        }
+    )
+    issue_db = Database(database_url, pool_size=20, max_overflow=40, name="issue_service")
+    run_db = Database(database_url, pool_size=10, max_overflow=10, name="run_service")
+    servers: list[RunningServer] = [
+        await start_server(issue_specs(issue_db, settings), "127.0.0.1:0", INTERNAL_KEY),
+        await start_server(run_specs(run_db, settings), "127.0.0.1:0", INTERNAL_KEY),
+    ]
+    the_suite = Suite(
+        issue_addr=f"127.0.0.1:{servers[0].port}", run_addr=f"127.0.0.1:{servers[1].port}", db=db
+    )
+    yield the_suite
+    await the_suite.close()
+    await asyncio.gather(*(s.stop(0.5) for s in servers))
+    await issue_db.dispose()
+    await run_db.dispose()
