@@ -46,7 +46,7 @@ class Database:
             max_overflow=max_overflow,
             # Connections are recycled before a server-side idle timeout can cut them.
             pool_recycle=1800,
-            pool_pre_ping=True,
+            pool_pre_ping=False,
             connect_args={
                 "server_settings": {
                     "application_name": name,

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
+from typing import Any
 
 from common.config import Settings, load_settings
 from common.db import Database
@@ -12,9 +13,16 @@ from common.log import configure_logging
 from common.server import ServiceSpec, serve_until_signalled, start_server
 
 SpecsFactory = Callable[[Database, Settings], Sequence[ServiceSpec]]
+BackgroundFactory = Callable[[Database, Settings], Sequence[Coroutine[Any, Any, None]]]
 
 
-async def _main(service: str, address: str, settings: Settings, factory: SpecsFactory) -> None:
+async def _main(
+    service: str,
+    address: str,
+    settings: Settings,
+    factory: SpecsFactory,
+    background: BackgroundFactory | None,
+) -> None:
     if settings.database_url is None:
         raise SystemExit(f"{service}: PAPERCLIP_DATABASE_URL is required (make run sets it)")
     db = Database(
@@ -24,6 +32,9 @@ async def _main(service: str, address: str, settings: Settings, factory: SpecsFa
         name=service,
     )
     running = await start_server(factory(db, settings), address, settings.internal_key)
+    # Background work starts after the server listens: recovery never delays start-up.
+    for job in background(db, settings) if background else ():
+        running.background.append(asyncio.create_task(job))
     await serve_until_signalled(
         running,
         service=service,
@@ -33,8 +44,14 @@ async def _main(service: str, address: str, settings: Settings, factory: SpecsFa
     )
 
 
-def run(service: str, address_of: Callable[[Settings], str], factory: SpecsFactory) -> None:
-    """Configure logging, then serve ``factory``'s services until signalled."""
+def run(
+    service: str,
+    address_of: Callable[[Settings], str],
+    factory: SpecsFactory,
+    background: BackgroundFactory | None = None,
+) -> None:
+    """Configure logging, then serve ``factory``'s services (and run ``background``
+    jobs) until signalled."""
     settings = load_settings()
     configure_logging(service, settings.log_level)
-    asyncio.run(_main(service, address_of(settings), settings, factory))
+    asyncio.run(_main(service, address_of(settings), settings, factory, background))

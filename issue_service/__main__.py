@@ -1,7 +1,12 @@
 """``python -m issue_service``."""
 
 from common.service_main import run
-from issue_service.app import service_specs
+from issue_service.app import background_jobs, service_specs
 
 if __name__ == "__main__":
-    run("issue_service", lambda settings: settings.issue_service_addr, service_specs)
+    run(
+        "issue_service",
+        lambda settings: settings.issue_service_addr,
+        service_specs,
+        background_jobs,
+    )

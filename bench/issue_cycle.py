@@ -1,0 +1,162 @@
+"""The checkout/release cycle: through the issue service, and as raw SQL ceilings.
+
+Each client is one agent with one live run and its own todo issue, so clients do not
+contend on rows: the figures measure the cost of the path, not lock waits.
+
+Ceilings, measured in the same run on the same database with asyncpg:
+- ``same_sql``: the very statements the service issues on the fast path, in the same
+  two transactions (so the ratio is the cost of gRPC, Python and SQLAlchemy);
+- ``minimal_sql``: the least SQL that does the same job (one conditional UPDATE plus
+  the audit row per transaction), the floor any implementation pays.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import asyncpg
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from bench.stats import Operation
+from common.actor import Actor, ActorType, sign_actor
+from issue_service.store import ISSUE_COLUMNS
+from paperclip.issues.v1 import issues_pb2, issues_pb2_grpc
+
+
+@dataclass(frozen=True)
+class Seat:
+    """One client's agent, live run and issue."""
+
+    company_id: str
+    agent_id: str
+    run_id: str
+    issue_id: str
+
+
+async def seed(conn: asyncpg.Connection, clients: int) -> list[Seat]:
+    """A company with ``clients`` agents, each with a running run and a todo issue."""
+    prefix = "B" + uuid.uuid4().hex[:6].upper().translate(str.maketrans("0123456789", "GHIJKLMNOP"))
+    company = await conn.fetchval(
+        "INSERT INTO issues.companies (name, issue_prefix) VALUES ('bench', $1) RETURNING id",
+        prefix,
+    )
+    seats = []
+    for index in range(clients):
+        agent = await conn.fetchval(
+            "INSERT INTO runs.agents (company_id, name, name_key) VALUES ($1, $2, $2) "
+            "RETURNING id", company, f"bench-{index}",
+        )
+        run = await conn.fetchval(
+            "INSERT INTO runs.heartbeat_runs (company_id, agent_id, status, started_at) "
+            "VALUES ($1, $2, 'running', now()) RETURNING id", company, agent,
+        )
+        number = index + 1
+        issue = await conn.fetchval(
+            "INSERT INTO issues.issues (company_id, issue_number, identifier, title, status) "
+            "VALUES ($1, $2, $3, 'bench', 'todo') RETURNING id",
+            company, number, f"{prefix}-{number}",
+        )
+        seats.append(Seat(str(company), str(agent), str(run), str(issue)))
+    await conn.execute("UPDATE issues.companies SET issue_counter = $2 WHERE id = $1",
+                       company, clients)
+    return seats
+
+
+def grpc_cycle(channel: grpc.aio.Channel, seats: Sequence[Seat], key: bytes) -> Operation:
+    """CheckoutIssue then ReleaseIssue, as each seat's agent in its run."""
+    stub = issues_pb2_grpc.IssueServiceStub(channel)
+    actors = [
+        Actor(type=ActorType.AGENT, agent_id=s.agent_id, company_id=s.company_id, run_id=s.run_id)
+        for s in seats
+    ]
+    todo = [issues_pb2.ISSUE_STATUS_TODO]
+
+    async def cycle(index: int) -> None:
+        seat, metadata = seats[index], sign_actor(actors[index], key)
+        await stub.CheckoutIssue(
+            issues_pb2.CheckoutIssueRequest(
+                issue_id=seat.issue_id, agent_id=seat.agent_id, expected_statuses=todo
+            ),
+            metadata=metadata,
+        )
+        await stub.ReleaseIssue(
+            issues_pb2.ReleaseIssueRequest(issue_id=seat.issue_id), metadata=metadata
+        )
+
+    return cycle
+
+
+def bare_round_trip(channel: grpc.aio.Channel) -> Operation:
+    """A health check: the cheapest unary call the same server answers."""
+    stub = health_pb2_grpc.HealthStub(channel)
+    request = health_pb2.HealthCheckRequest(service="")
+
+    async def call(index: int) -> None:
+        await stub.Check(request)
+
+    return call
+
+
+_AUDIT = (
+    "INSERT INTO audit.activity_log (company_id, actor_type, actor_id, agent_id, run_id, "
+    "action, entity_type, entity_id, details) "
+    "VALUES ($1, 'agent', $2::uuid::text, $2::uuid, $3, $4, 'issue', $5, $6::jsonb)"
+)
+_SAME_CHECKOUT = (
+    f"SELECT {ISSUE_COLUMNS} FROM issues.issues WHERE id = $1 FOR UPDATE",
+    "SELECT id, company_id, status, name_key FROM runs.agents WHERE id = $1",
+    "SELECT b.blocker_issue_id FROM issues.issue_blockers b JOIN issues.issues blocker "
+    "ON blocker.id = b.blocker_issue_id WHERE b.issue_id = $1 AND blocker.status <> 'done'",
+)
+_CHECKOUT_UPDATE = (
+    "UPDATE issues.issues SET assignee_agent_id = $2, assignee_user_id = NULL, "
+    "checkout_run_id = $3, execution_run_id = $3, execution_agent_name_key = 'bench', "
+    "execution_locked_at = now(), status = 'in_progress', "
+    "started_at = coalesce(started_at, now()), updated_at = now() "
+    "WHERE id = $1 AND status = 'todo' AND (assignee_agent_id IS NULL OR "
+    "(assignee_agent_id = $2 AND (checkout_run_id IS NULL OR checkout_run_id = $3))) "
+    "AND (execution_run_id IS NULL OR execution_run_id = $3) "
+    f"RETURNING {ISSUE_COLUMNS}"
+)
+_RELEASE_UPDATE = (
+    "UPDATE issues.issues SET status = 'todo', assignee_agent_id = NULL, "
+    "checkout_run_id = NULL, execution_run_id = NULL, execution_agent_name_key = NULL, "
+    f"execution_locked_at = NULL, updated_at = now() WHERE id = $1 RETURNING {ISSUE_COLUMNS}"
+)
+_EVENT = (
+    "INSERT INTO issues.issue_events (company_id, issue_id, type, actor_type, actor_id, "
+    "actor_agent_id, actor_run_id, payload) "
+    "VALUES ($1, $2, 'issue.released', 'agent', $3::uuid::text, $3::uuid, $4, '{}'::jsonb)"
+)
+
+
+def raw_cycle(pool: asyncpg.Pool, seats: Sequence[Seat], *, minimal: bool) -> Operation:
+    """The same two transactions straight to PostgreSQL (see the module docstring)."""
+    details = json.dumps({"agentId": "bench"})
+
+    async def cycle(index: int) -> None:
+        s = seats[index]
+        async with pool.acquire() as conn, conn.transaction():
+            if not minimal:
+                await conn.fetchrow(_SAME_CHECKOUT[0], s.issue_id)
+                await conn.fetchrow(_SAME_CHECKOUT[1], s.agent_id)
+                await conn.fetch(_SAME_CHECKOUT[2], s.issue_id)
+            await conn.fetchrow(_CHECKOUT_UPDATE, s.issue_id, s.agent_id, s.run_id)
+            await conn.execute(_AUDIT, s.company_id, s.agent_id, s.run_id, "issue.checked_out",
+                               s.issue_id, details)
+        async with pool.acquire() as conn, conn.transaction():
+            if not minimal:
+                await conn.fetchrow(_SAME_CHECKOUT[0], s.issue_id)
+                await conn.fetchval(
+                    "SELECT status FROM runs.heartbeat_runs WHERE id = $1 FOR SHARE", s.run_id)
+            await conn.fetchrow(_RELEASE_UPDATE, s.issue_id)
+            await conn.execute(_AUDIT, s.company_id, s.agent_id, s.run_id, "issue.released",
+                               s.issue_id, "{}")
+            if not minimal:
+                await conn.execute(_EVENT, s.company_id, s.issue_id, s.agent_id, s.run_id)
+
+    return cycle
