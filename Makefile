@@ -45,7 +45,7 @@ $(PROTO_STAMP): $(PROTOS) $(INSTALLED)
 	$(if $(PROTOS),PATH="$(abspath $(BIN)):$$PATH" $(PY) -m grpc_tools.protoc \
 		-Iprotos -I"$$($(PY) -c '$(GRPC_INCLUDE)')" \
 		--python_out=$(SCRATCH) --grpc_python_out=$(SCRATCH) \
-		--mypy_out=$(SCRATCH) --mypy_grpc_out=$(SCRATCH) $(PROTOS))
+		--mypy_out=quiet:$(SCRATCH) --mypy_grpc_out=quiet:$(SCRATCH) $(PROTOS))
 	find $(SCRATCH)/$(GEN) -type d -exec touch {}/__init__.py \;
 	echo '$(PROTOS)' > $(SCRATCH)/$(PROTO_STAMP)
 	rm -rf $(GEN) && mv $(SCRATCH)/$(GEN) $(GEN) && rm -rf $(SCRATCH)
@@ -66,4 +66,4 @@ bench: install
 	$(PY) -m bench
 
 clean:
-	rm -rf $(VENV) $(GEN)
+	rm -rf $(VENV) $(GEN) *.egg-info

@@ -156,16 +156,19 @@ def asyncpg_dsn(url: str) -> str:
 
 
 def redact_database_url(url: str) -> str:
-    """Return ``url`` with any password replaced by ``***``, for logs and banners."""
+    """Return ``url`` with any password (userinfo or query) replaced by ``***``."""
     scheme, sep, rest = url.partition("://")
-    authority_end = min((i for i in (rest.find("/"), rest.find("?")) if i >= 0), default=len(rest))
-    authority = rest[:authority_end]
-    if "@" not in authority:
-        return url
-    userinfo, host = authority.rsplit("@", 1)
-    user, has_password, _ = userinfo.partition(":")
-    shown = f"{user}:***" if has_password else user
-    return f"{scheme}{sep}{shown}@{host}{rest[authority_end:]}"
+    base, qsep, query = rest.partition("?")
+    authority, slash, path = base.partition("/")
+    if "@" in authority:
+        userinfo, host = authority.rsplit("@", 1)
+        user, has_password, _ = userinfo.partition(":")
+        authority = f"{user}:***@{host}" if has_password else authority
+    pairs = parse_qsl(query, keep_blank_values=True)
+    if any(key == "password" for key, _ in pairs):
+        hidden = [(key, "***" if key == "password" else value) for key, value in pairs]
+        query = urlencode(hidden, safe="/*")
+    return f"{scheme}{sep}{authority}{slash}{path}{qsep}{query}"
 
 
 def _strip_scheme(url: str) -> str:

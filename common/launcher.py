@@ -20,6 +20,8 @@ from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from types import FrameType
 
+from sqlalchemy.exc import SQLAlchemyError
+
 from common import process_group
 from common.config import ConfigError, Settings, load_settings
 from common.embedded_pg import (
@@ -92,8 +94,7 @@ def _run(settings: Settings, stop: StopSignal) -> int:
     with ExitStack() as stack:
         stack.enter_context(_instance_lock(settings.home))
         url, database = stack.enter_context(_database(settings))
-        logger.info("migrating", extra={"database": database})
-        asyncio.run(migrate(url))
+        _migrate(url, database)
         children: list[Child] = []
         stack.callback(process_group.stop_all, children, grace=STOP_GRACE_S)
         _start_services(settings, url, children, stop)
@@ -101,6 +102,15 @@ def _run(settings: Settings, stop: StopSignal) -> int:
         _print_banner(settings, database, children)
         status = _supervise(children, stop)
     return status
+
+
+def _migrate(url: str, database: str) -> None:
+    logger.info("migrating", extra={"database": database})
+    try:
+        asyncio.run(migrate(url))
+    except (OSError, SQLAlchemyError) as exc:
+        logger.error("migration failed", exc_info=True)
+        raise LauncherError(f"cannot migrate the database ({database}): {exc}") from exc
 
 
 @contextmanager
@@ -146,6 +156,8 @@ def _start_services(settings: Settings, url: str, children: list[Child], stop: S
     run_dir = settings.home / "run"
     run_dir.mkdir(parents=True, exist_ok=True)
     for spec in SERVICES:
+        if stop.requested:
+            raise StartInterruptedError(f"stop requested before {spec.module} started")
         child = process_group.spawn(spec, env, run_dir / f"{spec.module}.json")
         children.append(child)
         addr = process_group.wait_ready(

@@ -59,7 +59,9 @@ def spawn(spec: ProcessSpec, env: Mapping[str, str], ready_file: Path) -> Child:
         [sys.executable, "-m", spec.module],
         env={**env, "PAPERCLIP_READY_FILE": str(ready_file)},
         process_group=0,
-        preexec_fn=_die_with_parent(os.getpid()),
+        # preexec_fn is unsafe only with threads; the launcher has none (asyncio.run of
+        # the migrations joined its executor before any child is spawned).
+        preexec_fn=_die_with_parent(os.getpid()),  # noqa: PLW1509
     )
     logger.info("started", extra={"child": spec.module, "pid": process.pid})
     return Child(spec, process, ready_file)
