@@ -70,7 +70,7 @@ async def measure(database_url: str, address: str) -> list[Result]:
     try:
         for clients in CLIENT_COUNTS:
             async with pool.acquire() as conn:
-                seats = await seed(conn, clients)
+                seats = await seed(conn, clients)  # type: ignore[arg-type]
             workloads = [
                 ("bare_grpc_round_trip", bare_round_trip(channel)),
                 ("checkout_release_via_service", grpc_cycle(channel, seats, KEY)),
@@ -80,8 +80,11 @@ async def measure(database_url: str, address: str) -> list[Result]:
             for name, operation in workloads:
                 result = await run_load(name, operation, clients=clients, seconds=SECONDS)
                 results.append(result)
-                print(f"  {name:36s} c={clients:<3d} {result.ops_per_s:>9.1f} ops/s "
-                      f"p50 {result.p50_ms:7.2f} ms  p99 {result.p99_ms:7.2f} ms", flush=True)
+                print(
+                    f"  {name:36s} c={clients:<3d} {result.ops_per_s:>9.1f} ops/s "
+                    f"p50 {result.p50_ms:7.2f} ms  p99 {result.p99_ms:7.2f} ms",
+                    flush=True,
+                )
     finally:
         await channel.close()
         await pool.close()
@@ -96,10 +99,12 @@ def ratios(results: list[Result]) -> dict[str, float]:
         service = by[("checkout_release_via_service", clients)].ops_per_s
         for ceiling in ("checkout_release_raw_same_sql", "checkout_release_raw_minimal_sql"):
             out[f"service_over_{ceiling.removeprefix('checkout_release_')}_c{clients}"] = round(
-                service / by[(ceiling, clients)].ops_per_s, 3)
+                service / by[(ceiling, clients)].ops_per_s, 3
+            )
         bare = by[("bare_grpc_round_trip", clients)]
         out[f"service_cycle_p50_minus_2x_bare_p50_ms_c{clients}"] = round(
-            by[("checkout_release_via_service", clients)].p50_ms - 2 * bare.p50_ms, 3)
+            by[("checkout_release_via_service", clients)].p50_ms - 2 * bare.p50_ms, 3
+        )
     return out
 
 
@@ -118,8 +123,10 @@ async def _prepare(server_url: str) -> str:
 async def _drop(server_url: str, url: str) -> None:
     conn = await asyncpg.connect(asyncpg_dsn(server_url))
     try:
-        await conn.execute(f'DROP DATABASE IF EXISTS "{url.rsplit("/", 1)[1].split("?")[0]}" '
-                           "WITH (FORCE)")
+        await conn.execute(
+            f'DROP DATABASE IF EXISTS "{url.rsplit("/", 1)[1].split("?", maxsplit=1)[0]}" '
+            "WITH (FORCE)"
+        )
     finally:
         await conn.close()
 
@@ -133,8 +140,10 @@ def main() -> int:
         database_url = asyncio.run(_prepare(server_url))
         proc, address = start_issue_service(database_url, home)
         try:
-            print(f"checkout/release cycle, {SECONDS:.0f} s per workload "
-                  f"({os.cpu_count()} cores, database {'external' if external else 'embedded'})")
+            print(
+                f"checkout/release cycle, {SECONDS:.0f} s per workload "
+                f"({os.cpu_count()} cores, database {'external' if external else 'embedded'})"
+            )
             results = asyncio.run(measure(database_url, address))
         finally:
             proc.terminate()

@@ -16,6 +16,7 @@ import json
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import asyncpg
 import grpc
@@ -47,22 +48,28 @@ async def seed(conn: asyncpg.Connection, clients: int) -> list[Seat]:
     seats = []
     for index in range(clients):
         agent = await conn.fetchval(
-            "INSERT INTO runs.agents (company_id, name, name_key) VALUES ($1, $2, $2) "
-            "RETURNING id", company, f"bench-{index}",
+            "INSERT INTO runs.agents (company_id, name, name_key) VALUES ($1, $2, $2) RETURNING id",
+            company,
+            f"bench-{index}",
         )
         run = await conn.fetchval(
             "INSERT INTO runs.heartbeat_runs (company_id, agent_id, status, started_at) "
-            "VALUES ($1, $2, 'running', now()) RETURNING id", company, agent,
+            "VALUES ($1, $2, 'running', now()) RETURNING id",
+            company,
+            agent,
         )
         number = index + 1
         issue = await conn.fetchval(
             "INSERT INTO issues.issues (company_id, issue_number, identifier, title, status) "
             "VALUES ($1, $2, $3, 'bench', 'todo') RETURNING id",
-            company, number, f"{prefix}-{number}",
+            company,
+            number,
+            f"{prefix}-{number}",
         )
         seats.append(Seat(str(company), str(agent), str(run), str(issue)))
-    await conn.execute("UPDATE issues.companies SET issue_counter = $2 WHERE id = $1",
-                       company, clients)
+    await conn.execute(
+        "UPDATE issues.companies SET issue_counter = $2 WHERE id = $1", company, clients
+    )
     return seats
 
 
@@ -92,7 +99,7 @@ def grpc_cycle(channel: grpc.aio.Channel, seats: Sequence[Seat], key: bytes) -> 
 
 def bare_round_trip(channel: grpc.aio.Channel) -> Operation:
     """A health check: the cheapest unary call the same server answers."""
-    stub = health_pb2_grpc.HealthStub(channel)
+    stub: Any = health_pb2_grpc.HealthStub(channel)
     request = health_pb2.HealthCheckRequest(service="")
 
     async def call(index: int) -> None:
@@ -146,16 +153,19 @@ def raw_cycle(pool: asyncpg.Pool, seats: Sequence[Seat], *, minimal: bool) -> Op
                 await conn.fetchrow(_SAME_CHECKOUT[1], s.agent_id)
                 await conn.fetch(_SAME_CHECKOUT[2], s.issue_id)
             await conn.fetchrow(_CHECKOUT_UPDATE, s.issue_id, s.agent_id, s.run_id)
-            await conn.execute(_AUDIT, s.company_id, s.agent_id, s.run_id, "issue.checked_out",
-                               s.issue_id, details)
+            await conn.execute(
+                _AUDIT, s.company_id, s.agent_id, s.run_id, "issue.checked_out", s.issue_id, details
+            )
         async with pool.acquire() as conn, conn.transaction():
             if not minimal:
                 await conn.fetchrow(_SAME_CHECKOUT[0], s.issue_id)
                 await conn.fetchval(
-                    "SELECT status FROM runs.heartbeat_runs WHERE id = $1 FOR SHARE", s.run_id)
+                    "SELECT status FROM runs.heartbeat_runs WHERE id = $1 FOR SHARE", s.run_id
+                )
             await conn.fetchrow(_RELEASE_UPDATE, s.issue_id)
-            await conn.execute(_AUDIT, s.company_id, s.agent_id, s.run_id, "issue.released",
-                               s.issue_id, "{}")
+            await conn.execute(
+                _AUDIT, s.company_id, s.agent_id, s.run_id, "issue.released", s.issue_id, "{}"
+            )
             if not minimal:
                 await conn.execute(_EVENT, s.company_id, s.issue_id, s.agent_id, s.run_id)
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import grpc
 from google.protobuf import any_pb2
@@ -138,11 +139,6 @@ def to_status_proto(error: PaperclipError) -> status_pb2.Status:
     return status
 
 
-def internal_status(message: str = "internal error") -> status_pb2.Status:
-    """The status sent for an unexpected server failure (never a client's mistake)."""
-    return to_status_proto(Internal(message))
-
-
 def from_status_proto(status: status_pb2.Status) -> PaperclipError:
     """Rebuild the exception a server raised from its ``google.rpc.Status``."""
     code = next((c for c in grpc.StatusCode if c.value[0] == status.code), None)
@@ -151,14 +147,12 @@ def from_status_proto(status: status_pb2.Status) -> PaperclipError:
     metadata: dict[str, str] = {}
     violations: list[FieldViolation] = []
     for detail in status.details:
-        if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
-            info = error_details_pb2.ErrorInfo()
-            detail.Unpack(info)
+        info = error_details_pb2.ErrorInfo()
+        bad = error_details_pb2.BadRequest()
+        if detail.Unpack(info):
             reason = info.reason
             metadata = dict(info.metadata)
-        elif detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
-            bad = error_details_pb2.BadRequest()
-            detail.Unpack(bad)
+        elif detail.Unpack(bad):
             violations = [FieldViolation(v.field, v.description) for v in bad.field_violations]
     error = cls(status.message, reason=reason, metadata=metadata, violations=violations)
     if cls is PaperclipError and code is not None:
@@ -166,22 +160,45 @@ def from_status_proto(status: status_pb2.Status) -> PaperclipError:
     return error
 
 
+STATUS_DETAILS_KEY = "grpc-status-details-bin"
+
+
+@dataclass(frozen=True)
+class WireStatus(grpc.Status):
+    """A status as the server sends it: code, message, and the encoded details."""
+
+    code: grpc.StatusCode
+    details: str
+    trailing_metadata: tuple[tuple[str, str | bytes], ...]
+
+
+def to_wire_status(
+    error: PaperclipError, extra_metadata: tuple[tuple[str, str], ...] = ()
+) -> WireStatus:
+    """The status that carries ``error`` (with its ``google.rpc.Status``) to the client."""
+    status = to_status_proto(error)
+    return WireStatus(
+        error.code,
+        error.message,
+        ((STATUS_DETAILS_KEY, status.SerializeToString()), *extra_metadata),
+    )
+
+
 def from_rpc_error(error: grpc.RpcError) -> PaperclipError:
     """Turn a failed call (sync or aio) back into the project's exception type."""
-    from grpc_status import rpc_status
-
-    status = rpc_status.from_call(error)  # type: ignore[arg-type]
-    if status is None:
-        code: grpc.StatusCode = error.code()  # type: ignore[attr-defined]
-        details: str = error.details() or ""  # type: ignore[attr-defined]
-        status = status_pb2.Status(code=code.value[0], message=details)
-        if code is grpc.StatusCode.UNAVAILABLE:
-            return Unavailable(details)
-        if code is grpc.StatusCode.DEADLINE_EXCEEDED:
-            exc = PaperclipError(details, reason="DEADLINE_EXCEEDED")
-            exc.code = code
-            return exc
-    return from_status_proto(status)
+    call: Any = error
+    code: grpc.StatusCode = call.code()
+    details: str = call.details() or ""
+    for key, value in call.trailing_metadata() or ():
+        if key == STATUS_DETAILS_KEY and isinstance(value, bytes):
+            status = status_pb2.Status.FromString(value)
+            if status.code == code.value[0]:
+                return from_status_proto(status)
+    if code is grpc.StatusCode.UNAVAILABLE:
+        return Unavailable(details)
+    plain = PaperclipError(details, reason=code.name)
+    plain.code = code
+    return plain
 
 
 __all__ = [
@@ -197,9 +214,10 @@ __all__ = [
     "PermissionDenied",
     "Unauthenticated",
     "Unavailable",
+    "WireStatus",
     "from_rpc_error",
     "from_status_proto",
-    "internal_status",
     "invalid",
     "to_status_proto",
+    "to_wire_status",
 ]

@@ -11,15 +11,16 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any, NamedTuple
+from typing import Any, TypeAlias
 
 import grpc
-from grpc_status import rpc_status
+import grpc.aio
 from prometheus_client import Counter, Histogram
+from sqlalchemy.exc import DBAPIError
 
 from common.actor import verify_actor
 from common.db import translate_db_error
-from common.errors import PaperclipError, internal_status, to_status_proto
+from common.errors import Internal, PaperclipError, WireStatus, to_wire_status
 from common.request_context import CURRENT_ACTOR, REQUEST_ID
 
 log = logging.getLogger("paperclip.rpc")
@@ -30,20 +31,16 @@ _OPEN_PREFIXES = ("/grpc.health.v1.", "/grpc.reflection.")
 RPC_TOTAL = Counter("paperclip_rpc_total", "RPCs served", ["method", "code"])
 RPC_SECONDS = Histogram("paperclip_rpc_seconds", "RPC latency", ["method"])
 
-Unary = Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]]
-Streaming = Callable[[Any, grpc.aio.ServicerContext], AsyncIterator[Any]]
-
-
-class _Status(NamedTuple):
-    code: grpc.StatusCode
-    details: str
-    trailing_metadata: tuple[tuple[str, str | bytes], ...]
+Context: TypeAlias = grpc.aio.ServicerContext[Any, Any]
+Unary = Callable[[Any, Context], Awaitable[Any]]
+Streaming = Callable[[Any, Context], AsyncIterator[Any]]
+Handler: TypeAlias = grpc.RpcMethodHandler[Any, Any]
 
 
 class _Call:
     """Book-keeping of one call: its id, outcome and timing."""
 
-    def __init__(self, method: str, context: grpc.aio.ServicerContext, key: bytes) -> None:
+    def __init__(self, method: str, context: Context, key: bytes) -> None:
         self.method = method
         self.started = time.perf_counter()
         self.code = grpc.StatusCode.OK
@@ -52,23 +49,17 @@ class _Call:
         REQUEST_ID.set(self.request_id)
         CURRENT_ACTOR.set(verify_actor(metadata, key))
 
-    def failure(self, exc: BaseException) -> _Status:
+    def failure(self, exc: BaseException) -> WireStatus:
         """The status to send for ``exc``; unexpected errors are logged with a trace."""
-        if not isinstance(exc, PaperclipError):
-            translated = translate_db_error(exc) if hasattr(exc, "orig") else exc
-            exc = translated
-        if isinstance(exc, PaperclipError):
-            status = rpc_status.to_status(to_status_proto(exc))
-            log.info("rpc refused", extra={"method": self.method, "reason": exc.reason})
+        mapped: BaseException = translate_db_error(exc) if isinstance(exc, DBAPIError) else exc
+        if isinstance(mapped, PaperclipError):
+            error = mapped
+            log.info("rpc refused", extra={"method": self.method, "reason": error.reason})
         else:
             log.error("rpc failed", exc_info=exc, extra={"method": self.method})
-            status = rpc_status.to_status(internal_status())
-        self.code = status.code
-        return _Status(
-            status.code,
-            status.details,
-            (*status.trailing_metadata, (REQUEST_ID_HEADER, self.request_id)),
-        )
+            error = Internal("internal error")
+        self.code = error.code
+        return to_wire_status(error, ((REQUEST_ID_HEADER, self.request_id),))
 
     def finish(self) -> None:
         elapsed = time.perf_counter() - self.started
@@ -81,19 +72,18 @@ class _Call:
             )
 
 
-def _open(method: str, context: grpc.aio.ServicerContext, key: bytes) -> _Call | _Status:
+def _open(method: str, context: Context, key: bytes) -> _Call | WireStatus:
     try:
         return _Call(method, context, key)
     except PaperclipError as exc:
-        status = rpc_status.to_status(to_status_proto(exc))
-        RPC_TOTAL.labels(method, status.code.name).inc()
-        return _Status(status.code, status.details, tuple(status.trailing_metadata))
+        RPC_TOTAL.labels(method, exc.code.name).inc()
+        return to_wire_status(exc)
 
 
 def _wrap_unary(behavior: Unary, method: str, key: bytes) -> Unary:
-    async def handler(request: Any, context: grpc.aio.ServicerContext) -> Any:
+    async def handler(request: Any, context: Context) -> Any:
         call = _open(method, context, key)
-        if isinstance(call, _Status):
+        if isinstance(call, WireStatus):
             await context.abort_with_status(call)
             return None
         try:
@@ -111,9 +101,9 @@ def _wrap_unary(behavior: Unary, method: str, key: bytes) -> Unary:
 
 
 def _wrap_stream(behavior: Streaming, method: str, key: bytes) -> Streaming:
-    async def handler(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+    async def handler(request: Any, context: Context) -> AsyncIterator[Any]:
         call = _open(method, context, key)
-        if isinstance(call, _Status):
+        if isinstance(call, WireStatus):
             await context.abort_with_status(call)
             return
         try:
@@ -137,13 +127,13 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
 
     async def intercept_service(
         self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Handler | None]],
         handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
-        handler = await continuation(handler_call_details)
-        method: str = handler_call_details.method  # type: ignore[attr-defined]
+    ) -> Handler | None:
+        handler: Any = await continuation(handler_call_details)
+        method: str = handler_call_details.method
         if handler is None or method.startswith(_OPEN_PREFIXES):
-            return handler
+            return handler  # type: ignore[no-any-return]
         if handler.unary_unary is not None:
             return grpc.unary_unary_rpc_method_handler(
                 _wrap_unary(handler.unary_unary, method, self._key),
@@ -156,4 +146,4 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
                 request_deserializer=handler.request_deserializer,
                 response_serializer=handler.response_serializer,
             )
-        return handler
+        return handler  # type: ignore[no-any-return]

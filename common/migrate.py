@@ -17,6 +17,7 @@ from sqlalchemy import text
 from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import create_async_engine
 
+from common.config import load_settings
 from common.embedded_pg import normalize_database_url
 
 #: Arbitrary, fixed key of the session-level advisory lock held while migrating.
@@ -50,8 +51,6 @@ async def migrate(database_url: str) -> None:
 
 def main() -> int:
     """``python -m common.migrate``: migrate ``PAPERCLIP_DATABASE_URL``."""
-    from common.config import load_settings
-
     settings = load_settings()
     if settings.database_url is None:
         print("PAPERCLIP_DATABASE_URL is not set", file=sys.stderr)

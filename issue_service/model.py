@@ -21,7 +21,7 @@ class Status(StrEnum):
 
     @classmethod
     def from_proto(cls, value: int) -> Status:
-        return _PROTO_TO_STATUS[value]
+        return _PROTO_TO_STATUS[value]  # type: ignore[index]
 
 
 class Priority(StrEnum):
@@ -35,7 +35,7 @@ class Priority(StrEnum):
 
     @classmethod
     def from_proto(cls, value: int) -> Priority:
-        return _PROTO_TO_PRIORITY[value]
+        return _PROTO_TO_PRIORITY[value]  # type: ignore[index]
 
 
 _STATUS_TO_PROTO: dict[Status, issues_pb2.IssueStatus.ValueType] = {

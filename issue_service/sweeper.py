@@ -53,20 +53,27 @@ async def sweep_once(db: Database, *, batch: int = DEFAULT_BATCH) -> list[str]:
     Returns nothing when another replica is sweeping at the same moment.
     """
     async with db.transaction() as conn:
-        got = await conn.execute(text("SELECT pg_try_advisory_xact_lock(:k)"),
-                                 {"k": SWEEP_LOCK_KEY})
+        got = await conn.execute(
+            text("SELECT pg_try_advisory_xact_lock(:k)"), {"k": SWEEP_LOCK_KEY}
+        )
         if not got.scalar():
             return []
         rows = (await conn.execute(_SWEEP, {"batch": batch})).mappings().all()
         for row in rows:
             await record_activity(
-                conn, actor=SYSTEM_ACTOR, company_id=str(row["company_id"]),
-                action="issue.stale_lock_reconciled", entity_type="issue",
+                conn,
+                actor=SYSTEM_ACTOR,
+                company_id=str(row["company_id"]),
+                action="issue.stale_lock_reconciled",
+                entity_type="issue",
                 entity_id=str(row["id"]),
-                details={"issueId": str(row["id"]),
-                         "prevCheckoutRunId": _opt(row["checkout_run_id"]),
-                         "prevExecutionRunId": _opt(row["execution_run_id"]),
-                         "clearAssignee": False, "source": "sweep"},
+                details={
+                    "issueId": str(row["id"]),
+                    "prevCheckoutRunId": _opt(row["checkout_run_id"]),
+                    "prevExecutionRunId": _opt(row["execution_run_id"]),
+                    "clearAssignee": False,
+                    "source": "sweep",
+                },
             )
         return [str(row["id"]) for row in rows]
 

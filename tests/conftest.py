@@ -13,10 +13,13 @@ from pathlib import Path
 import asyncpg
 import pytest
 
+from common.config import load_settings
 from common.db import Database
 from common.embedded_pg import EmbeddedPostgres, asyncpg_dsn, normalize_database_url
 from common.migrate import migrate
 from common.server import RunningServer, start_server
+from issue_service.app import service_specs as issue_specs
+from run_service.app import service_specs as run_specs
 from tests.harness import INTERNAL_KEY, Suite
 
 
@@ -70,10 +73,6 @@ async def db(database_url: str) -> AsyncIterator[Database]:
 @pytest.fixture(scope="session")
 async def suite(db: Database, database_url: str) -> AsyncIterator[Suite]:
     """The issue and run services, each on its own real socket, port 0."""
-    from common.config import load_settings
-    from issue_service.app import service_specs as issue_specs
-    from run_service.app import service_specs as run_specs
-
     settings = load_settings(
         {
             "PAPERCLIP_HOME": tempfile.mkdtemp(prefix="paperclip-test-home-"),

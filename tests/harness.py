@@ -45,9 +45,9 @@ class Clients:
     """Typed stubs on one channel that carries one actor."""
 
     channel: grpc.aio.Channel
-    issues: issues_pb2_grpc.IssueServiceStub
-    locks: issue_locks_pb2_grpc.IssueLockServiceStub
-    runs: runs_pb2_grpc.RunServiceStub
+    issues: issues_pb2_grpc.IssueServiceAsyncStub
+    locks: issue_locks_pb2_grpc.IssueLockServiceAsyncStub
+    runs: runs_pb2_grpc.RunServiceAsyncStub
 
     async def close(self) -> None:
         await self.channel.close()
@@ -138,7 +138,11 @@ async def new_agent(clients: Clients, company_id: str, name: str | None = None) 
 
 
 async def insert_run(
-    db: Database, *, company_id: str, agent_id: str, status: str = "running",
+    db: Database,
+    *,
+    company_id: str,
+    agent_id: str,
+    status: str = "running",
     issue_id: str | None = None,
 ) -> str:
     """A heartbeat run row as the run service would write it; its id."""

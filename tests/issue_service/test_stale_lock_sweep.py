@@ -22,20 +22,26 @@ async def _checked_out(suite: Suite) -> tuple[str, str, str]:
     company = await new_company(board)
     bot = await new_agent(board, company.id)
     issue = await board.issues.CreateIssue(
-        issues_pb2.CreateIssueRequest(company_id=company.id, title="t",
-                                      status=issues_pb2.ISSUE_STATUS_TODO))
+        issues_pb2.CreateIssueRequest(
+            company_id=company.id, title="t", status=issues_pb2.ISSUE_STATUS_TODO
+        )
+    )
     run = await insert_run(suite.db, company_id=company.id, agent_id=bot.id)
     await suite.clients(agent(bot.id, company.id, run)).issues.CheckoutIssue(
-        issues_pb2.CheckoutIssueRequest(issue_id=issue.id, agent_id=bot.id,
-                                        expected_statuses=[issues_pb2.ISSUE_STATUS_TODO]))
+        issues_pb2.CheckoutIssueRequest(
+            issue_id=issue.id, agent_id=bot.id, expected_statuses=[issues_pb2.ISSUE_STATUS_TODO]
+        )
+    )
     return company.id, issue.id, run
 
 
 async def _locks(suite: Suite, issue_id: str) -> tuple[object, object]:
     checkout = await fetch_value(
-        suite.db, "SELECT checkout_run_id FROM issues.issues WHERE id = :i", i=issue_id)
+        suite.db, "SELECT checkout_run_id FROM issues.issues WHERE id = :i", i=issue_id
+    )
     execution = await fetch_value(
-        suite.db, "SELECT execution_run_id FROM issues.issues WHERE id = :i", i=issue_id)
+        suite.db, "SELECT execution_run_id FROM issues.issues WHERE id = :i", i=issue_id
+    )
     return checkout, execution
 
 
@@ -45,12 +51,16 @@ async def test_sweep_clears_locks_of_failed_run_and_audits(suite: Suite) -> None
     cleared = await sweep_once(suite.db, batch=10_000)
     assert issue_id in cleared
     assert await _locks(suite, issue_id) == (None, None)
-    status = await fetch_value(suite.db, "SELECT status FROM issues.issues WHERE id = :i",
-                               i=issue_id)
+    status = await fetch_value(
+        suite.db, "SELECT status FROM issues.issues WHERE id = :i", i=issue_id
+    )
     assert status == "in_progress"
     audits = await fetch_value(
-        suite.db, "SELECT count(*) FROM audit.activity_log WHERE entity_id = :i "
-        "AND action = 'issue.stale_lock_reconciled'", i=issue_id)
+        suite.db,
+        "SELECT count(*) FROM audit.activity_log WHERE entity_id = :i "
+        "AND action = 'issue.stale_lock_reconciled'",
+        i=issue_id,
+    )
     assert audits == 1
 
 
