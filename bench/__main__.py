@@ -121,12 +121,10 @@ async def _prepare(server_url: str) -> str:
 
 
 async def _drop(server_url: str, url: str) -> None:
+    name = url.partition("?")[0].rsplit("/", 1)[1]
     conn = await asyncpg.connect(asyncpg_dsn(server_url))
     try:
-        await conn.execute(
-            f'DROP DATABASE IF EXISTS "{url.rsplit("/", 1)[1].split("?", maxsplit=1)[0]}" '
-            "WITH (FORCE)"
-        )
+        await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
     finally:
         await conn.close()
 

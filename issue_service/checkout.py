@@ -114,6 +114,16 @@ async def _conflict(
     )
 
 
+def _owned_by(row: RowMapping, agent_id: str, run_id: str) -> bool:
+    """Whether ``run_id`` of ``agent_id`` already holds the in_progress issue."""
+    return (
+        row["status"] == Status.IN_PROGRESS
+        and store.opt_str(row["assignee_agent_id"]) == agent_id
+        and store.opt_str(row["checkout_run_id"]) == run_id
+        and store.opt_str(row["execution_run_id"]) in (None, run_id)
+    )
+
+
 async def _adopt_or_conflict(
     conn: AsyncConnection,
     actor: Actor,
@@ -132,9 +142,12 @@ async def _adopt_or_conflict(
             return row, False
         if checkout is None and execution in (None, run_id):
             return await adopt_lock(conn, actor, row, run_id, stale_from=None), True
-        if checkout is not None and execution in (None, run_id, checkout):
-            if run_is_stale(await store.run_status(conn, checkout)):
-                return await adopt_lock(conn, actor, row, run_id, stale_from=checkout), True
+        if (
+            checkout is not None
+            and execution in (None, run_id, checkout)
+            and run_is_stale(await store.run_status(conn, checkout))
+        ):
+            return await adopt_lock(conn, actor, row, run_id, stale_from=checkout), True
     if (
         run_id is not None
         and row["status"] in expected
@@ -171,6 +184,9 @@ async def checkout_issue(
         await _refuse_if_blocked(conn, issue)
         params = {"id": issue, "agent": agent, "run": run_id, "name_key": name_key,
                   "expected": expected}
+        if run_id is not None and _owned_by(row, agent, run_id):
+            # A repeat by the owning run: no new lock time, no second audit row.
+            return store.issue_to_proto(row)
         updated = (await conn.execute(_CHECKOUT, params)).mappings().first()
         changed = updated is not None
         if updated is None:
@@ -259,6 +275,9 @@ async def force_release_issue(
         values = dict(LOCK_COLUMNS_CLEARED)
         if clear_assignee:
             values["assignee_agent_id"] = None
+            if row["status"] == Status.IN_PROGRESS and row["assignee_user_id"] is None:
+                # An issue cannot stay in progress without an assignee.
+                values["status"] = Status.TODO.value
         updated = await store.update_issue_row(conn, issue, values)
         await record_activity(
             conn, actor=actor, company_id=company, action="issue.admin_force_release",

@@ -3,7 +3,8 @@
 - A human (board) comment reopens a done or blocked issue that has an agent assignee,
   unless blockers are unresolved or the commenter's run holds the issue; ``reopen``
   also reopens a cancelled issue.
-- Agents never reopen implicitly; the assignee resumes explicitly with ``resume``.
+- Agents never reopen implicitly; the assignee resumes explicitly with ``resume``
+  (its ``reopen`` is ignored); other agents may comment but neither reopen nor resume.
 - ``interrupt`` (board only) asks the run service to cancel the executing run.
 """
 
@@ -20,7 +21,7 @@ from common.actor import Actor
 from common.audit import record_activity
 from common.authz import require_board, require_company_access
 from common.db import Database
-from common.errors import FailedPrecondition, NotFound, PermissionDenied
+from common.errors import FailedPrecondition, NotFound, PermissionDenied, invalid
 from common.pagination import parse_page
 from common.protoconv import text as opt
 from common.protoconv import timestamp
@@ -91,11 +92,12 @@ async def _reopen_target(
     status = Status(row["status"])
     agent_assignee = store.opt_str(row["assignee_agent_id"])
     if actor.is_agent:
+        if (flags.resume or flags.reopen) and agent_assignee != actor.agent_id:
+            raise PermissionDenied(
+                "only the assignee can resume the issue", reason="AGENT_MISMATCH",
+                metadata={"issue_id": str(row["id"]), "assignee_agent_id": agent_assignee or ""})
         if not flags.resume:
-            return None
-        if agent_assignee != actor.agent_id:
-            raise PermissionDenied("only the assignee can resume the issue",
-                                   reason="AGENT_MISMATCH")
+            return None  # the assignee's ``reopen`` is a log line, not a reopen
         if status is Status.CANCELLED:
             raise FailedPrecondition(
                 "cancelled issues must be restored by the board", reason="ISSUE_CANCELLED")
@@ -149,12 +151,13 @@ async def add_comment(
                                       "_previous": {"status": reopened_from.value}})
         comment = await insert_comment(conn, actor, row, text_body)
         assert comment is not None
-        await _record_comment(conn, actor, row, comment, reopened_from, flags)
+        await _record_comment(conn, actor, row, comment, reopened_from=reopened_from,
+                              flags=flags)
         return comment_to_proto(comment)
 
 
 async def _record_comment(
-    conn: AsyncConnection, actor: Actor, row: RowMapping, comment: RowMapping,
+    conn: AsyncConnection, actor: Actor, row: RowMapping, comment: RowMapping, *,
     reopened_from: Status | None, flags: CommentFlags,
 ) -> None:
     company, issue = str(row["company_id"]), str(row["id"])
@@ -237,6 +240,4 @@ def _ts(value: object) -> datetime | None:
     try:
         return datetime.fromisoformat(str(value))
     except ValueError as exc:
-        from common.errors import invalid
-
         raise invalid("page_token", "is not a token this service issued") from exc

@@ -176,7 +176,7 @@ async def create_issue(
             exists = await _company_exists(conn, company)
             if not exists:
                 raise NotFound("company not found", reason="COMPANY_NOT_FOUND")
-            raise _RetryCreate()
+            raise _RetryCreate("request id raced")
         issue_id = str(row["id"])
         if fields.blocked_by:
             await store.replace_blockers(conn, issue_id, fields.blocked_by)
@@ -323,16 +323,20 @@ def _changes(row: RowMapping, fields: IssueFields, now: datetime) -> dict[str, A
 async def _validate_status_change(
     conn: AsyncConnection, actor: Actor, row: RowMapping, values: dict[str, Any]
 ) -> bool:
-    """Whether a board user went outside the documented transitions (agents may not)."""
-    if "status" not in values:
-        return False
-    current, target = Status(row["status"]), Status(values["status"])
+    """Whether a board user went outside the documented transitions (agents may not).
+
+    Also refuses an in_progress issue without an assignee, whether the update moves it
+    to in_progress or unassigns it while in progress."""
+    current = Status(row["status"])
+    target = Status(values.get("status", row["status"]))
     assignee_agent = values.get("assignee_agent_id", row["assignee_agent_id"])
     assignee_user = values.get("assignee_user_id", row["assignee_user_id"])
+    if target is Status.IN_PROGRESS and assignee_agent is None and assignee_user is None:
+        raise FailedPrecondition("in_progress issues require an assignee",
+                                 reason="ISSUE_ASSIGNEE_REQUIRED")
+    if "status" not in values:
+        return False
     if target is Status.IN_PROGRESS:
-        if assignee_agent is None and assignee_user is None:
-            raise FailedPrecondition("in_progress issues require an assignee",
-                                     reason="ISSUE_ASSIGNEE_REQUIRED")
         blockers = await open_blocker_ids(conn, str(row["id"]))
         if blockers:
             raise FailedPrecondition(
@@ -373,13 +377,14 @@ async def update_issue(
             await store.replace_blockers(conn, issue, fields.blocked_by)
         updated = (await store.update_issue_row(conn, issue, values) if values
                    else await store.find_issue(conn, ("id", issue)))
-        await _record_update(conn, actor, row, updated, values, override, blockers_changed)
+        await _record_update(conn, actor, row, updated, values, override=override,
+                             blockers_changed=blockers_changed)
         return store.issue_to_proto(updated)
 
 
 async def _record_update(
     conn: AsyncConnection, actor: Actor, before: RowMapping, after: RowMapping,
-    values: dict[str, Any], override: bool, blockers_changed: bool,
+    values: dict[str, Any], *, override: bool, blockers_changed: bool,
 ) -> None:
     company, issue = str(after["company_id"]), str(after["id"])
     changed = {k: after[k] for k in values if k in after and not k.endswith("_at")}

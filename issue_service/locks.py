@@ -28,7 +28,9 @@ _CLEAR_EXECUTION = text(
     f"""
     UPDATE issues.issues
     SET execution_run_id = NULL, execution_agent_name_key = NULL,
-        execution_locked_at = NULL, updated_at = now()
+        execution_locked_at = NULL, updated_at = now(),
+        checkout_run_id = CASE WHEN :with_checkout AND checkout_run_id = :run THEN NULL
+                               ELSE checkout_run_id END
     WHERE id = :id AND execution_run_id = :run
     RETURNING {store.ISSUE_COLUMNS}
     """
@@ -43,9 +45,14 @@ class LockedIssue:
     cleared_run_id: str | None
 
 
-async def lock_and_clear_terminal(conn: AsyncConnection, issue_id: str) -> LockedIssue | None:
+async def lock_and_clear_terminal(
+    conn: AsyncConnection, issue_id: str, *, clear_checkout: bool = False
+) -> LockedIssue | None:
     """Lock the issue, then its execution run; clear the execution lock when that run
-    is terminal or missing (compare-and-set on the value read). None: no such issue."""
+    is terminal or missing (compare-and-set on the value read). None: no such issue.
+
+    ``clear_checkout`` also clears the checkout when the same run holds it. The gates
+    leave it, so that the assignee's next run adopts it with an audited takeover."""
     row = await store.lock_issue(conn, issue_id)
     if row is None:
         return None
@@ -56,7 +63,14 @@ async def lock_and_clear_terminal(conn: AsyncConnection, issue_id: str) -> Locke
     if not run_is_stale(status):
         return LockedIssue(row, None)
     updated = (
-        (await conn.execute(_CLEAR_EXECUTION, {"id": issue_id, "run": run_id})).mappings().first()
+        (
+            await conn.execute(
+                _CLEAR_EXECUTION,
+                {"id": issue_id, "run": run_id, "with_checkout": clear_checkout},
+            )
+        )
+        .mappings()
+        .first()
     )
     if updated is None:
         return LockedIssue(row, None)
@@ -64,12 +78,13 @@ async def lock_and_clear_terminal(conn: AsyncConnection, issue_id: str) -> Locke
 
 
 async def clear_execution_run_if_terminal(db: Database, actor: Actor, *, issue_id: str) -> bool:
-    """IssueLockService.ClearExecutionRunIfTerminal: whether a stale lock was cleared."""
+    """IssueLockService.ClearExecutionRunIfTerminal: whether a stale lock was cleared
+    (with the checkout, when the same terminal run holds it)."""
     require_service(actor)
     issue = parse_uuid("issue_id", issue_id)
     assert issue is not None
     async with db.transaction() as conn:
-        locked = await lock_and_clear_terminal(conn, issue)
+        locked = await lock_and_clear_terminal(conn, issue, clear_checkout=True)
         if locked is None:
             raise NotFound("issue not found", reason="ISSUE_NOT_FOUND")
         return locked.cleared_run_id is not None
@@ -155,8 +170,8 @@ async def transfer_execution_lock(
         execution = store.opt_str(row["execution_run_id"])
         checkout = store.opt_str(row["checkout_run_id"])
         if source not in (execution, checkout):
-            if execution == target:
-                return store.issue_to_proto(row)
+            if target in (execution, checkout):
+                return store.issue_to_proto(row)  # a repeat of a transfer already made
             raise FailedPrecondition(
                 "the run no longer holds the issue's lock",
                 reason="ISSUE_LOCK_NOT_HELD",

@@ -35,16 +35,20 @@ def conflict_metadata(row: RowMapping, **extra: str) -> dict[str, str]:
 async def adopt_lock(
     conn: AsyncConnection, actor: Actor, row: RowMapping, run_id: str, *, stale_from: str | None
 ) -> RowMapping:
-    """Make ``run_id`` the checkout and execution run of a locked issue row."""
+    """Make ``run_id`` (a run of the acting agent) the checkout and execution run of a
+    locked issue row, stamping the execution lock with the agent's name key."""
+    already = store.opt_str(row["execution_run_id"]) == run_id
+    info = await store.agent_info(conn, actor.agent_id) if actor.agent_id else None
     updated = await store.update_issue_row(
         conn,
         str(row["id"]),
         {
             "checkout_run_id": run_id,
             "execution_run_id": run_id,
-            "execution_locked_at": row["execution_locked_at"]
-            if store.opt_str(row["execution_run_id"]) == run_id
-            else datetime.now(UTC),
+            "execution_agent_name_key": info.name_key
+            if info is not None
+            else row["execution_agent_name_key"],
+            "execution_locked_at": row["execution_locked_at"] if already else datetime.now(UTC),
         },
     )
     if stale_from is not None:
@@ -108,12 +112,20 @@ async def _assert_checkout_owner(
         return row
     if checkout is None and execution in (None, run_id):
         return await adopt_lock(conn, actor, row, run_id, stale_from=None)
-    if checkout is not None and run_is_stale(await store.run_status(conn, checkout)):
+    # Any execution run still set is live (the caller cleared a terminal one): a stale
+    # checkout never hands over a live run's execution lock.
+    if (
+        checkout is not None
+        and execution in (None, run_id)
+        and run_is_stale(await store.run_status(conn, checkout))
+    ):
         return await adopt_lock(conn, actor, row, run_id, stale_from=checkout)
     raise FailedPrecondition(
         "issue run ownership conflict",
         reason="ISSUE_OWNERSHIP_CONFLICT",
         metadata=conflict_metadata(
-            row, actor_agent_id=actor.agent_id or "", actor_run_id=run_id, holder_live="true"
+            row, actor_agent_id=actor.agent_id or "", actor_run_id=run_id,
+            holder_run_id=(execution if execution not in (None, run_id) else checkout) or "",
+            holder_live="true",
         ),
     )
