@@ -31,10 +31,10 @@ _OPEN_PREFIXES = ("/grpc.health.v1.", "/grpc.reflection.")
 RPC_TOTAL = Counter("paperclip_rpc_total", "RPCs served", ["method", "code"])
 RPC_SECONDS = Histogram("paperclip_rpc_seconds", "RPC latency", ["method"])
 
-Context: TypeAlias = grpc.aio.ServicerContext[Any, Any]
+Context: TypeAlias = "grpc.aio.ServicerContext[Any, Any]"
 Unary = Callable[[Any, Context], Awaitable[Any]]
 Streaming = Callable[[Any, Context], AsyncIterator[Any]]
-Handler: TypeAlias = grpc.RpcMethodHandler[Any, Any]
+Handler: TypeAlias = "grpc.RpcMethodHandler[Any, Any]"
 
 
 class _Call:
