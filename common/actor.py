@@ -162,9 +162,11 @@ def verify_actor(metadata: Mapping[str, str], key: bytes, *, now: float | None =
         if version != _VERSION:
             raise ValueError(f"unknown actor version {version}")
         claims = json.loads(base64.urlsafe_b64decode(body.encode()))
+        if not isinstance(claims, dict):
+            raise ValueError("claims must be an object")
         issued = int(claims.pop("iat"))
         actor = Actor.from_claims(claims)
-    except (ValueError, KeyError, TypeError) as exc:
+    except (ValueError, KeyError, TypeError, AttributeError, OverflowError) as exc:
         raise Unauthenticated(f"malformed actor: {exc}", reason="UNAUTHENTICATED") from exc
     current = now if now is not None else time.time()
     if abs(current - issued) > MAX_AGE_SECONDS:

@@ -5,7 +5,9 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import uuid
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 from common.errors import invalid
@@ -21,6 +23,35 @@ class Page:
     size: int
     cursor: dict[str, Any] | None
     fingerprint: str
+
+    def _value(self, key: str) -> Any:
+        if self.cursor is None or key not in self.cursor:
+            raise invalid("page_token", "is not a token this service issued")
+        return self.cursor[key]
+
+    def cursor_int(self, key: str) -> int:
+        """An integer of the cursor (a bigint), INVALID_ARGUMENT if the token was forged."""
+        value = self._value(key)
+        if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < 2**63:
+            raise invalid("page_token", "is not a token this service issued")
+        return value
+
+    def cursor_uuid(self, key: str) -> str:
+        """A UUID of the cursor."""
+        try:
+            return str(uuid.UUID(str(self._value(key))))
+        except ValueError as exc:
+            raise invalid("page_token", "is not a token this service issued") from exc
+
+    def cursor_time(self, key: str) -> datetime:
+        """A timestamp of the cursor."""
+        try:
+            value = datetime.fromisoformat(str(self._value(key)))
+        except ValueError as exc:
+            raise invalid("page_token", "is not a token this service issued") from exc
+        if value.tzinfo is None:
+            raise invalid("page_token", "is not a token this service issued")
+        return value
 
     def next_token(self, cursor: dict[str, Any] | None) -> str:
         """The token of the page after the one ending at ``cursor`` ('' when none)."""
