@@ -1,4 +1,8 @@
-"""The append-only audit log, written in the same transaction as the change it records."""
+"""The append-only audit log, written in the same transaction as the change it records.
+
+Rows are deferred to the end of the unit of work (``Tx.defer``) and inserted together
+with the other deferred rows in one statement just before commit.
+"""
 
 from __future__ import annotations
 
@@ -6,22 +10,25 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
-from sqlalchemy import text
-from sqlalchemy.ext.asyncio import AsyncConnection
-
 from common.actor import Actor
+from common.sql import Batch, Tx
 
 #: Details larger than this are replaced by a marker: audit rows stay small.
 MAX_DETAILS_BYTES = 64 * 1024
 
-_INSERT = text(
-    """
-    INSERT INTO audit.activity_log
-        (company_id, actor_type, actor_id, agent_id, run_id, action,
-         entity_type, entity_id, details)
-    VALUES (:company_id, :actor_type, :actor_id, :agent_id, :run_id, :action,
-            :entity_type, :entity_id, CAST(:details AS jsonb))
-    """
+ACTIVITY = Batch(
+    "audit.activity_log",
+    (
+        ("company_id", "uuid"),
+        ("actor_type", "text"),
+        ("actor_id", "text"),
+        ("agent_id", "uuid"),
+        ("run_id", "uuid"),
+        ("action", "text"),
+        ("entity_type", "text"),
+        ("entity_id", "text"),
+        ("details", "jsonb"),
+    ),
 )
 
 
@@ -33,8 +40,8 @@ def encode_details(details: Mapping[str, Any] | None) -> str:
     return raw
 
 
-async def record_activity(
-    conn: AsyncConnection,
+def record_activity(
+    tx: Tx,
     *,
     actor: Actor,
     company_id: str,
@@ -43,19 +50,19 @@ async def record_activity(
     entity_id: str,
     details: Mapping[str, Any] | None = None,
 ) -> None:
-    """Append one audit row for a change made by ``actor``."""
+    """Append one audit row for a change made by ``actor`` (written at commit)."""
     actor_type, actor_id, agent_id, run_id = actor.audit_identity()
-    await conn.execute(
-        _INSERT,
-        {
-            "company_id": company_id,
-            "actor_type": actor_type,
-            "actor_id": actor_id,
-            "agent_id": agent_id,
-            "run_id": run_id,
-            "action": action,
-            "entity_type": entity_type,
-            "entity_id": entity_id,
-            "details": encode_details(details),
-        },
+    tx.defer(
+        ACTIVITY,
+        (
+            company_id,
+            actor_type,
+            actor_id,
+            agent_id,
+            run_id,
+            action,
+            entity_type,
+            entity_id,
+            encode_details(details),
+        ),
     )

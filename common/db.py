@@ -1,8 +1,10 @@
 """The async database engine and the unit of work of one RPC.
 
 One ``AsyncEngine`` (asyncpg) per process with an explicit pool. A service function
-runs in ``async with db.transaction() as conn``: one connection, one transaction,
-committed on success and rolled back on any exception, cancellation included.
+runs in ``async with db.unit_of_work() as tx``: one pooled connection, one transaction,
+deferred audit and outbox rows written just before commit, committed on success and
+rolled back on any exception, cancellation included. ``db.transaction()`` gives a
+SQLAlchemy connection in a transaction instead, for tools and tests.
 """
 
 from __future__ import annotations
@@ -10,10 +12,12 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
+import asyncpg
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
 from common.errors import Aborted, Unavailable
+from common.sql import Tx
 
 #: SQLSTATEs that mean "another transaction won; the caller may retry".
 _CONCURRENCY_STATES = {
@@ -64,14 +68,39 @@ class Database:
             async with self.engine.begin() as conn:
                 yield conn
         except DBAPIError as exc:
-            raise translate_db_error(exc) from exc
+            mapped = translate_db_error(exc)
+            if mapped is exc:
+                raise
+            raise mapped from exc
+
+    @asynccontextmanager
+    async def unit_of_work(self) -> AsyncIterator[Tx]:
+        """One transaction on a pooled asyncpg connection (see the module docstring)."""
+        try:
+            async with self.engine.connect() as conn:
+                pooled = await conn.get_raw_connection()
+                driver: asyncpg.Connection = pooled.driver_connection  # type: ignore[assignment]
+                try:
+                    async with driver.transaction():
+                        tx = Tx(driver)
+                        yield tx
+                        await tx.flush()
+                finally:
+                    if driver.is_closed() or driver.is_in_transaction():
+                        # Interrupted mid-statement: never hand this connection out again.
+                        await conn.invalidate()
+        except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError) as exc:
+            mapped = translate_db_error(exc)
+            if mapped is exc:
+                raise
+            raise mapped from exc
 
     async def dispose(self) -> None:
         """Close every pooled connection."""
         await self.engine.dispose()
 
 
-def translate_db_error(exc: DBAPIError) -> Exception:
+def translate_db_error(exc: BaseException) -> BaseException:
     """Map a driver error to ``Aborted``/``Unavailable``; other errors pass unchanged."""
     state = sqlstate(exc)
     if state in _CONCURRENCY_STATES:
@@ -81,6 +110,8 @@ def translate_db_error(exc: DBAPIError) -> Exception:
         )
     if state is not None and state.startswith("08"):
         return Unavailable("database connection failed", reason="DATABASE_UNAVAILABLE")
-    if isinstance(exc, (InterfaceError, OperationalError)) and state is None:
+    if state is None and isinstance(
+        exc, (InterfaceError, OperationalError, asyncpg.InterfaceError, OSError)
+    ):
         return Unavailable("database unavailable", reason="DATABASE_UNAVAILABLE")
     return exc

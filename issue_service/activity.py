@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-from sqlalchemy import text
-from sqlalchemy.engine import RowMapping
-
 from common.actor import Actor
 from common.authz import require_company_access
 from common.db import Database
@@ -12,22 +9,37 @@ from common.errors import invalid
 from common.pagination import parse_page
 from common.protoconv import struct, timestamp
 from common.protoconv import text as opt
+from common.sql import Row, sql
 from common.validation import parse_uuid, require_text
 from paperclip.issues.v1 import issues_pb2
 
 
-def entry_to_proto(row: RowMapping) -> issues_pb2.ActivityEntry:
+def entry_to_proto(row: Row) -> issues_pb2.ActivityEntry:
     return issues_pb2.ActivityEntry(
-        id=str(row["id"]), company_id=str(row["company_id"]), actor_type=row["actor_type"],
-        actor_id=row["actor_id"], agent_id=opt(row["agent_id"]), run_id=opt(row["run_id"]),
-        action=row["action"], entity_type=row["entity_type"], entity_id=row["entity_id"],
-        details=struct(row["details"]), created_at=timestamp(row["created_at"]),
+        id=str(row["id"]),
+        company_id=str(row["company_id"]),
+        actor_type=row["actor_type"],
+        actor_id=row["actor_id"],
+        agent_id=opt(row["agent_id"]),
+        run_id=opt(row["run_id"]),
+        action=row["action"],
+        entity_type=row["entity_type"],
+        entity_id=row["entity_id"],
+        details=struct(row["details"]),
+        created_at=timestamp(row["created_at"]),
     )
 
 
 async def list_activity(
-    db: Database, actor: Actor, *, company_id: str, entity_type: str, entity_id: str,
-    action: str, page_size: int, page_token: str,
+    db: Database,
+    actor: Actor,
+    *,
+    company_id: str,
+    entity_type: str,
+    entity_id: str,
+    action: str,
+    page_size: int,
+    page_token: str,
 ) -> tuple[list[issues_pb2.ActivityEntry], str]:
     """A page of the company's audit rows, newest first, optionally filtered."""
     company = parse_uuid("company_id", company_id)
@@ -41,10 +53,11 @@ async def list_activity(
         raise invalid("entity_type", "is required with entity_id")
     page = parse_page(page_size, page_token, company=company, **filters)
     require_company_access(actor, company, write=False)
-    before = int(page.cursor["id"]) if page.cursor else None
-    async with db.transaction() as conn:
-        rows = (await conn.execute(text(
-            """
+    before = page.cursor_int("id") if page.cursor else None
+    async with db.unit_of_work() as tx:
+        rows = await tx.fetch(
+            sql(
+                """
             SELECT id, company_id, actor_type, actor_id, agent_id, run_id, action,
                    entity_type, entity_id, details, created_at
             FROM audit.activity_log
@@ -54,8 +67,10 @@ async def list_activity(
               AND (:action = '' OR action = :action)
               AND (CAST(:before AS bigint) IS NULL OR id < CAST(:before AS bigint))
             ORDER BY id DESC LIMIT :limit
-            """), {"company": company, **filters, "before": before,
-                   "limit": page.size + 1})).mappings().all()
+            """
+            ),
+            {"company": company, **filters, "before": before, "limit": page.size + 1},
+        )
     more = len(rows) > page.size
     rows = rows[: page.size]
     token = page.next_token({"id": rows[-1]["id"]} if more and rows else None)

@@ -9,10 +9,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from sqlalchemy import text
-from sqlalchemy.engine import RowMapping
-from sqlalchemy.ext.asyncio import AsyncConnection
-
 from common.actor import Actor
 from common.audit import record_activity
 from common.authz import (
@@ -23,16 +19,17 @@ from common.authz import (
 )
 from common.db import Database
 from common.errors import FailedPrecondition, NotFound, invalid
+from common.sql import Row, Tx, sql
 from common.validation import parse_uuid, require_enum
 from issue_service import store
 from issue_service.events import EventType, emit
-from issue_service.locks import lock_and_clear_terminal
+from issue_service.locks import clear_if_terminal, lock_and_clear_terminal
 from issue_service.model import STATUS_PROTO_VALUES, Status, run_is_stale
 from issue_service.ownership import adopt_lock, conflict_metadata, enforce_agent_write
 from issue_service.status_rules import LOCK_COLUMNS_CLEARED
 from paperclip.issues.v1 import issues_pb2
 
-_CHECKOUT = text(
+_CHECKOUT = sql(
     f"""
     UPDATE issues.issues
     SET assignee_agent_id = :agent, assignee_user_id = NULL,
@@ -57,16 +54,15 @@ def _not_found() -> NotFound:
     return NotFound("issue not found", reason="ISSUE_NOT_FOUND")
 
 
-async def _locked_issue(conn: AsyncConnection, actor: Actor, issue_id: str) -> RowMapping:
-    locked = await lock_and_clear_terminal(conn, issue_id)
+async def _locked_issue(tx: Tx, actor: Actor, issue_id: str) -> Row:
+    locked = await lock_and_clear_terminal(tx, issue_id)
     if locked is None:
         raise _not_found()
     require_company_access(actor, str(locked.row["company_id"]), write=True)
     return locked.row
 
 
-async def _check_assignable(conn: AsyncConnection, row: RowMapping, agent_id: str) -> str:
-    info = await store.agent_info(conn, agent_id)
+def _check_assignable(row: Row, agent_id: str, info: store.AgentInfo | None) -> str:
     if info is None:
         raise NotFound("agent not found", reason="AGENT_NOT_FOUND", metadata={"agent_id": agent_id})
     if info.company_id != str(row["company_id"]):
@@ -80,8 +76,7 @@ async def _check_assignable(conn: AsyncConnection, row: RowMapping, agent_id: st
     return info.name_key
 
 
-async def _refuse_if_blocked(conn: AsyncConnection, issue_id: str) -> None:
-    blockers = await open_blocker_ids(conn, issue_id)
+def _refuse_if_blocked(issue_id: str, blockers: Sequence[str]) -> None:
     if blockers:
         raise FailedPrecondition(
             "issue is blocked by unresolved blockers",
@@ -90,16 +85,14 @@ async def _refuse_if_blocked(conn: AsyncConnection, issue_id: str) -> None:
         )
 
 
-async def open_blocker_ids(conn: AsyncConnection, issue_id: str) -> list[str]:
+async def open_blocker_ids(tx: Tx, issue_id: str) -> list[str]:
     """The unresolved blockers of an issue."""
-    return await store.open_blockers(conn, issue_id)
+    return await store.open_blockers(tx, issue_id)
 
 
-async def _conflict(
-    conn: AsyncConnection, row: RowMapping, expected: Sequence[str]
-) -> FailedPrecondition:
+async def _conflict(tx: Tx, row: Row, expected: Sequence[str]) -> FailedPrecondition:
     holder = store.opt_str(row["checkout_run_id"]) or store.opt_str(row["execution_run_id"])
-    holder_live = holder is not None and not run_is_stale(await store.run_status(conn, holder))
+    holder_live = holder is not None and not run_is_stale(await store.run_status(tx, holder))
     wrong_status = row["status"] not in expected
     return FailedPrecondition(
         "issue checkout conflict",
@@ -114,7 +107,7 @@ async def _conflict(
     )
 
 
-def _owned_by(row: RowMapping, agent_id: str, run_id: str) -> bool:
+def _owned_by(row: Row, agent_id: str, run_id: str) -> bool:
     """Whether ``run_id`` of ``agent_id`` already holds the in_progress issue."""
     return (
         row["status"] == Status.IN_PROGRESS
@@ -125,14 +118,14 @@ def _owned_by(row: RowMapping, agent_id: str, run_id: str) -> bool:
 
 
 async def _adopt_or_conflict(
-    conn: AsyncConnection,
+    tx: Tx,
     actor: Actor,
-    row: RowMapping,
+    row: Row,
     *,
     agent_id: str,
     run_id: str | None,
     expected: Sequence[str],
-) -> tuple[RowMapping, bool]:
+) -> tuple[Row, bool]:
     """(row, changed) after adoption or idempotent success; raises the conflict."""
     mine = store.opt_str(row["assignee_agent_id"]) == agent_id
     checkout = store.opt_str(row["checkout_run_id"])
@@ -141,25 +134,25 @@ async def _adopt_or_conflict(
         if checkout == run_id and execution in (None, run_id):
             return row, False
         if checkout is None and execution in (None, run_id):
-            return await adopt_lock(conn, actor, row, run_id, stale_from=None), True
+            return await adopt_lock(tx, actor, row, run_id, stale_from=None), True
         if (
             checkout is not None
             and execution in (None, run_id, checkout)
-            and run_is_stale(await store.run_status(conn, checkout))
+            and run_is_stale(await store.run_status(tx, checkout))
         ):
-            return await adopt_lock(conn, actor, row, run_id, stale_from=checkout), True
+            return await adopt_lock(tx, actor, row, run_id, stale_from=checkout), True
     if (
         run_id is not None
         and row["status"] in expected
         and (mine or row["assignee_agent_id"] is None)
         and checkout is not None
         and execution in (None, run_id, checkout)
-        and run_is_stale(await store.run_status(conn, checkout))
+        and run_is_stale(await store.run_status(tx, checkout))
     ):
         # A stale checkout on an issue not in progress: take it like a fresh checkout.
-        await store.update_issue_row(conn, str(row["id"]), dict(LOCK_COLUMNS_CLEARED))
+        await store.update_issue_row(tx, str(row["id"]), dict(LOCK_COLUMNS_CLEARED))
         return row, True
-    raise await _conflict(conn, row, expected)
+    raise await _conflict(tx, row, expected)
 
 
 async def checkout_issue(
@@ -172,44 +165,63 @@ async def checkout_issue(
     if not expected_statuses:
         raise invalid("expected_statuses", "at least one status is required")
     expected = [
-        Status.from_proto(require_enum(f"expected_statuses[{i}]", s, STATUS_PROTO_VALUES) or 0)
-        .value
+        Status.from_proto(
+            require_enum(f"expected_statuses[{i}]", s, STATUS_PROTO_VALUES) or 0
+        ).value
         for i, s in enumerate(expected_statuses)
     ]
     require_acting_as(actor, agent)
     run_id = require_agent_run(actor) if actor.is_agent else None
-    async with db.transaction() as conn:
-        row = await _locked_issue(conn, actor, issue)
-        name_key = await _check_assignable(conn, row, agent)
-        await _refuse_if_blocked(conn, issue)
-        params = {"id": issue, "agent": agent, "run": run_id, "name_key": name_key,
-                  "expected": expected}
+    async with db.unit_of_work() as tx:
+        found = await store.lock_issue_for_checkout(tx, issue, agent)
+        if found is None:
+            raise _not_found()
+        row, info, blockers = found
+        require_company_access(actor, str(row["company_id"]), write=True)
+        row = (await clear_if_terminal(tx, row)).row
+        name_key = _check_assignable(row, agent, info)
+        _refuse_if_blocked(issue, blockers)
+        params = {
+            "id": issue,
+            "agent": agent,
+            "run": run_id,
+            "name_key": name_key,
+            "expected": expected,
+        }
         if run_id is not None and _owned_by(row, agent, run_id):
             # A repeat by the owning run: no new lock time, no second audit row.
             return store.issue_to_proto(row)
-        updated = (await conn.execute(_CHECKOUT, params)).mappings().first()
+        updated = await tx.fetchrow(_CHECKOUT, params)
         changed = updated is not None
         if updated is None:
             row, changed = await _adopt_or_conflict(
-                conn, actor, row, agent_id=agent, run_id=run_id, expected=expected
+                tx, actor, row, agent_id=agent, run_id=run_id, expected=expected
             )
             if changed and row["status"] != Status.IN_PROGRESS:
-                updated = (await conn.execute(_CHECKOUT, params)).mappings().first()
+                updated = await tx.fetchrow(_CHECKOUT, params)
                 if updated is None:
-                    raise await _conflict(conn, row, expected)
+                    raise await _conflict(tx, row, expected)
                 row = updated
         else:
             row = updated
         if changed:
-            await record_activity(
-                conn, actor=actor, company_id=str(row["company_id"]),
-                action="issue.checked_out", entity_type="issue", entity_id=issue,
+            record_activity(
+                tx,
+                actor=actor,
+                company_id=str(row["company_id"]),
+                action="issue.checked_out",
+                entity_type="issue",
+                entity_id=issue,
                 details={"agentId": agent, "runId": run_id},
             )
             if not (actor.is_agent and actor.agent_id == agent):
-                await emit(
-                    conn, actor=actor, company_id=str(row["company_id"]), issue_id=issue,
-                    type=EventType.CHECKED_OUT, target_agent_id=agent,
+                emit(
+                    tx,
+                    actor=actor,
+                    company_id=str(row["company_id"]),
+                    issue_id=issue,
+                    type=EventType.CHECKED_OUT,
+                    target_agent_id=agent,
                 )
         return store.issue_to_proto(row)
 
@@ -218,8 +230,8 @@ async def release_issue(db: Database, actor: Actor, *, issue_id: str) -> issues_
     """Give the issue up: back to todo (when in progress), unassigned, unlocked."""
     issue = parse_uuid("issue_id", issue_id)
     assert issue
-    async with db.transaction() as conn:
-        row = await _locked_issue(conn, actor, issue)
+    async with db.unit_of_work() as tx:
+        row = await _locked_issue(tx, actor, issue)
         if actor.is_agent:
             run_id = require_agent_run(actor)
             if store.opt_str(row["assignee_agent_id"]) != actor.agent_id:
@@ -232,7 +244,7 @@ async def release_issue(db: Database, actor: Actor, *, issue_id: str) -> issues_
             if (
                 row["status"] == Status.IN_PROGRESS
                 and checkout not in (None, run_id)
-                and not run_is_stale(await store.run_status(conn, checkout or ""))
+                and not run_is_stale(await store.run_status(tx, checkout or ""))
             ):
                 raise FailedPrecondition(
                     "only the checkout run can release the issue",
@@ -243,16 +255,27 @@ async def release_issue(db: Database, actor: Actor, *, issue_id: str) -> issues_
         values["assignee_agent_id"] = None
         if row["status"] == Status.IN_PROGRESS:
             values["status"] = Status.TODO.value
-        updated = await store.update_issue_row(conn, issue, values)
+        updated = await store.update_issue_row(tx, issue, values)
         company = str(row["company_id"])
-        await record_activity(
-            conn, actor=actor, company_id=company, action="issue.released",
-            entity_type="issue", entity_id=issue,
+        record_activity(
+            tx,
+            actor=actor,
+            company_id=company,
+            action="issue.released",
+            entity_type="issue",
+            entity_id=issue,
         )
-        await emit(
-            conn, actor=actor, company_id=company, issue_id=issue, type=EventType.RELEASED,
-            payload={"previousAssigneeAgentId": store.opt_str(row["assignee_agent_id"]),
-                     "previousStatus": row["status"], "status": updated["status"]},
+        emit(
+            tx,
+            actor=actor,
+            company_id=company,
+            issue_id=issue,
+            type=EventType.RELEASED,
+            payload={
+                "previousAssigneeAgentId": store.opt_str(row["assignee_agent_id"]),
+                "previousStatus": row["status"],
+                "status": updated["status"],
+            },
         )
         return store.issue_to_proto(updated)
 
@@ -264,8 +287,8 @@ async def force_release_issue(
     require_board(actor)
     issue = parse_uuid("issue_id", issue_id)
     assert issue
-    async with db.transaction() as conn:
-        row = await store.lock_issue(conn, issue)
+    async with db.unit_of_work() as tx:
+        row = await store.lock_issue(tx, issue)
         if row is None:
             raise _not_found()
         company = str(row["company_id"])
@@ -278,10 +301,14 @@ async def force_release_issue(
             if row["status"] == Status.IN_PROGRESS and row["assignee_user_id"] is None:
                 # An issue cannot stay in progress without an assignee.
                 values["status"] = Status.TODO.value
-        updated = await store.update_issue_row(conn, issue, values)
-        await record_activity(
-            conn, actor=actor, company_id=company, action="issue.admin_force_release",
-            entity_type="issue", entity_id=issue,
+        updated = await store.update_issue_row(tx, issue, values)
+        record_activity(
+            tx,
+            actor=actor,
+            company_id=company,
+            action="issue.admin_force_release",
+            entity_type="issue",
+            entity_id=issue,
             details={
                 "issueId": issue,
                 "actorUserId": actor.user_id,
@@ -290,12 +317,17 @@ async def force_release_issue(
                 "clearAssignee": clear_assignee,
             },
         )
-        await emit(
-            conn, actor=actor, company_id=company, issue_id=issue,
+        emit(
+            tx,
+            actor=actor,
+            company_id=company,
+            issue_id=issue,
             type=EventType.FORCE_RELEASED,
-            payload={"previousCheckoutRunId": previous_checkout,
-                     "previousExecutionRunId": previous_execution,
-                     "clearAssignee": clear_assignee},
+            payload={
+                "previousCheckoutRunId": previous_checkout,
+                "previousExecutionRunId": previous_execution,
+                "clearAssignee": clear_assignee,
+            },
         )
         return store.issue_to_proto(updated), previous_checkout, previous_execution
 

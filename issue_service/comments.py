@@ -13,18 +13,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from sqlalchemy import text
-from sqlalchemy.engine import RowMapping
-from sqlalchemy.ext.asyncio import AsyncConnection
-
 from common.actor import Actor
 from common.audit import record_activity
 from common.authz import require_board, require_company_access
 from common.db import Database
-from common.errors import FailedPrecondition, NotFound, PermissionDenied, invalid
+from common.errors import FailedPrecondition, NotFound, PermissionDenied
 from common.pagination import parse_page
 from common.protoconv import text as opt
 from common.protoconv import timestamp
+from common.sql import Row, Tx, sql
 from common.validation import MAX_BODY, parse_uuid, require_text
 from issue_service import store
 from issue_service.checkout import open_blocker_ids
@@ -41,7 +38,7 @@ COMMENT_COLUMNS = (
     "id, company_id, issue_id, body, author_type, author_agent_id, author_user_id, "
     "created_by_run_id, created_at"
 )
-_INSERT = text(
+_INSERT = sql(
     f"""
     INSERT INTO issues.issue_comments
         (company_id, issue_id, body, author_type, author_agent_id, author_user_id,
@@ -60,63 +57,81 @@ class CommentFlags:
     interrupt: bool = False
 
 
-def comment_to_proto(row: RowMapping) -> issues_pb2.Comment:
+def comment_to_proto(row: Row) -> issues_pb2.Comment:
     return issues_pb2.Comment(
-        id=str(row["id"]), company_id=str(row["company_id"]), issue_id=str(row["issue_id"]),
-        body=row["body"], author_type=row["author_type"],
-        author_agent_id=opt(row["author_agent_id"]), author_user_id=opt(row["author_user_id"]),
-        created_by_run_id=opt(row["created_by_run_id"]), created_at=timestamp(row["created_at"]),
+        id=str(row["id"]),
+        company_id=str(row["company_id"]),
+        issue_id=str(row["issue_id"]),
+        body=row["body"],
+        author_type=row["author_type"],
+        author_agent_id=opt(row["author_agent_id"]),
+        author_user_id=opt(row["author_user_id"]),
+        created_by_run_id=opt(row["created_by_run_id"]),
+        created_at=timestamp(row["created_at"]),
     )
 
 
 async def insert_comment(
-    conn: AsyncConnection, actor: Actor, row: RowMapping, body: str, *, key: str | None = None
-) -> RowMapping | None:
+    tx: Tx, actor: Actor, row: Row, body: str, *, key: str | None = None
+) -> Row | None:
     """Insert a comment by ``actor`` (None when ``key`` was used before); touches the issue."""
     author_type = {"agent": "agent", "user": "user"}.get(actor.audit_identity()[0], "system")
-    inserted = (await conn.execute(_INSERT, {
-        "company": row["company_id"], "issue": row["id"], "body": body,
-        "author_type": author_type, "agent": actor.agent_id if actor.is_agent else None,
-        "user": actor.user_id if actor.is_board else None, "run": actor.run_id, "key": key,
-    })).mappings().first()
+    inserted = await tx.fetchrow(
+        _INSERT,
+        {
+            "company": row["company_id"],
+            "issue": row["id"],
+            "body": body,
+            "author_type": author_type,
+            "agent": actor.agent_id if actor.is_agent else None,
+            "user": actor.user_id if actor.is_board else None,
+            "run": actor.run_id,
+            "key": key,
+        },
+    )
     if inserted is not None:
-        await conn.execute(text("UPDATE issues.issues SET updated_at = now() WHERE id = :id"),
-                           {"id": row["id"]})
+        await tx.execute(
+            sql("UPDATE issues.issues SET updated_at = now() WHERE id = :id"), {"id": row["id"]}
+        )
     return inserted
 
 
-async def _reopen_target(
-    conn: AsyncConnection, actor: Actor, row: RowMapping, flags: CommentFlags
-) -> Status | None:
+async def _reopen_target(tx: Tx, actor: Actor, row: Row, flags: CommentFlags) -> Status | None:
     """The status the issue was reopened from, or None when the comment reopens nothing."""
     status = Status(row["status"])
     agent_assignee = store.opt_str(row["assignee_agent_id"])
     if actor.is_agent:
         if (flags.resume or flags.reopen) and agent_assignee != actor.agent_id:
             raise PermissionDenied(
-                "only the assignee can resume the issue", reason="AGENT_MISMATCH",
-                metadata={"issue_id": str(row["id"]), "assignee_agent_id": agent_assignee or ""})
+                "only the assignee can resume the issue",
+                reason="AGENT_MISMATCH",
+                metadata={"issue_id": str(row["id"]), "assignee_agent_id": agent_assignee or ""},
+            )
         if not flags.resume:
             return None  # the assignee's ``reopen`` is a log line, not a reopen
         if status is Status.CANCELLED:
             raise FailedPrecondition(
-                "cancelled issues must be restored by the board", reason="ISSUE_CANCELLED")
+                "cancelled issues must be restored by the board", reason="ISSUE_CANCELLED"
+            )
         if status not in (Status.DONE, Status.BLOCKED, Status.IN_REVIEW):
             return None
-        if await open_blocker_ids(conn, str(row["id"])):
-            raise FailedPrecondition("issue is blocked by unresolved blockers",
-                                     reason="ISSUE_BLOCKED")
+        if await open_blocker_ids(tx, str(row["id"])):
+            raise FailedPrecondition(
+                "issue is blocked by unresolved blockers", reason="ISSUE_BLOCKED"
+            )
         return status
     if not actor.is_board:
         return None
     holds = actor.run_id is not None and actor.run_id in (
-        store.opt_str(row["checkout_run_id"]), store.opt_str(row["execution_run_id"]))
+        store.opt_str(row["checkout_run_id"]),
+        store.opt_str(row["execution_run_id"]),
+    )
     if holds:
         return None
     if flags.reopen and status in (Status.DONE, Status.CANCELLED):
         return status
     if agent_assignee and status in (Status.DONE, Status.BLOCKED):
-        if await open_blocker_ids(conn, str(row["id"])):
+        if await open_blocker_ids(tx, str(row["id"])):
             return None
         return status
     return None
@@ -131,79 +146,137 @@ async def add_comment(
     assert issue
     if flags.interrupt:
         require_board(actor)
-    async with db.transaction() as conn:
-        locked = await lock_and_clear_terminal(conn, issue)
+    async with db.unit_of_work() as tx:
+        locked = await lock_and_clear_terminal(tx, issue)
         if locked is None:
             raise NotFound("issue not found", reason="ISSUE_NOT_FOUND")
         company = str(locked.row["company_id"])
         require_company_access(actor, company, write=True)
-        row = await enforce_agent_write(conn, actor, locked.row, allow_non_assignee=True)
-        reopened_from = await _reopen_target(conn, actor, row, flags)
+        row = await enforce_agent_write(tx, actor, locked.row, allow_non_assignee=True)
+        reopened_from = await _reopen_target(tx, actor, row, flags)
         if reopened_from is not None:
             row = await store.update_issue_row(
-                conn, issue, status_stamps(Status.TODO, started_at=row["started_at"],
-                                           now=datetime.now(UTC)))
-            await record_activity(conn, actor=actor, company_id=company, action="issue.updated",
-                                  entity_type="issue", entity_id=issue, details={
-                                      "status": "todo", "reopened": True,
-                                      "reopenedFrom": reopened_from.value, "source": "comment",
-                                      "identifier": row["identifier"],
-                                      "_previous": {"status": reopened_from.value}})
-        comment = await insert_comment(conn, actor, row, text_body)
+                tx,
+                issue,
+                status_stamps(Status.TODO, started_at=row["started_at"], now=datetime.now(UTC)),
+            )
+            record_activity(
+                tx,
+                actor=actor,
+                company_id=company,
+                action="issue.updated",
+                entity_type="issue",
+                entity_id=issue,
+                details={
+                    "status": "todo",
+                    "reopened": True,
+                    "reopenedFrom": reopened_from.value,
+                    "source": "comment",
+                    "identifier": row["identifier"],
+                    "_previous": {"status": reopened_from.value},
+                },
+            )
+        comment = await insert_comment(tx, actor, row, text_body)
         assert comment is not None
-        await _record_comment(conn, actor, row, comment, reopened_from=reopened_from,
-                              flags=flags)
+        await _record_comment(tx, actor, row, comment, reopened_from=reopened_from, flags=flags)
         return comment_to_proto(comment)
 
 
 async def _record_comment(
-    conn: AsyncConnection, actor: Actor, row: RowMapping, comment: RowMapping, *,
-    reopened_from: Status | None, flags: CommentFlags,
+    tx: Tx,
+    actor: Actor,
+    row: Row,
+    comment: Row,
+    *,
+    reopened_from: Status | None,
+    flags: CommentFlags,
 ) -> None:
     company, issue = str(row["company_id"]), str(row["id"])
     comment_id = str(comment["id"])
     details: dict[str, object] = {
-        "commentId": comment_id, "bodySnippet": comment["body"][:SNIPPET],
-        "identifier": row["identifier"], "issueTitle": row["title"],
+        "commentId": comment_id,
+        "bodySnippet": comment["body"][:SNIPPET],
+        "identifier": row["identifier"],
+        "issueTitle": row["title"],
     }
     if reopened_from is not None:
-        details.update({"reopened": True, "reopenedFrom": reopened_from.value,
-                        "source": "comment"})
-    await record_activity(conn, actor=actor, company_id=company, action="issue.comment_added",
-                          entity_type="issue", entity_id=issue, details=details)
+        details.update({"reopened": True, "reopenedFrom": reopened_from.value, "source": "comment"})
+    record_activity(
+        tx,
+        actor=actor,
+        company_id=company,
+        action="issue.comment_added",
+        entity_type="issue",
+        entity_id=issue,
+        details=details,
+    )
     woken: set[str] = set()
     if actor.is_agent and actor.agent_id:
         woken.add(actor.agent_id)
     assignee = store.opt_str(row["assignee_agent_id"])
     if reopened_from is not None and assignee:
-        await emit(conn, actor=actor, company_id=company, issue_id=issue,
-                   type=EventType.REOPENED, target_agent_id=assignee,
-                   payload={"issueId": issue, "commentId": comment_id,
-                            "reopenedFrom": reopened_from.value, "mutation": "comment",
-                            "resumeIntent": flags.resume and actor.is_agent})
+        emit(
+            tx,
+            actor=actor,
+            company_id=company,
+            issue_id=issue,
+            type=EventType.REOPENED,
+            target_agent_id=assignee,
+            payload={
+                "issueId": issue,
+                "commentId": comment_id,
+                "reopenedFrom": reopened_from.value,
+                "mutation": "comment",
+                "resumeIntent": flags.resume and actor.is_agent,
+            },
+        )
         woken.add(assignee)
-    elif (assignee and assignee not in woken
-          and row["status"] not in (Status.DONE, Status.CANCELLED)):
-        await emit(conn, actor=actor, company_id=company, issue_id=issue,
-                   type=EventType.COMMENTED, target_agent_id=assignee,
-                   payload={"issueId": issue, "commentId": comment_id})
+    elif (
+        assignee and assignee not in woken and row["status"] not in (Status.DONE, Status.CANCELLED)
+    ):
+        emit(
+            tx,
+            actor=actor,
+            company_id=company,
+            issue_id=issue,
+            type=EventType.COMMENTED,
+            target_agent_id=assignee,
+            payload={"issueId": issue, "commentId": comment_id},
+        )
         woken.add(assignee)
-    for agent_id in await resolve_mentions(conn, company, comment["body"]):
+    for agent_id in await resolve_mentions(tx, company, comment["body"]):
         if agent_id in woken:
             continue
         woken.add(agent_id)
-        await emit(conn, actor=actor, company_id=company, issue_id=issue,
-                   type=EventType.MENTIONED, target_agent_id=agent_id,
-                   payload={"issueId": issue, "commentId": comment_id})
+        emit(
+            tx,
+            actor=actor,
+            company_id=company,
+            issue_id=issue,
+            type=EventType.MENTIONED,
+            target_agent_id=agent_id,
+            payload={"issueId": issue, "commentId": comment_id},
+        )
     if flags.interrupt:
         run = store.opt_str(row["execution_run_id"])
-        await record_activity(conn, actor=actor, company_id=company,
-                              action="issue.interrupt_requested", entity_type="issue",
-                              entity_id=issue, details={"runId": run, "commentId": comment_id,
-                                                        "source": "issue_comment_interrupt"})
-        await emit(conn, actor=actor, company_id=company, issue_id=issue,
-                   type=EventType.INTERRUPT_REQUESTED, target_agent_id=assignee,
-                   payload={"runId": run, "commentId": comment_id})
+        record_activity(
+            tx,
+            actor=actor,
+            company_id=company,
+            action="issue.interrupt_requested",
+            entity_type="issue",
+            entity_id=issue,
+            details={"runId": run, "commentId": comment_id, "source": "issue_comment_interrupt"},
+        )
+        emit(
+            tx,
+            actor=actor,
+            company_id=company,
+            issue_id=issue,
+            type=EventType.INTERRUPT_REQUESTED,
+            target_agent_id=assignee,
+            payload={"runId": run, "commentId": comment_id},
+        )
 
 
 async def list_comments(
@@ -213,31 +286,32 @@ async def list_comments(
     issue = parse_uuid("issue_id", issue_id)
     assert issue
     page = parse_page(page_size, page_token, issue=issue)
-    async with db.transaction() as conn:
-        row = await store.find_issue(conn, ("id", issue))
+    async with db.unit_of_work() as tx:
+        row = await store.find_issue(tx, ("id", issue))
         require_company_access(actor, str(row["company_id"]), write=False)
-        cursor = page.cursor or {}
-        rows = (await conn.execute(text(
-            f"""
+        after_ts = page.cursor_time("t") if page.cursor else None
+        after_id = page.cursor_uuid("i") if page.cursor else None
+        rows = await tx.fetch(
+            sql(
+                f"""
             SELECT {COMMENT_COLUMNS} FROM issues.issue_comments
             WHERE issue_id = :issue
               AND (CAST(:after_ts AS timestamptz) IS NULL
                    OR (created_at, id) > (CAST(:after_ts AS timestamptz), CAST(:after_id AS uuid)))
             ORDER BY created_at, id LIMIT :limit
-            """), {"issue": issue, "after_ts": _ts(cursor.get("t")),
-                   "after_id": cursor.get("i"), "limit": page.size + 1})).mappings().all()
+            """
+            ),
+            {
+                "issue": issue,
+                "after_ts": after_ts,
+                "after_id": after_id,
+                "limit": page.size + 1,
+            },
+        )
     more = len(rows) > page.size
     rows = rows[: page.size]
     last = rows[-1] if more and rows else None
     token = page.next_token(
-        {"t": last["created_at"].isoformat(), "i": str(last["id"])} if last else None)
+        {"t": last["created_at"].isoformat(), "i": str(last["id"])} if last else None
+    )
     return [comment_to_proto(r) for r in rows], token
-
-
-def _ts(value: object) -> datetime | None:
-    if value is None:
-        return None
-    try:
-        return datetime.fromisoformat(str(value))
-    except ValueError as exc:
-        raise invalid("page_token", "is not a token this service issued") from exc

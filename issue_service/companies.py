@@ -4,9 +4,6 @@ from __future__ import annotations
 
 import re
 
-from sqlalchemy import text
-from sqlalchemy.engine import RowMapping
-
 from common.actor import Actor
 from common.audit import record_activity
 from common.authz import require_company_access, require_instance_admin
@@ -14,6 +11,7 @@ from common.db import Database
 from common.errors import AlreadyExists, NotFound, invalid
 from common.pagination import parse_page
 from common.protoconv import timestamp
+from common.sql import Row, sql
 from common.validation import MAX_NAME, parse_uuid, require_text
 from paperclip.issues.v1 import issues_pb2
 
@@ -26,10 +24,13 @@ _STATUS = {
 }
 
 
-def company_to_proto(row: RowMapping) -> issues_pb2.Company:
+def company_to_proto(row: Row) -> issues_pb2.Company:
     return issues_pb2.Company(
-        id=str(row["id"]), name=row["name"], issue_prefix=row["issue_prefix"],
-        status=_STATUS[row["status"]], created_at=timestamp(row["created_at"]),
+        id=str(row["id"]),
+        name=row["name"],
+        issue_prefix=row["issue_prefix"],
+        status=_STATUS[row["status"]],
+        created_at=timestamp(row["created_at"]),
         updated_at=timestamp(row["updated_at"]),
     )
 
@@ -49,18 +50,29 @@ async def create_company(
     prefix = issue_prefix.strip().upper() or derive_prefix(clean_name)
     if not PREFIX_RE.match(prefix):
         raise invalid("issue_prefix", "must be 2 to 10 letters")
-    async with db.transaction() as conn:
-        row = (await conn.execute(text(
-            f"INSERT INTO issues.companies (name, issue_prefix) VALUES (:name, :prefix) "
-            f"ON CONFLICT (issue_prefix) DO NOTHING RETURNING {COLUMNS}"),
-            {"name": clean_name, "prefix": prefix})).mappings().first()
+    async with db.unit_of_work() as tx:
+        row = await tx.fetchrow(
+            sql(
+                "INSERT INTO issues.companies (name, issue_prefix) "
+                f"VALUES (:name, :prefix) ON CONFLICT (issue_prefix) DO NOTHING RETURNING {COLUMNS}"
+            ),
+            {"name": clean_name, "prefix": prefix},
+        )
         if row is None:
-            raise AlreadyExists(f"issue prefix {prefix} is taken", reason="ISSUE_PREFIX_TAKEN",
-                                metadata={"issue_prefix": prefix})
-        await record_activity(conn, actor=actor, company_id=str(row["id"]),
-                              action="company.created", entity_type="company",
-                              entity_id=str(row["id"]),
-                              details={"name": clean_name, "issuePrefix": prefix})
+            raise AlreadyExists(
+                f"issue prefix {prefix} is taken",
+                reason="ISSUE_PREFIX_TAKEN",
+                metadata={"issue_prefix": prefix},
+            )
+        record_activity(
+            tx,
+            actor=actor,
+            company_id=str(row["id"]),
+            action="company.created",
+            entity_type="company",
+            entity_id=str(row["id"]),
+            details={"name": clean_name, "issuePrefix": prefix},
+        )
         return company_to_proto(row)
 
 
@@ -68,9 +80,10 @@ async def get_company(db: Database, actor: Actor, *, company_id: str) -> issues_
     company = parse_uuid("company_id", company_id)
     assert company
     require_company_access(actor, company, write=False)
-    async with db.transaction() as conn:
-        row = (await conn.execute(text(f"SELECT {COLUMNS} FROM issues.companies WHERE id = :id"),
-                                  {"id": company})).mappings().first()
+    async with db.unit_of_work() as tx:
+        row = await tx.fetchrow(
+            sql(f"SELECT {COLUMNS} FROM issues.companies WHERE id = :id"), {"id": company}
+        )
     if row is None:
         raise NotFound("company not found", reason="COMPANY_NOT_FOUND")
     return company_to_proto(row)
@@ -88,20 +101,30 @@ async def list_companies(
         visible = [actor.company_id or ""]
     else:
         visible = sorted(actor.memberships)
-    cursor = page.cursor or {}
-    async with db.transaction() as conn:
-        rows = (await conn.execute(text(
-            f"""
+    after_ts = page.cursor_time("t") if page.cursor else None
+    after_id = page.cursor_uuid("i") if page.cursor else None
+    async with db.unit_of_work() as tx:
+        rows = await tx.fetch(
+            sql(
+                f"""
             SELECT {COLUMNS} FROM issues.companies
             WHERE (CAST(:visible AS uuid[]) IS NULL OR id = ANY(CAST(:visible AS uuid[])))
               AND (CAST(:after_id AS uuid) IS NULL
                    OR (created_at, id) > (CAST(:after_ts AS timestamptz), CAST(:after_id AS uuid)))
             ORDER BY created_at, id LIMIT :limit
-            """), {"visible": visible, "after_id": cursor.get("i"),
-                   "after_ts": cursor.get("t"), "limit": page.size + 1})).mappings().all()
+            """
+            ),
+            {
+                "visible": visible,
+                "after_id": after_id,
+                "after_ts": after_ts,
+                "limit": page.size + 1,
+            },
+        )
     more = len(rows) > page.size
     rows = rows[: page.size]
     last = rows[-1] if more and rows else None
     token = page.next_token(
-        {"t": last["created_at"].isoformat(), "i": str(last["id"])} if last else None)
+        {"t": last["created_at"].isoformat(), "i": str(last["id"])} if last else None
+    )
     return [company_to_proto(r) for r in rows], token

@@ -29,31 +29,55 @@ async def escalate_stranded_issue(
     key = require_text("idempotency_key", idempotency_key, max_length=200, required=False)
     assert issue
     key = key or "escalate:" + hashlib.sha256(f"{issue}\n{text_body}".encode()).hexdigest()[:32]
-    async with db.transaction() as conn:
-        row = await store.lock_issue(conn, issue)
+    async with db.unit_of_work() as tx:
+        row = await store.lock_issue(tx, issue)
         if row is None:
             raise NotFound("issue not found", reason="ISSUE_NOT_FOUND")
-        comment = await insert_comment(conn, SYSTEM_ACTOR, row, text_body, key=key)
+        comment = await insert_comment(tx, SYSTEM_ACTOR, row, text_body, key=key)
         if comment is None:
             return store.issue_to_proto(row), None, False
         company = str(row["company_id"])
         previous = row["status"]
         if previous != Status.BLOCKED:
             row = await store.update_issue_row(
-                conn, issue, status_stamps(Status.BLOCKED, started_at=row["started_at"],
-                                           now=datetime.now(UTC)))
-            await record_activity(conn, actor=SYSTEM_ACTOR, company_id=company,
-                                  action="issue.updated", entity_type="issue", entity_id=issue,
-                                  details={"status": "blocked", "source": "stranded_issue",
-                                           "identifier": row["identifier"],
-                                           "_previous": {"status": previous}})
-            await emit(conn, actor=SYSTEM_ACTOR, company_id=company, issue_id=issue,
-                       type=EventType.STATUS_CHANGED,
-                       target_agent_id=store.opt_str(row["assignee_agent_id"]),
-                       payload={"from": previous, "to": "blocked", "source": "stranded_issue"})
-        await record_activity(conn, actor=SYSTEM_ACTOR, company_id=company,
-                              action="issue.comment_added", entity_type="issue",
-                              entity_id=issue, details={"commentId": str(comment["id"]),
-                                                        "bodySnippet": text_body[:120],
-                                                        "source": "stranded_issue"})
+                tx,
+                issue,
+                status_stamps(Status.BLOCKED, started_at=row["started_at"], now=datetime.now(UTC)),
+            )
+            record_activity(
+                tx,
+                actor=SYSTEM_ACTOR,
+                company_id=company,
+                action="issue.updated",
+                entity_type="issue",
+                entity_id=issue,
+                details={
+                    "status": "blocked",
+                    "source": "stranded_issue",
+                    "identifier": row["identifier"],
+                    "_previous": {"status": previous},
+                },
+            )
+            emit(
+                tx,
+                actor=SYSTEM_ACTOR,
+                company_id=company,
+                issue_id=issue,
+                type=EventType.STATUS_CHANGED,
+                target_agent_id=store.opt_str(row["assignee_agent_id"]),
+                payload={"from": previous, "to": "blocked", "source": "stranded_issue"},
+            )
+        record_activity(
+            tx,
+            actor=SYSTEM_ACTOR,
+            company_id=company,
+            action="issue.comment_added",
+            entity_type="issue",
+            entity_id=issue,
+            details={
+                "commentId": str(comment["id"]),
+                "bodySnippet": text_body[:120],
+                "source": "stranded_issue",
+            },
+        )
         return store.issue_to_proto(row), comment_to_proto(comment), True

@@ -1,8 +1,9 @@
 """The transactional outbox: what an issue change means for other services.
 
-Rows go to ``issues.issue_events`` in the same transaction as the change; a statement
-trigger NOTIFYs ``paperclip_issue_events`` on commit. The run service turns them into
-wakes, keyed by the event id, and never wakes an agent for its own run's events.
+Rows go to ``issues.issue_events`` in the same transaction as the change (deferred to
+the end of the unit of work); a statement trigger NOTIFYs ``paperclip_issue_events`` on
+commit. The run service turns them into wakes, keyed by the event id, and never wakes
+an agent for its own run's events.
 """
 
 from __future__ import annotations
@@ -12,10 +13,8 @@ from collections.abc import Mapping
 from enum import StrEnum
 from typing import Any
 
-from sqlalchemy import text
-from sqlalchemy.ext.asyncio import AsyncConnection
-
 from common.actor import Actor
+from common.sql import Batch, Tx
 
 
 class EventType(StrEnum):
@@ -31,19 +30,24 @@ class EventType(StrEnum):
     INTERRUPT_REQUESTED = "issue.interrupt_requested"
 
 
-_INSERT = text(
-    """
-    INSERT INTO issues.issue_events
-        (company_id, issue_id, type, actor_type, actor_id, actor_agent_id, actor_run_id,
-         target_agent_id, payload)
-    VALUES (:company_id, :issue_id, :type, :actor_type, :actor_id, :actor_agent_id,
-            :actor_run_id, :target_agent_id, CAST(:payload AS jsonb))
-    """
+ISSUE_EVENTS = Batch(
+    "issues.issue_events",
+    (
+        ("company_id", "uuid"),
+        ("issue_id", "uuid"),
+        ("type", "text"),
+        ("actor_type", "text"),
+        ("actor_id", "text"),
+        ("actor_agent_id", "uuid"),
+        ("actor_run_id", "uuid"),
+        ("target_agent_id", "uuid"),
+        ("payload", "jsonb"),
+    ),
 )
 
 
-async def emit(
-    conn: AsyncConnection,
+def emit(
+    tx: Tx,
     *,
     actor: Actor,
     company_id: str,
@@ -52,19 +56,19 @@ async def emit(
     target_agent_id: str | None = None,
     payload: Mapping[str, Any] | None = None,
 ) -> None:
-    """Append one outbox event, attributed to ``actor`` and its run."""
+    """Append one outbox event, attributed to ``actor`` and its run (written at commit)."""
     actor_type, actor_id, agent_id, run_id = actor.audit_identity()
-    await conn.execute(
-        _INSERT,
-        {
-            "company_id": company_id,
-            "issue_id": issue_id,
-            "type": type.value,
-            "actor_type": actor_type,
-            "actor_id": actor_id,
-            "actor_agent_id": agent_id,
-            "actor_run_id": run_id,
-            "target_agent_id": target_agent_id,
-            "payload": json.dumps(dict(payload or {}), default=str),
-        },
+    tx.defer(
+        ISSUE_EVENTS,
+        (
+            company_id,
+            issue_id,
+            type.value,
+            actor_type,
+            actor_id,
+            agent_id,
+            run_id,
+            target_agent_id,
+            json.dumps(dict(payload or {}), default=str),
+        ),
     )

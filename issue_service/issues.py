@@ -7,16 +7,13 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import text
-from sqlalchemy.engine import RowMapping
-from sqlalchemy.ext.asyncio import AsyncConnection
-
 from common.actor import Actor
 from common.audit import record_activity
 from common.authz import require_agent_run, require_company_access
 from common.db import Database
-from common.errors import FailedPrecondition, NotFound, PaperclipError, invalid
+from common.errors import Aborted, FailedPrecondition, NotFound, PaperclipError, invalid
 from common.pagination import parse_page
+from common.sql import Row, Tx, sql
 from common.validation import (
     MAX_BODY,
     MAX_TITLE,
@@ -36,8 +33,16 @@ from paperclip.issues.v1 import issues_pb2
 
 MAX_USER_ID = 200
 UPDATABLE = frozenset(
-    {"title", "description", "status", "priority", "assignee_agent_id", "assignee_user_id",
-     "parent_issue_id", "blocked_by_issue_ids"}
+    {
+        "title",
+        "description",
+        "status",
+        "priority",
+        "assignee_agent_id",
+        "assignee_user_id",
+        "parent_issue_id",
+        "blocked_by_issue_ids",
+    }
 )
 
 
@@ -55,43 +60,44 @@ class IssueFields:
     blocked_by: list[str] | None = None
 
 
-def _user_id(value: str) -> str | None:
-    stripped = require_text("assignee_user_id", value, max_length=MAX_USER_ID, required=False)
+def _user_id(value: str, field: str = "assignee_user_id") -> str | None:
+    stripped = require_text(field, value, max_length=MAX_USER_ID, required=False)
     return stripped or None
 
 
-async def _check_assignee_agent(conn: AsyncConnection, company_id: str, agent_id: str) -> None:
-    info = await store.agent_info(conn, agent_id)
+async def _check_assignee_agent(tx: Tx, company_id: str, agent_id: str) -> None:
+    info = await store.agent_info(tx, agent_id)
     if info is None:
         raise NotFound("agent not found", reason="AGENT_NOT_FOUND", metadata={"agent_id": agent_id})
     if info.company_id != company_id:
         raise invalid("assignee_agent_id", "the agent must belong to the issue's company")
     if info.status == "terminated":
         raise FailedPrecondition(
-            "cannot assign work to a terminated agent", reason="AGENT_NOT_INVOKABLE",
+            "cannot assign work to a terminated agent",
+            reason="AGENT_NOT_INVOKABLE",
             metadata={"agent_id": agent_id},
         )
 
 
 async def _check_references(
-    conn: AsyncConnection, company_id: str, issue_id: str | None, fields: IssueFields
+    tx: Tx, company_id: str, issue_id: str | None, fields: IssueFields
 ) -> None:
     if fields.assignee_agent_id:
-        await _check_assignee_agent(conn, company_id, fields.assignee_agent_id)
+        await _check_assignee_agent(tx, company_id, fields.assignee_agent_id)
     if fields.parent_issue_id:
         if fields.parent_issue_id == issue_id:
             raise invalid("parent_issue_id", "an issue cannot be its own parent")
-        if await store.missing_or_foreign_issues(conn, company_id, [fields.parent_issue_id]):
+        if await store.missing_or_foreign_issues(tx, company_id, [fields.parent_issue_id]):
             raise invalid("parent_issue_id", "no such issue in this company")
     if fields.blocked_by:
         if issue_id in fields.blocked_by:
             raise invalid("blocked_by_issue_ids", "an issue cannot block itself")
-        missing = await store.missing_or_foreign_issues(conn, company_id, fields.blocked_by)
+        missing = await store.missing_or_foreign_issues(tx, company_id, fields.blocked_by)
         if missing:
             raise invalid("blocked_by_issue_ids", f"no such issues in this company: {missing}")
 
 
-_CREATE = text(
+_CREATE = sql(
     f"""
     WITH counter AS (
         UPDATE issues.companies SET issue_counter = issue_counter + 1, updated_at = now()
@@ -109,7 +115,7 @@ _CREATE = text(
     RETURNING {store.ISSUE_COLUMNS}
     """
 )
-_BY_REQUEST = text(
+_BY_REQUEST = sql(
     f"SELECT {store.ISSUE_COLUMNS} FROM issues.issues "
     "WHERE company_id = :company AND create_request_id = :request_id"
 )
@@ -121,12 +127,14 @@ def create_fields(request: issues_pb2.CreateIssueRequest) -> IssueFields:
     priority = require_enum("priority", request.priority, PRIORITY_PROTO_VALUES, required=False)
     fields = IssueFields(
         title=require_text("title", request.title, max_length=MAX_TITLE),
-        description=require_text("description", request.description, max_length=MAX_BODY,
-                                 required=False),
+        description=require_text(
+            "description", request.description, max_length=MAX_BODY, required=False
+        ),
         status=Status.from_proto(status) if status else Status.BACKLOG,
         priority=Priority.from_proto(priority) if priority else Priority.MEDIUM,
-        assignee_agent_id=parse_uuid("assignee_agent_id", request.assignee_agent_id,
-                                     required=False),
+        assignee_agent_id=parse_uuid(
+            "assignee_agent_id", request.assignee_agent_id, required=False
+        ),
         assignee_user_id=_user_id(request.assignee_user_id),
         parent_issue_id=parse_uuid("parent_issue_id", request.parent_issue_id, required=False),
         blocked_by=parse_uuids("blocked_by_issue_ids", request.blocked_by_issue_ids),
@@ -148,49 +156,74 @@ async def create_issue(
         require_agent_run(actor)
     status = fields.status or Status.BACKLOG
     if status is Status.IN_PROGRESS and not (fields.assignee_agent_id or fields.assignee_user_id):
-        raise FailedPrecondition("in_progress issues require an assignee",
-                                 reason="ISSUE_ASSIGNEE_REQUIRED")
-    async with db.transaction() as conn:
+        raise FailedPrecondition(
+            "in_progress issues require an assignee", reason="ISSUE_ASSIGNEE_REQUIRED"
+        )
+    async with db.unit_of_work() as tx:
         if request is not None:
-            existing = (await conn.execute(_BY_REQUEST, {"company": company,
-                                                         "request_id": request})).mappings().first()
+            existing = await tx.fetchrow(_BY_REQUEST, {"company": company, "request_id": request})
             if existing is not None:
                 return store.issue_to_proto(existing)
-        await _check_references(conn, company, None, fields)
+        await _check_references(tx, company, None, fields)
         if status is Status.IN_PROGRESS and fields.blocked_by:
-            raise FailedPrecondition("issue is blocked by unresolved blockers",
-                                     reason="ISSUE_BLOCKED")
+            raise FailedPrecondition(
+                "issue is blocked by unresolved blockers", reason="ISSUE_BLOCKED"
+            )
         now = datetime.now(UTC)
         stamps = status_stamps(status, started_at=None, now=now)
         _, _, by_agent, _ = actor.audit_identity()
-        row = (await conn.execute(_CREATE, {
-            "company": company, "title": fields.title, "description": fields.description or "",
-            "status": status.value, "priority": (fields.priority or Priority.MEDIUM).value,
-            "assignee_agent": fields.assignee_agent_id, "assignee_user": fields.assignee_user_id,
-            "parent": fields.parent_issue_id, "by_agent": by_agent,
-            "by_user": actor.user_id if actor.is_board else None, "request_id": request,
-            "started_at": stamps.get("started_at"), "completed_at": stamps.get("completed_at"),
-            "cancelled_at": stamps.get("cancelled_at"),
-        })).mappings().first()
+        row = await tx.fetchrow(
+            _CREATE,
+            {
+                "company": company,
+                "title": fields.title,
+                "description": fields.description or "",
+                "status": status.value,
+                "priority": (fields.priority or Priority.MEDIUM).value,
+                "assignee_agent": fields.assignee_agent_id,
+                "assignee_user": fields.assignee_user_id,
+                "parent": fields.parent_issue_id,
+                "by_agent": by_agent,
+                "by_user": actor.user_id if actor.is_board else None,
+                "request_id": request,
+                "started_at": stamps.get("started_at"),
+                "completed_at": stamps.get("completed_at"),
+                "cancelled_at": stamps.get("cancelled_at"),
+            },
+        )
         if row is None:
-            exists = await _company_exists(conn, company)
+            exists = await _company_exists(tx, company)
             if not exists:
                 raise NotFound("company not found", reason="COMPANY_NOT_FOUND")
             raise _RetryCreate("request id raced")
         issue_id = str(row["id"])
         if fields.blocked_by:
-            await store.replace_blockers(conn, issue_id, fields.blocked_by)
-            row = await store.find_issue(conn, ("id", issue_id))
-        await record_activity(
-            conn, actor=actor, company_id=company, action="issue.created", entity_type="issue",
-            entity_id=issue_id, details={"identifier": row["identifier"], "title": row["title"],
-                                         "status": row["status"],
-                                         "assigneeAgentId": fields.assignee_agent_id},
+            await store.replace_blockers(tx, issue_id, fields.blocked_by)
+            row = await store.find_issue(tx, ("id", issue_id))
+        record_activity(
+            tx,
+            actor=actor,
+            company_id=company,
+            action="issue.created",
+            entity_type="issue",
+            entity_id=issue_id,
+            details={
+                "identifier": row["identifier"],
+                "title": row["title"],
+                "status": row["status"],
+                "assigneeAgentId": fields.assignee_agent_id,
+            },
         )
         if fields.assignee_agent_id:
-            await emit(conn, actor=actor, company_id=company, issue_id=issue_id,
-                       type=EventType.ASSIGNED, target_agent_id=fields.assignee_agent_id,
-                       payload={"identifier": row["identifier"], "status": row["status"]})
+            emit(
+                tx,
+                actor=actor,
+                company_id=company,
+                issue_id=issue_id,
+                type=EventType.ASSIGNED,
+                target_agent_id=fields.assignee_agent_id,
+                payload={"identifier": row["identifier"], "status": row["status"]},
+            )
         return store.issue_to_proto(row)
 
 
@@ -203,45 +236,57 @@ async def create_issue_idempotent(
 ) -> issues_pb2.Issue:
     """``create_issue``, returning the winner's issue when the same request raced."""
     try:
-        return await create_issue(db, actor, company_id=company_id, fields=fields,
-                                  request_id=request_id)
+        return await create_issue(
+            db, actor, company_id=company_id, fields=fields, request_id=request_id
+        )
     except _RetryCreate:
-        async with db.transaction() as conn:
-            row = (await conn.execute(_BY_REQUEST, {"company": company_id,
-                                                    "request_id": request_id})).mappings().one()
-            return store.issue_to_proto(row)
+        async with db.unit_of_work() as tx:
+            row = await tx.fetchrow(_BY_REQUEST, {"company": company_id, "request_id": request_id})
+        if row is None:
+            raise Aborted("a concurrent request with the same request id failed") from None
+        return store.issue_to_proto(row)
 
 
-async def _company_exists(conn: AsyncConnection, company_id: str) -> bool:
-    result = await conn.execute(text("SELECT 1 FROM issues.companies WHERE id = :id"),
-                                {"id": company_id})
-    return result.scalar() is not None
+async def _company_exists(tx: Tx, company_id: str) -> bool:
+    found = await tx.fetchval(
+        sql("SELECT 1 FROM issues.companies WHERE id = :id"), {"id": company_id}
+    )
+    return found is not None
 
 
 async def get_issue(db: Database, actor: Actor, *, issue: str) -> issues_pb2.Issue:
     """One issue by UUID or identifier."""
     ref = store.parse_issue_ref("issue", issue)
-    async with db.transaction() as conn:
-        row = await store.find_issue(conn, ref)
+    async with db.unit_of_work() as tx:
+        row = await store.find_issue(tx, ref)
     require_company_access(actor, str(row["company_id"]), write=False)
     return store.issue_to_proto(row)
 
 
 async def list_issues(
-    db: Database, actor: Actor, *, company_id: str, statuses: Sequence[int],
-    assignee_agent_id: str, page_size: int, page_token: str,
+    db: Database,
+    actor: Actor,
+    *,
+    company_id: str,
+    statuses: Sequence[int],
+    assignee_agent_id: str,
+    page_size: int,
+    page_token: str,
 ) -> tuple[list[issues_pb2.Issue], str]:
     """A page of a company's issues in identifier order."""
     company = parse_uuid("company_id", company_id)
     assignee = parse_uuid("assignee_agent_id", assignee_agent_id, required=False)
     assert company
-    wanted = [Status.from_proto(require_enum(f"statuses[{i}]", s, STATUS_PROTO_VALUES) or 0).value
-              for i, s in enumerate(statuses)]
-    page = parse_page(page_size, page_token, company=company, statuses=sorted(wanted),
-                      assignee=assignee)
+    wanted = [
+        Status.from_proto(require_enum(f"statuses[{i}]", s, STATUS_PROTO_VALUES) or 0).value
+        for i, s in enumerate(statuses)
+    ]
+    page = parse_page(
+        page_size, page_token, company=company, statuses=sorted(wanted), assignee=assignee
+    )
     require_company_access(actor, company, write=False)
-    after = int(page.cursor["n"]) if page.cursor else 0
-    sql = text(
+    after = page.cursor_int("n") if page.cursor else 0
+    query = sql(
         f"""
         SELECT {store.ISSUE_COLUMNS} FROM issues.issues
         WHERE company_id = :company AND issue_number > :after
@@ -250,11 +295,17 @@ async def list_issues(
         ORDER BY issue_number LIMIT :limit
         """
     )
-    async with db.transaction() as conn:
-        rows = (await conn.execute(sql, {
-            "company": company, "after": after, "statuses": wanted or None,
-            "assignee": assignee, "limit": page.size + 1,
-        })).mappings().all()
+    async with db.unit_of_work() as tx:
+        rows = await tx.fetch(
+            query,
+            {
+                "company": company,
+                "after": after,
+                "statuses": wanted or None,
+                "assignee": assignee,
+                "limit": page.size + 1,
+            },
+        )
     more = len(rows) > page.size
     rows = rows[: page.size]
     token = page.next_token({"n": rows[-1]["issue_number"]} if more and rows else None)
@@ -272,8 +323,9 @@ def update_fields(issue: issues_pb2.Issue, paths: Sequence[str]) -> IssueFields:
     if "title" in paths:
         values["title"] = require_text("issue.title", issue.title, max_length=MAX_TITLE)
     if "description" in paths:
-        values["description"] = require_text("issue.description", issue.description,
-                                             max_length=MAX_BODY, required=False)
+        values["description"] = require_text(
+            "issue.description", issue.description, max_length=MAX_BODY, required=False
+        )
     if "status" in paths:
         status = require_enum("issue.status", issue.status, STATUS_PROTO_VALUES)
         values["status"] = Status.from_proto(status or 0)
@@ -281,22 +333,25 @@ def update_fields(issue: issues_pb2.Issue, paths: Sequence[str]) -> IssueFields:
         priority = require_enum("issue.priority", issue.priority, PRIORITY_PROTO_VALUES)
         values["priority"] = Priority.from_proto(priority or 0)
     if "assignee_agent_id" in paths:
-        values["assignee_agent_id"] = parse_uuid("issue.assignee_agent_id",
-                                                 issue.assignee_agent_id, required=False) or ""
+        values["assignee_agent_id"] = (
+            parse_uuid("issue.assignee_agent_id", issue.assignee_agent_id, required=False) or ""
+        )
     if "assignee_user_id" in paths:
-        values["assignee_user_id"] = _user_id(issue.assignee_user_id) or ""
+        values["assignee_user_id"] = (
+            _user_id(issue.assignee_user_id, "issue.assignee_user_id") or ""
+        )
     if "parent_issue_id" in paths:
-        values["parent_issue_id"] = parse_uuid("issue.parent_issue_id", issue.parent_issue_id,
-                                               required=False) or ""
+        values["parent_issue_id"] = (
+            parse_uuid("issue.parent_issue_id", issue.parent_issue_id, required=False) or ""
+        )
     if "blocked_by_issue_ids" in paths:
-        values["blocked_by"] = parse_uuids("issue.blocked_by_issue_ids",
-                                           issue.blocked_by_issue_ids)
+        values["blocked_by"] = parse_uuids("issue.blocked_by_issue_ids", issue.blocked_by_issue_ids)
     if values.get("assignee_agent_id") and values.get("assignee_user_id"):
         raise invalid("issue.assignee_user_id", "an issue can only have one assignee")
     return IssueFields(**values)
 
 
-def _changes(row: RowMapping, fields: IssueFields, now: datetime) -> dict[str, Any]:
+def _changes(row: Row, fields: IssueFields, now: datetime) -> dict[str, Any]:
     """Column changes of an update, with the status and reassignment side effects."""
     values: dict[str, Any] = {}
     for column in ("title", "description"):
@@ -320,9 +375,7 @@ def _changes(row: RowMapping, fields: IssueFields, now: datetime) -> dict[str, A
     return values
 
 
-async def _validate_status_change(
-    conn: AsyncConnection, actor: Actor, row: RowMapping, values: dict[str, Any]
-) -> bool:
+async def _validate_status_change(tx: Tx, actor: Actor, row: Row, values: dict[str, Any]) -> bool:
     """Whether a board user went outside the documented transitions (agents may not).
 
     Also refuses an in_progress issue without an assignee, whether the update moves it
@@ -332,15 +385,17 @@ async def _validate_status_change(
     assignee_agent = values.get("assignee_agent_id", row["assignee_agent_id"])
     assignee_user = values.get("assignee_user_id", row["assignee_user_id"])
     if target is Status.IN_PROGRESS and assignee_agent is None and assignee_user is None:
-        raise FailedPrecondition("in_progress issues require an assignee",
-                                 reason="ISSUE_ASSIGNEE_REQUIRED")
+        raise FailedPrecondition(
+            "in_progress issues require an assignee", reason="ISSUE_ASSIGNEE_REQUIRED"
+        )
     if "status" not in values:
         return False
     if target is Status.IN_PROGRESS:
-        blockers = await open_blocker_ids(conn, str(row["id"]))
+        blockers = await open_blocker_ids(tx, str(row["id"]))
         if blockers:
             raise FailedPrecondition(
-                "issue is blocked by unresolved blockers", reason="ISSUE_BLOCKED",
+                "issue is blocked by unresolved blockers",
+                reason="ISSUE_BLOCKED",
                 metadata={"unresolved_blocker_issue_ids": ",".join(blockers)},
             )
     documented = is_documented_transition(current, target)
@@ -359,32 +414,43 @@ async def update_issue(
     """Apply an update with its side effects, audit row and outbox events."""
     issue = parse_uuid("issue.id", issue_id)
     assert issue
-    async with db.transaction() as conn:
-        locked = await lock_and_clear_terminal(conn, issue)
+    async with db.unit_of_work() as tx:
+        locked = await lock_and_clear_terminal(tx, issue)
         if locked is None:
             raise NotFound("issue not found", reason="ISSUE_NOT_FOUND")
         company = str(locked.row["company_id"])
         require_company_access(actor, company, write=True)
-        row = await enforce_agent_write(conn, actor, locked.row)
-        await _check_references(conn, company, issue, fields)
+        row = await enforce_agent_write(tx, actor, locked.row)
+        await _check_references(tx, company, issue, fields)
         values = _changes(row, fields, datetime.now(UTC))
-        override = await _validate_status_change(conn, actor, row, values)
+        override = await _validate_status_change(tx, actor, row, values)
         blockers_changed = fields.blocked_by is not None and sorted(fields.blocked_by) != sorted(
-            str(b) for b in row["blocked_by"] or ())
+            str(b) for b in row["blocked_by"] or ()
+        )
         if not values and not blockers_changed:
             return store.issue_to_proto(row)
         if blockers_changed and fields.blocked_by is not None:
-            await store.replace_blockers(conn, issue, fields.blocked_by)
-        updated = (await store.update_issue_row(conn, issue, values) if values
-                   else await store.find_issue(conn, ("id", issue)))
-        await _record_update(conn, actor, row, updated, values, override=override,
-                             blockers_changed=blockers_changed)
+            await store.replace_blockers(tx, issue, fields.blocked_by)
+        updated = (
+            await store.update_issue_row(tx, issue, values)
+            if values
+            else await store.find_issue(tx, ("id", issue))
+        )
+        await _record_update(
+            tx, actor, row, updated, values, override=override, blockers_changed=blockers_changed
+        )
         return store.issue_to_proto(updated)
 
 
 async def _record_update(
-    conn: AsyncConnection, actor: Actor, before: RowMapping, after: RowMapping,
-    values: dict[str, Any], *, override: bool, blockers_changed: bool,
+    tx: Tx,
+    actor: Actor,
+    before: Row,
+    after: Row,
+    values: dict[str, Any],
+    *,
+    override: bool,
+    blockers_changed: bool,
 ) -> None:
     company, issue = str(after["company_id"]), str(after["id"])
     changed = {k: after[k] for k in values if k in after and not k.endswith("_at")}
@@ -397,15 +463,37 @@ async def _record_update(
     }
     if override:
         details["boardOverride"] = True
-    await record_activity(conn, actor=actor, company_id=company, action="issue.updated",
-                          entity_type="issue", entity_id=issue, details=details)
+    record_activity(
+        tx,
+        actor=actor,
+        company_id=company,
+        action="issue.updated",
+        entity_type="issue",
+        entity_id=issue,
+        details=details,
+    )
     new_agent = store.opt_str(after["assignee_agent_id"])
     if "assignee_agent_id" in values and new_agent:
-        await emit(conn, actor=actor, company_id=company, issue_id=issue,
-                   type=EventType.ASSIGNED, target_agent_id=new_agent,
-                   payload={"identifier": after["identifier"], "status": after["status"]})
+        emit(
+            tx,
+            actor=actor,
+            company_id=company,
+            issue_id=issue,
+            type=EventType.ASSIGNED,
+            target_agent_id=new_agent,
+            payload={"identifier": after["identifier"], "status": after["status"]},
+        )
     if "status" in values:
-        await emit(conn, actor=actor, company_id=company, issue_id=issue,
-                   type=EventType.STATUS_CHANGED, target_agent_id=new_agent,
-                   payload={"from": before["status"], "to": after["status"],
-                            "executionRunId": store.opt_str(before["execution_run_id"])})
+        emit(
+            tx,
+            actor=actor,
+            company_id=company,
+            issue_id=issue,
+            type=EventType.STATUS_CHANGED,
+            target_agent_id=new_agent,
+            payload={
+                "from": before["status"],
+                "to": after["status"],
+                "executionRunId": store.opt_str(before["execution_run_id"]),
+            },
+        )

@@ -9,22 +9,19 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from sqlalchemy import text
-from sqlalchemy.engine import RowMapping
-from sqlalchemy.ext.asyncio import AsyncConnection
-
 from common.actor import Actor
 from common.audit import record_activity
 from common.authz import require_service
 from common.db import Database
 from common.errors import FailedPrecondition, NotFound
+from common.sql import Row, Tx, sql
 from common.validation import parse_uuid
 from issue_service import store
 from issue_service.model import TERMINAL_RUN_STATUSES, run_is_stale
 from issue_service.status_rules import LOCK_COLUMNS_CLEARED
 from paperclip.issues.v1 import issues_pb2
 
-_CLEAR_EXECUTION = text(
+_CLEAR_EXECUTION = sql(
     f"""
     UPDATE issues.issues
     SET execution_run_id = NULL, execution_agent_name_key = NULL,
@@ -41,36 +38,36 @@ _CLEAR_EXECUTION = text(
 class LockedIssue:
     """An issue row locked for the rest of the transaction, after the terminal check."""
 
-    row: RowMapping
+    row: Row
     cleared_run_id: str | None
 
 
 async def lock_and_clear_terminal(
-    conn: AsyncConnection, issue_id: str, *, clear_checkout: bool = False
+    tx: Tx, issue_id: str, *, clear_checkout: bool = False
 ) -> LockedIssue | None:
     """Lock the issue, then its execution run; clear the execution lock when that run
     is terminal or missing (compare-and-set on the value read). None: no such issue.
 
     ``clear_checkout`` also clears the checkout when the same run holds it. The gates
     leave it, so that the assignee's next run adopts it with an audited takeover."""
-    row = await store.lock_issue(conn, issue_id)
+    row = await store.lock_issue(tx, issue_id)
     if row is None:
         return None
+    return await clear_if_terminal(tx, row, clear_checkout=clear_checkout)
+
+
+async def clear_if_terminal(tx: Tx, row: Row, *, clear_checkout: bool = False) -> LockedIssue:
+    """The terminal check of ``lock_and_clear_terminal`` on an issue row already locked."""
+    issue_id = row["id"]
     run_id = row["execution_run_id"]
     if run_id is None:
         return LockedIssue(row, None)
-    status = await store.run_status(conn, str(run_id), lock=True)
+    status = await store.run_status(tx, str(run_id), lock=True)
     if not run_is_stale(status):
         return LockedIssue(row, None)
-    updated = (
-        (
-            await conn.execute(
-                _CLEAR_EXECUTION,
-                {"id": issue_id, "run": run_id, "with_checkout": clear_checkout},
-            )
-        )
-        .mappings()
-        .first()
+    updated = await tx.fetchrow(
+        _CLEAR_EXECUTION,
+        {"id": issue_id, "run": run_id, "with_checkout": clear_checkout},
     )
     if updated is None:
         return LockedIssue(row, None)
@@ -83,8 +80,8 @@ async def clear_execution_run_if_terminal(db: Database, actor: Actor, *, issue_i
     require_service(actor)
     issue = parse_uuid("issue_id", issue_id)
     assert issue is not None
-    async with db.transaction() as conn:
-        locked = await lock_and_clear_terminal(conn, issue, clear_checkout=True)
+    async with db.unit_of_work() as tx:
+        locked = await lock_and_clear_terminal(tx, issue, clear_checkout=True)
         if locked is None:
             raise NotFound("issue not found", reason="ISSUE_NOT_FOUND")
         return locked.cleared_run_id is not None
@@ -103,11 +100,11 @@ async def acquire_execution_lock(
     run = parse_uuid("run_id", run_id)
     agent = parse_uuid("agent_id", agent_id)
     assert issue and run and agent
-    async with db.transaction() as conn:
-        locked = await lock_and_clear_terminal(conn, issue)
+    async with db.unit_of_work() as tx:
+        locked = await lock_and_clear_terminal(tx, issue)
         if locked is None:
             raise _issue_missing()
-        status = await store.run_status(conn, run, lock=True)
+        status = await store.run_status(tx, run, lock=True)
         if status is None:
             raise NotFound("run not found", reason="RUN_NOT_FOUND", metadata={"run_id": run})
         if status in TERMINAL_RUN_STATUSES:
@@ -126,11 +123,11 @@ async def acquire_execution_lock(
             )
         if holder is not None:
             return store.issue_to_proto(row), locked.cleared_run_id
-        info = await store.agent_info(conn, agent)
+        info = await store.agent_info(tx, agent)
         if info is None or info.company_id != str(row["company_id"]):
             raise NotFound("agent not found", reason="AGENT_NOT_FOUND")
-        updated = await conn.execute(
-            text(
+        new_row = await tx.fetchrow(
+            sql(
                 f"""
                 UPDATE issues.issues SET execution_run_id = :run,
                     execution_agent_name_key = :name, execution_locked_at = now(),
@@ -141,9 +138,9 @@ async def acquire_execution_lock(
             ),
             {"id": issue, "run": run, "name": info.name_key},
         )
-        new_row = updated.mappings().one()
-        await record_activity(
-            conn,
+        assert new_row is not None
+        record_activity(
+            tx,
             actor=actor,
             company_id=str(row["company_id"]),
             action="issue.execution_lock_acquired",
@@ -163,8 +160,8 @@ async def transfer_execution_lock(
     source = parse_uuid("from_run_id", from_run_id)
     target = parse_uuid("to_run_id", to_run_id)
     assert issue and source and target
-    async with db.transaction() as conn:
-        row = await store.lock_issue(conn, issue)
+    async with db.unit_of_work() as tx:
+        row = await store.lock_issue(tx, issue)
         if row is None:
             raise _issue_missing()
         execution = store.opt_str(row["execution_run_id"])
@@ -188,9 +185,9 @@ async def transfer_execution_lock(
             values["execution_locked_at"] = row["execution_locked_at"]
         if checkout == source:
             values["checkout_run_id"] = target
-        new_row = await store.update_issue_row(conn, issue, values)
-        await record_activity(
-            conn,
+        new_row = await store.update_issue_row(tx, issue, values)
+        record_activity(
+            tx,
             actor=actor,
             company_id=str(row["company_id"]),
             action="issue.execution_lock_transferred",
@@ -206,18 +203,16 @@ async def release_run_locks(db: Database, actor: Actor, *, run_id: str) -> list[
     require_service(actor)
     run = parse_uuid("run_id", run_id)
     assert run
-    async with db.transaction() as conn:
-        rows = (
-            await conn.execute(
-                text(
-                    "SELECT id, company_id, checkout_run_id, execution_run_id "
-                    "FROM issues.issues WHERE execution_run_id = :r OR checkout_run_id = :r "
-                    "ORDER BY id FOR UPDATE"
-                ),
-                {"r": run},
-            )
-        ).mappings().all()
-        status = await store.run_status(conn, run, lock=True)
+    async with db.unit_of_work() as tx:
+        rows = await tx.fetch(
+            sql(
+                "SELECT id, company_id, checkout_run_id, execution_run_id "
+                "FROM issues.issues WHERE execution_run_id = :r OR checkout_run_id = :r "
+                "ORDER BY id FOR UPDATE"
+            ),
+            {"r": run},
+        )
+        status = await store.run_status(tx, run, lock=True)
         if not run_is_stale(status):
             raise FailedPrecondition(
                 "the run is still live",
@@ -232,9 +227,9 @@ async def release_run_locks(db: Database, actor: Actor, *, run_id: str) -> list[
                 )
             if store.opt_str(row["checkout_run_id"]) == run:
                 values["checkout_run_id"] = None
-            await store.update_issue_row(conn, str(row["id"]), values)
-            await record_activity(
-                conn,
+            await store.update_issue_row(tx, str(row["id"]), values)
+            record_activity(
+                tx,
                 actor=actor,
                 company_id=str(row["company_id"]),
                 action="issue.run_locks_released",

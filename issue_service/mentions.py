@@ -5,8 +5,7 @@ from __future__ import annotations
 import re
 import uuid
 
-from sqlalchemy import text
-from sqlalchemy.ext.asyncio import AsyncConnection
+from common.sql import Tx, sql
 
 _NAME = re.compile(r"(?<![\w@])@([A-Za-z0-9][A-Za-z0-9_.-]{0,99})")
 _LINK = re.compile(r"agent://([0-9a-fA-F-]{36})")
@@ -25,13 +24,13 @@ def mention_tokens(body: str) -> tuple[set[str], set[str]]:
     return names, ids
 
 
-async def resolve_mentions(conn: AsyncConnection, company_id: str, body: str) -> list[str]:
+async def resolve_mentions(tx: Tx, company_id: str, body: str) -> list[str]:
     """Ids of the company's agents that ``body`` mentions (by name or link)."""
     names, ids = mention_tokens(body)
     if not names and not ids:
         return []
-    rows = await conn.execute(
-        text(
+    rows = await tx.fetch(
+        sql(
             """
             SELECT id FROM runs.agents
             WHERE company_id = :company AND status <> 'terminated'
@@ -39,7 +38,6 @@ async def resolve_mentions(conn: AsyncConnection, company_id: str, body: str) ->
             ORDER BY name_key LIMIT :limit
             """
         ),
-        {"company": company_id, "names": sorted(names), "ids": sorted(ids),
-         "limit": MAX_MENTIONS},
+        {"company": company_id, "names": sorted(names), "ids": sorted(ids), "limit": MAX_MENTIONS},
     )
     return [str(r[0]) for r in rows]

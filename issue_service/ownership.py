@@ -8,18 +8,16 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
-from sqlalchemy.engine import RowMapping
-from sqlalchemy.ext.asyncio import AsyncConnection
-
 from common.actor import Actor
 from common.audit import record_activity
 from common.authz import require_agent_run
 from common.errors import FailedPrecondition, PermissionDenied
+from common.sql import Row, Tx
 from issue_service import store
 from issue_service.model import Status, run_is_stale
 
 
-def conflict_metadata(row: RowMapping, **extra: str) -> dict[str, str]:
+def conflict_metadata(row: Row, **extra: str) -> dict[str, str]:
     """The machine-readable description of who holds an issue."""
     data = {
         "issue_id": str(row["id"]),
@@ -32,15 +30,13 @@ def conflict_metadata(row: RowMapping, **extra: str) -> dict[str, str]:
     return data
 
 
-async def adopt_lock(
-    conn: AsyncConnection, actor: Actor, row: RowMapping, run_id: str, *, stale_from: str | None
-) -> RowMapping:
+async def adopt_lock(tx: Tx, actor: Actor, row: Row, run_id: str, *, stale_from: str | None) -> Row:
     """Make ``run_id`` (a run of the acting agent) the checkout and execution run of a
     locked issue row, stamping the execution lock with the agent's name key."""
     already = store.opt_str(row["execution_run_id"]) == run_id
-    info = await store.agent_info(conn, actor.agent_id) if actor.agent_id else None
+    info = await store.agent_info(tx, actor.agent_id) if actor.agent_id else None
     updated = await store.update_issue_row(
-        conn,
+        tx,
         str(row["id"]),
         {
             "checkout_run_id": run_id,
@@ -52,8 +48,8 @@ async def adopt_lock(
         },
     )
     if stale_from is not None:
-        await record_activity(
-            conn,
+        record_activity(
+            tx,
             actor=actor,
             company_id=str(row["company_id"]),
             action="issue.checkout_lock_adopted",
@@ -69,8 +65,8 @@ async def adopt_lock(
 
 
 async def enforce_agent_write(
-    conn: AsyncConnection, actor: Actor, row: RowMapping, *, allow_non_assignee: bool = False
-) -> RowMapping:
+    tx: Tx, actor: Actor, row: Row, *, allow_non_assignee: bool = False
+) -> Row:
     """Apply the gate for ``actor`` on a locked issue row; the row after any adoption.
 
     Board users, services and writes to unassigned issues pass. ``allow_non_assignee``
@@ -100,31 +96,31 @@ async def enforce_agent_write(
         )
     if row["status"] != Status.IN_PROGRESS:
         return row
-    return await _assert_checkout_owner(conn, actor, row, run_id)
+    return await _assert_checkout_owner(tx, actor, row, run_id)
 
 
-async def _assert_checkout_owner(
-    conn: AsyncConnection, actor: Actor, row: RowMapping, run_id: str
-) -> RowMapping:
+async def _assert_checkout_owner(tx: Tx, actor: Actor, row: Row, run_id: str) -> Row:
     checkout = store.opt_str(row["checkout_run_id"])
     execution = store.opt_str(row["execution_run_id"])
     if checkout == run_id:
         return row
     if checkout is None and execution in (None, run_id):
-        return await adopt_lock(conn, actor, row, run_id, stale_from=None)
+        return await adopt_lock(tx, actor, row, run_id, stale_from=None)
     # Any execution run still set is live (the caller cleared a terminal one): a stale
     # checkout never hands over a live run's execution lock.
     if (
         checkout is not None
         and execution in (None, run_id)
-        and run_is_stale(await store.run_status(conn, checkout))
+        and run_is_stale(await store.run_status(tx, checkout))
     ):
-        return await adopt_lock(conn, actor, row, run_id, stale_from=checkout)
+        return await adopt_lock(tx, actor, row, run_id, stale_from=checkout)
     raise FailedPrecondition(
         "issue run ownership conflict",
         reason="ISSUE_OWNERSHIP_CONFLICT",
         metadata=conflict_metadata(
-            row, actor_agent_id=actor.agent_id or "", actor_run_id=run_id,
+            row,
+            actor_agent_id=actor.agent_id or "",
+            actor_run_id=run_id,
             holder_run_id=(execution if execution not in (None, run_id) else checkout) or "",
             holder_live="true",
         ),

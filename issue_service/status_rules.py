@@ -33,9 +33,7 @@ def is_documented_transition(current: Status, target: Status) -> bool:
     return current == target or target in AGENT_TRANSITIONS[current]
 
 
-def status_stamps(
-    target: Status, *, started_at: datetime | None, now: datetime
-) -> dict[str, Any]:
+def status_stamps(target: Status, *, started_at: datetime | None, now: datetime) -> dict[str, Any]:
     """Column values a move to ``target`` sets: stamps, and cleared locks off in_progress."""
     values: dict[str, Any] = {"status": target.value}
     if target is Status.IN_PROGRESS:

@@ -8,13 +8,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import text
-from sqlalchemy.engine import RowMapping
-from sqlalchemy.ext.asyncio import AsyncConnection
-
 from common.errors import NotFound, invalid
 from common.protoconv import text as opt
 from common.protoconv import timestamp
+from common.sql import Row, Tx, sql
 from issue_service.model import Priority, Status
 from paperclip.issues.v1 import issues_pb2
 
@@ -31,23 +28,48 @@ ISSUE_COLUMNS = """
 
 IDENTIFIER_RE = re.compile(r"^([A-Za-z]{2,10})-(\d{1,18})$")
 
-_SELECT_BY_ID = text(f"SELECT {ISSUE_COLUMNS} FROM issues.issues WHERE id = :id")
-_LOCK_BY_ID = text(f"SELECT {ISSUE_COLUMNS} FROM issues.issues WHERE id = :id FOR UPDATE")
-_SELECT_BY_IDENTIFIER = text(
+_SELECT_BY_ID = sql(f"SELECT {ISSUE_COLUMNS} FROM issues.issues WHERE id = :id")
+_LOCK_BY_ID = sql(f"SELECT {ISSUE_COLUMNS} FROM issues.issues WHERE id = :id FOR UPDATE")
+_SELECT_BY_IDENTIFIER = sql(
     f"SELECT {ISSUE_COLUMNS} FROM issues.issues WHERE identifier = :identifier"
 )
-_RUN_STATUS = text("SELECT status FROM runs.heartbeat_runs WHERE id = :id")
-_RUN_STATUS_SHARE = text("SELECT status FROM runs.heartbeat_runs WHERE id = :id FOR SHARE")
-_AGENT = text(
-    "SELECT id, company_id, status, name_key FROM runs.agents WHERE id = :id"
+_LOCK_FOR_CHECKOUT = sql(
+    f"""
+    SELECT {ISSUE_COLUMNS},
+        agent.company_id AS agent_company_id, agent.status AS agent_status,
+        agent.name_key AS agent_name_key,
+        ARRAY(SELECT b.blocker_issue_id FROM issues.issue_blockers b
+              JOIN issues.issues blocker ON blocker.id = b.blocker_issue_id
+              WHERE b.issue_id = issues.id AND blocker.status <> 'done'
+              ORDER BY b.blocker_issue_id) AS open_blockers
+    FROM issues.issues LEFT JOIN runs.agents agent ON agent.id = :agent
+    WHERE issues.id = :id
+    FOR UPDATE OF issues
+    """
 )
-_OPEN_BLOCKERS = text(
+_RUN_STATUS = sql("SELECT status FROM runs.heartbeat_runs WHERE id = :id")
+_RUN_STATUS_SHARE = sql("SELECT status FROM runs.heartbeat_runs WHERE id = :id FOR SHARE")
+_AGENT = sql("SELECT id, company_id, status, name_key FROM runs.agents WHERE id = :id")
+_OPEN_BLOCKERS = sql(
     """
     SELECT b.blocker_issue_id FROM issues.issue_blockers b
     JOIN issues.issues blocker ON blocker.id = b.blocker_issue_id
     WHERE b.issue_id = :id AND blocker.status <> 'done'
     ORDER BY b.blocker_issue_id
     """
+)
+
+
+_DELETE_BLOCKERS = sql(
+    "DELETE FROM issues.issue_blockers WHERE issue_id = :id "
+    "AND NOT (blocker_issue_id = ANY(CAST(:keep AS uuid[])))"
+)
+_INSERT_BLOCKERS = sql(
+    "INSERT INTO issues.issue_blockers (issue_id, blocker_issue_id) "
+    "SELECT :id, unnest(CAST(:ids AS uuid[])) ON CONFLICT DO NOTHING"
+)
+_EXISTING_IN_COMPANY = sql(
+    "SELECT id FROM issues.issues WHERE company_id = :c AND id = ANY(CAST(:ids AS uuid[]))"
 )
 
 
@@ -61,7 +83,7 @@ class AgentInfo:
     name_key: str
 
 
-def issue_to_proto(row: RowMapping) -> issues_pb2.Issue:
+def issue_to_proto(row: Row) -> issues_pb2.Issue:
     """The ``Issue`` message of one issue row."""
     return issues_pb2.Issue(
         id=str(row["id"]),
@@ -108,91 +130,86 @@ def parse_issue_ref(field: str, value: str) -> tuple[str, str]:
         raise invalid(field, "must be an issue UUID or an identifier like PAP-12") from exc
 
 
-async def find_issue(conn: AsyncConnection, ref: tuple[str, str]) -> RowMapping:
+async def find_issue(tx: Tx, ref: tuple[str, str]) -> Row:
     """The issue ``ref`` names; NOT_FOUND when there is none."""
     kind, value = ref
     if kind == "id":
-        result = await conn.execute(_SELECT_BY_ID, {"id": value})
+        row = await tx.fetchrow(_SELECT_BY_ID, {"id": value})
     else:
-        result = await conn.execute(_SELECT_BY_IDENTIFIER, {"identifier": value})
-    row = result.mappings().first()
+        row = await tx.fetchrow(_SELECT_BY_IDENTIFIER, {"identifier": value})
     if row is None:
         raise NotFound("issue not found", reason="ISSUE_NOT_FOUND", metadata={"issue": value})
     return row
 
 
-async def lock_issue(conn: AsyncConnection, issue_id: str) -> RowMapping | None:
+async def lock_issue(tx: Tx, issue_id: str) -> Row | None:
     """The issue row, locked FOR UPDATE until the transaction ends (None if missing)."""
-    return (await conn.execute(_LOCK_BY_ID, {"id": issue_id})).mappings().first()
+    return await tx.fetchrow(_LOCK_BY_ID, {"id": issue_id})
 
 
-async def run_status(conn: AsyncConnection, run_id: str, *, lock: bool = False) -> str | None:
+async def lock_issue_for_checkout(
+    tx: Tx, issue_id: str, agent_id: str
+) -> tuple[Row, AgentInfo | None, list[str]] | None:
+    """Lock the issue (as ``lock_issue``) and read, in the same round trip, the agent
+    it is checked out for and the issue's unresolved blockers."""
+    row = await tx.fetchrow(_LOCK_FOR_CHECKOUT, {"id": issue_id, "agent": agent_id})
+    if row is None:
+        return None
+    agent = (
+        None
+        if row["agent_company_id"] is None
+        else AgentInfo(
+            agent_id, str(row["agent_company_id"]), row["agent_status"], row["agent_name_key"]
+        )
+    )
+    return row, agent, [str(b) for b in row["open_blockers"]]
+
+
+async def run_status(tx: Tx, run_id: str, *, lock: bool = False) -> str | None:
     """A run's status (None when the row is missing); ``lock`` takes a share lock."""
-    result = await conn.execute(_RUN_STATUS_SHARE if lock else _RUN_STATUS, {"id": run_id})
-    value = result.scalar()
+    value = await tx.fetchval(_RUN_STATUS_SHARE if lock else _RUN_STATUS, {"id": run_id})
     return None if value is None else str(value)
 
 
-async def agent_info(conn: AsyncConnection, agent_id: str) -> AgentInfo | None:
-    row = (await conn.execute(_AGENT, {"id": agent_id})).mappings().first()
+async def agent_info(tx: Tx, agent_id: str) -> AgentInfo | None:
+    """The agent's company, status and name key (None when it does not exist)."""
+    row = await tx.fetchrow(_AGENT, {"id": agent_id})
     if row is None:
         return None
     return AgentInfo(str(row["id"]), str(row["company_id"]), row["status"], row["name_key"])
 
 
-async def open_blockers(conn: AsyncConnection, issue_id: str) -> list[str]:
+async def open_blockers(tx: Tx, issue_id: str) -> list[str]:
     """Blockers of the issue that are not done (cancelled blockers still block)."""
-    rows = await conn.execute(_OPEN_BLOCKERS, {"id": issue_id})
-    return [str(r[0]) for r in rows]
+    return [str(r[0]) for r in await tx.fetch(_OPEN_BLOCKERS, {"id": issue_id})]
 
 
-async def update_issue_row(
-    conn: AsyncConnection, issue_id: str, values: dict[str, Any]
-) -> RowMapping:
+async def update_issue_row(tx: Tx, issue_id: str, values: dict[str, Any]) -> Row:
     """Apply ``values`` (column -> value) to a locked issue; bumps ``updated_at``."""
-    assignments = ", ".join(f"{column} = :v_{column}" for column in values)
-    sql = text(
-        f"UPDATE issues.issues SET {assignments}, updated_at = now() "
+    columns = sorted(values)
+    assignments = "".join(f"{column} = :v_{column}, " for column in columns)
+    query = sql(
+        f"UPDATE issues.issues SET {assignments}updated_at = now() "
         f"WHERE id = :id RETURNING {ISSUE_COLUMNS}"
     )
-    params = {f"v_{column}": value for column, value in values.items()}
+    params = {f"v_{column}": values[column] for column in columns}
     params["id"] = issue_id
-    return (await conn.execute(sql, params)).mappings().one()
+    row = await tx.fetchrow(query, params)
+    assert row is not None, "update_issue_row needs a locked, existing issue"
+    return row
 
 
-async def replace_blockers(
-    conn: AsyncConnection, issue_id: str, blocker_ids: Sequence[str]
-) -> None:
+async def replace_blockers(tx: Tx, issue_id: str, blocker_ids: Sequence[str]) -> None:
     """Make ``blocker_ids`` the exact set of blockers of the issue."""
-    await conn.execute(
-        text(
-            "DELETE FROM issues.issue_blockers WHERE issue_id = :id "
-            "AND NOT (blocker_issue_id = ANY(CAST(:keep AS uuid[])))"
-        ),
-        {"id": issue_id, "keep": list(blocker_ids)},
-    )
+    await tx.execute(_DELETE_BLOCKERS, {"id": issue_id, "keep": list(blocker_ids)})
     if blocker_ids:
-        await conn.execute(
-            text(
-                "INSERT INTO issues.issue_blockers (issue_id, blocker_issue_id) "
-                "SELECT :id, unnest(CAST(:ids AS uuid[])) ON CONFLICT DO NOTHING"
-            ),
-            {"id": issue_id, "ids": list(blocker_ids)},
-        )
+        await tx.execute(_INSERT_BLOCKERS, {"id": issue_id, "ids": list(blocker_ids)})
 
 
-async def missing_or_foreign_issues(
-    conn: AsyncConnection, company_id: str, issue_ids: Sequence[str]
-) -> list[str]:
+async def missing_or_foreign_issues(tx: Tx, company_id: str, issue_ids: Sequence[str]) -> list[str]:
     """Those of ``issue_ids`` that do not exist in the company."""
     if not issue_ids:
         return []
-    rows = await conn.execute(
-        text(
-            "SELECT id FROM issues.issues WHERE company_id = :c "
-            "AND id = ANY(CAST(:ids AS uuid[]))"
-        ),
-        {"c": company_id, "ids": list(issue_ids)},
-    )
+    rows = await tx.fetch(_EXISTING_IN_COMPANY, {"c": company_id, "ids": list(issue_ids)})
     found = {str(r[0]) for r in rows}
     return [i for i in issue_ids if i not in found]

@@ -11,11 +11,10 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from sqlalchemy import text
-
 from common.actor import SYSTEM_ACTOR
 from common.audit import record_activity
 from common.db import Database
+from common.sql import sql
 
 log = logging.getLogger("paperclip.issue_service.sweeper")
 
@@ -23,7 +22,7 @@ SWEEP_LOCK_KEY = 0x50415045_01
 DEFAULT_INTERVAL_SECONDS = 30.0
 DEFAULT_BATCH = 200
 
-_SWEEP = text(
+_SWEEP = sql(
     """
     WITH stale AS (
         SELECT i.id, i.company_id, i.checkout_run_id, i.execution_run_id
@@ -52,16 +51,14 @@ async def sweep_once(db: Database, *, batch: int = DEFAULT_BATCH) -> list[str]:
 
     Returns nothing when another replica is sweeping at the same moment.
     """
-    async with db.transaction() as conn:
-        got = await conn.execute(
-            text("SELECT pg_try_advisory_xact_lock(:k)"), {"k": SWEEP_LOCK_KEY}
-        )
-        if not got.scalar():
+    async with db.unit_of_work() as tx:
+        got = await tx.fetchval(sql("SELECT pg_try_advisory_xact_lock(:k)"), {"k": SWEEP_LOCK_KEY})
+        if not got:
             return []
-        rows = (await conn.execute(_SWEEP, {"batch": batch})).mappings().all()
+        rows = await tx.fetch(_SWEEP, {"batch": batch})
         for row in rows:
-            await record_activity(
-                conn,
+            record_activity(
+                tx,
                 actor=SYSTEM_ACTOR,
                 company_id=str(row["company_id"]),
                 action="issue.stale_lock_reconciled",

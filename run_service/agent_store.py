@@ -11,13 +11,11 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import RowMapping, text
-from sqlalchemy.exc import IntegrityError
-from sqlalchemy.ext.asyncio import AsyncConnection
+import asyncpg
 
 from common import protoconv
-from common.db import sqlstate
 from common.errors import AlreadyExists
+from common.sql import Row, Tx, sql
 from paperclip.runs.v1 import agents_pb2
 from run_service.agent_config import (
     RUNTIME_FIELDS,
@@ -86,7 +84,7 @@ def name_taken(name: str) -> AlreadyExists:
     )
 
 
-def _record(row: RowMapping) -> AgentRecord:
+def _record(row: Row) -> AgentRecord:
     raw = row["adapter_config"]
     adapter = json.loads(raw) if isinstance(raw, str) else raw
     return AgentRecord(
@@ -103,18 +101,18 @@ def _record(row: RowMapping) -> AgentRecord:
     )
 
 
-async def company_exists(conn: AsyncConnection, company_id: str) -> bool:
+async def company_exists(tx: Tx, company_id: str) -> bool:
     """Whether the company exists (read from the issue service's table)."""
-    result = await conn.execute(
-        text("SELECT 1 FROM issues.companies WHERE id = :id"), {"id": company_id}
+    found = await tx.fetchval(
+        sql("SELECT 1 FROM issues.companies WHERE id = :id"), {"id": company_id}
     )
-    return result.first() is not None
+    return found is not None
 
 
-async def insert_agent(conn: AsyncConnection, new: NewAgent) -> AgentRecord:
+async def insert_agent(tx: Tx, new: NewAgent) -> AgentRecord:
     """Insert ``new``; ``AlreadyExists`` if its name is taken in the company."""
-    result = await conn.execute(
-        text(
+    row = await tx.fetchrow(
+        sql(
             f"""
             INSERT INTO runs.agents
                 (company_id, name, name_key, role, status, adapter_type, adapter_config,
@@ -138,26 +136,22 @@ async def insert_agent(conn: AsyncConnection, new: NewAgent) -> AgentRecord:
             **new.runtime.to_json(),
         },
     )
-    row = result.mappings().first()
     if row is None:
         raise name_taken(new.name)
     return _record(row)
 
 
-async def get_agent(
-    conn: AsyncConnection, agent_id: str, *, for_update: bool = False
-) -> AgentRecord | None:
+async def get_agent(tx: Tx, agent_id: str, *, for_update: bool = False) -> AgentRecord | None:
     """The agent, or None; ``for_update`` locks its row until the transaction ends."""
     lock = "FOR UPDATE" if for_update else ""
-    result = await conn.execute(
-        text(f"SELECT {_COLUMNS} FROM runs.agents WHERE id = :id {lock}"), {"id": agent_id}
+    row = await tx.fetchrow(
+        sql(f"SELECT {_COLUMNS} FROM runs.agents WHERE id = :id {lock}"), {"id": agent_id}
     )
-    row = result.mappings().first()
     return None if row is None else _record(row)
 
 
 async def list_agents(
-    conn: AsyncConnection,
+    tx: Tx,
     *,
     company_id: str,
     statuses: Sequence[str],
@@ -175,8 +169,8 @@ async def list_agents(
             "(created_at, id) > (CAST(:after_ts AS timestamptz), CAST(:after_id AS uuid))"
         )
         params["after_ts"], params["after_id"] = after
-    result = await conn.execute(
-        text(
+    rows = await tx.fetch(
+        sql(
             f"""
             SELECT {_COLUMNS} FROM runs.agents
             WHERE {" AND ".join(conditions)}
@@ -186,14 +180,14 @@ async def list_agents(
         ),
         params,
     )
-    return [_record(row) for row in result.mappings()]
+    return [_record(row) for row in rows]
 
 
-async def update_agent(conn: AsyncConnection, record: AgentRecord) -> AgentRecord:
+async def update_agent(tx: Tx, record: AgentRecord) -> AgentRecord:
     """Write every mutable column of ``record``; ``AlreadyExists`` if the name is taken."""
     try:
-        result = await conn.execute(
-            text(
+        row = await tx.fetchrow(
+            sql(
                 f"""
                 UPDATE runs.agents SET
                     name = :name, name_key = :name_key, role = :role, status = :status,
@@ -219,8 +213,7 @@ async def update_agent(conn: AsyncConnection, record: AgentRecord) -> AgentRecor
                 **record.runtime.to_json(),
             },
         )
-    except IntegrityError as exc:
-        if sqlstate(exc) == _UNIQUE_VIOLATION:
-            raise name_taken(record.name) from exc
-        raise
-    return _record(result.mappings().one())
+    except asyncpg.UniqueViolationError as exc:
+        raise name_taken(record.name) from exc
+    assert row is not None, "update_agent needs a locked, existing agent"
+    return _record(row)

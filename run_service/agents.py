@@ -71,12 +71,12 @@ async def create_agent(
         ),
     )
     v.raise_if_any()
-    async with db.transaction() as conn:
-        if not await agent_store.company_exists(conn, company_id):
+    async with db.unit_of_work() as tx:
+        if not await agent_store.company_exists(tx, company_id):
             raise company_not_found(company_id)
-        record = await agent_store.insert_agent(conn, new)
-        await record_activity(
-            conn,
+        record = await agent_store.insert_agent(tx, new)
+        record_activity(
+            tx,
             actor=actor,
             company_id=company_id,
             action=CREATED_ACTION,
@@ -98,8 +98,8 @@ async def get_agent(db: Database, actor: Actor, agent_id: str) -> agents_pb2.Age
     v = Violations()
     canonical = check_uuid(v, "agent_id", agent_id)
     v.raise_if_any()
-    async with db.transaction() as conn:
-        record = await agent_store.get_agent(conn, canonical)
+    async with db.unit_of_work() as tx:
+        record = await agent_store.get_agent(tx, canonical)
     if record is None:
         raise agent_not_found(canonical)
     require_company_access(actor, record.company_id, write=False)
@@ -124,11 +124,11 @@ async def list_agents(
     wanted = sorted(statuses)
     page = parse_page(request.page_size, request.page_token, company_id=company_id, statuses=wanted)
     after = _cursor_position(page.cursor)
-    async with db.transaction() as conn:
-        if not await agent_store.company_exists(conn, company_id):
+    async with db.unit_of_work() as tx:
+        if not await agent_store.company_exists(tx, company_id):
             raise company_not_found(company_id)
         records = await agent_store.list_agents(
-            conn, company_id=company_id, statuses=wanted, after=after, limit=page.size + 1
+            tx, company_id=company_id, statuses=wanted, after=after, limit=page.size + 1
         )
     shown = records[: page.size]
     more = len(records) > page.size
@@ -162,17 +162,17 @@ async def update_agent(
     """Apply ``update_mask`` under a row lock (board, write access); a no-op writes nothing."""
     require_board(actor)
     patch = parse_update(request)
-    async with db.transaction() as conn:
-        current = await agent_store.get_agent(conn, patch.agent_id, for_update=True)
+    async with db.unit_of_work() as tx:
+        current = await agent_store.get_agent(tx, patch.agent_id, for_update=True)
         if current is None:
             raise agent_not_found(patch.agent_id)
         require_company_access(actor, current.company_id, write=True)
         updated, changes = apply_patch(current, patch)
         if not changes:
             return current.to_proto()
-        saved = await agent_store.update_agent(conn, updated)
-        await record_activity(
-            conn,
+        saved = await agent_store.update_agent(tx, updated)
+        record_activity(
+            tx,
             actor=actor,
             company_id=saved.company_id,
             action=audit_action(current.status, saved.status),

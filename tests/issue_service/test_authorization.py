@@ -14,6 +14,7 @@ from typing import Any
 
 import grpc
 import pytest
+from google.protobuf import field_mask_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from sqlalchemy import text
 
@@ -85,10 +86,14 @@ async def _snapshot(suite: Suite, tenant: Tenant) -> dict[str, Any]:
     company = tenant.company.id
     async with suite.db.transaction() as conn:
         issue = (
-            await conn.execute(
-                text("SELECT * FROM issues.issues WHERE id = :id"), {"id": tenant.issue.id}
+            (
+                await conn.execute(
+                    text("SELECT * FROM issues.issues WHERE id = :id"), {"id": tenant.issue.id}
+                )
             )
-        ).mappings().one()
+            .mappings()
+            .one()
+        )
         counts = {}
         for table in (
             "issues.issues",
@@ -121,7 +126,9 @@ async def _refused(
     return error
 
 
-def _raw_issues(suite: Suite) -> tuple[grpc.aio.Channel, issues_pb2_grpc.IssueServiceStub]:
+def _raw_issues(
+    suite: Suite,
+) -> tuple[grpc.aio.Channel, issues_pb2_grpc.IssueServiceAsyncStub]:
     """A channel without the harness interceptor: metadata exactly as given."""
     channel = grpc.aio.insecure_channel(suite.issue_addr)
     return channel, issues_pb2_grpc.IssueServiceStub(channel)
@@ -175,29 +182,26 @@ def _bad_metadata(case: str, company_id: str) -> tuple[tuple[str, str], ...]:
         ),
         "not_base64": lambda: _signed("v1.!!!not-base64!!!"),
         "not_json": lambda: _signed("v1." + base64.urlsafe_b64encode(b"not json").decode()),
-        "claims_not_object": lambda: _signed(
-            "v1." + base64.urlsafe_b64encode(b"[1,2,3]").decode()
-        ),
-        "claims_string": lambda: _signed(
-            "v1." + base64.urlsafe_b64encode(b'"board"').decode()
-        ),
-        "iat_not_a_number": lambda: _signed(
-            _encode({**member.to_claims(), "iat": "yesterday"})
-        ),
+        "claims_not_object": lambda: _signed("v1." + base64.urlsafe_b64encode(b"[1,2,3]").decode()),
+        "claims_string": lambda: _signed("v1." + base64.urlsafe_b64encode(b'"board"').decode()),
+        "iat_not_a_number": lambda: _signed(_encode({**member.to_claims(), "iat": "yesterday"})),
         "iat_infinite": lambda: _signed(
-            "v1." + base64.urlsafe_b64encode(
-                b'{"iat":1e400,"type":"board","user_id":"u"}').decode()
+            "v1." + base64.urlsafe_b64encode(b'{"iat":1e400,"type":"board","user_id":"u"}').decode()
         ),
         "missing_iat": lambda: _signed(_encode(member.to_claims())),
-        "unknown_actor_type": lambda: _signed(
-            _encode({"type": "root", "iat": int(now)})
-        ),
+        "unknown_actor_type": lambda: _signed(_encode({"type": "root", "iat": int(now)})),
         "agent_without_company": lambda: _signed(
             _encode({"type": "agent", "agent_id": "x", "iat": int(now)})
         ),
         "unknown_role": lambda: _signed(
-            _encode({"type": "board", "user_id": "u", "memberships": {company_id: "owner"},
-                     "iat": int(now)})
+            _encode(
+                {
+                    "type": "board",
+                    "user_id": "u",
+                    "memberships": {company_id: "owner"},
+                    "iat": int(now),
+                }
+            )
         ),
     }
     return cases[case]()
@@ -232,51 +236,61 @@ async def test_unauthenticated_calls_are_refused(suite: Suite, world: World, cas
     channel, stub = _raw_issues(suite)
     try:
         await _refused(
-            suite, world,
+            suite,
+            world,
             lambda: stub.UpdateIssue(
                 issues_pb2.UpdateIssueRequest(
                     issue=issues_pb2.Issue(id=world.a.issue.id, title="pwned"),
-                    update_mask={"paths": ["title"]},
+                    update_mask=field_mask_pb2.FieldMask(paths=["title"]),
                 ),
                 metadata=metadata,
             ),
-            grpc.StatusCode.UNAUTHENTICATED, "UNAUTHENTICATED",
+            grpc.StatusCode.UNAUTHENTICATED,
+            "UNAUTHENTICATED",
         )
         await _refused(
-            suite, world,
+            suite,
+            world,
             lambda: stub.CreateIssue(
                 issues_pb2.CreateIssueRequest(company_id=world.a.company.id, title="pwned"),
                 metadata=metadata,
             ),
-            grpc.StatusCode.UNAUTHENTICATED, "UNAUTHENTICATED",
+            grpc.StatusCode.UNAUTHENTICATED,
+            "UNAUTHENTICATED",
         )
         await _refused(
-            suite, world,
-            lambda: stub.GetIssue(issues_pb2.GetIssueRequest(issue=world.a.issue.id),
-                                  metadata=metadata),
-            grpc.StatusCode.UNAUTHENTICATED, "UNAUTHENTICATED",
+            suite,
+            world,
+            lambda: stub.GetIssue(
+                issues_pb2.GetIssueRequest(issue=world.a.issue.id), metadata=metadata
+            ),
+            grpc.StatusCode.UNAUTHENTICATED,
+            "UNAUTHENTICATED",
         )
     finally:
         await channel.close()
 
 
-async def test_harness_forged_and_anonymous_clients_are_refused(
-    suite: Suite, world: World
-) -> None:
+async def test_harness_forged_and_anonymous_clients_are_refused(suite: Suite, world: World) -> None:
     for clients in (suite.clients(None), suite.clients(admin(), key=b"wrong")):
-        await _refused(
-            suite, world,
-            lambda c=clients: c.issues.CreateIssue(
+
+        def create_issue(c: Clients = clients) -> Awaitable[issues_pb2.Issue]:
+            return c.issues.CreateIssue(
                 issues_pb2.CreateIssueRequest(company_id=world.a.company.id, title="pwned")
-            ),
-            grpc.StatusCode.UNAUTHENTICATED, "UNAUTHENTICATED",
+            )
+
+        def release_run_locks(
+            c: Clients = clients,
+        ) -> Awaitable[issue_locks_pb2.ReleaseRunLocksResponse]:
+            return c.locks.ReleaseRunLocks(
+                issue_locks_pb2.ReleaseRunLocksRequest(run_id=world.a.run_id)
+            )
+
+        await _refused(
+            suite, world, create_issue, grpc.StatusCode.UNAUTHENTICATED, "UNAUTHENTICATED"
         )
         await _refused(
-            suite, world,
-            lambda c=clients: c.locks.ReleaseRunLocks(
-                issue_locks_pb2.ReleaseRunLocksRequest(run_id=world.a.run_id)
-            ),
-            grpc.StatusCode.UNAUTHENTICATED, "UNAUTHENTICATED",
+            suite, world, release_run_locks, grpc.StatusCode.UNAUTHENTICATED, "UNAUTHENTICATED"
         )
 
 
@@ -296,7 +310,8 @@ async def test_valid_raw_signature_is_accepted(suite: Suite, world: World) -> No
 async def test_health_check_needs_no_actor(suite: Suite) -> None:
     channel = grpc.aio.insecure_channel(suite.issue_addr)
     try:
-        stub = health_pb2_grpc.HealthStub(channel)
+        # grpc_health's stubs declare no methods on HealthStub, so type it loosely.
+        stub: Any = health_pb2_grpc.HealthStub(channel)
         for name in ("", ISSUE_SERVICE, ISSUE_LOCK_SERVICE):
             response = await stub.Check(health_pb2.HealthCheckRequest(service=name))
             assert response.status == health_pb2.HealthCheckResponse.SERVING, name
@@ -311,46 +326,61 @@ Call = Callable[[Clients, World], Awaitable[Any]]
 
 READS: dict[str, Call] = {
     "GetCompany": lambda c, w: c.issues.GetCompany(
-        issues_pb2.GetCompanyRequest(company_id=w.b.company.id)),
+        issues_pb2.GetCompanyRequest(company_id=w.b.company.id)
+    ),
     "GetIssue": lambda c, w: c.issues.GetIssue(issues_pb2.GetIssueRequest(issue=w.b.issue.id)),
     "GetIssueByIdentifier": lambda c, w: c.issues.GetIssue(
-        issues_pb2.GetIssueRequest(issue=w.b.issue.identifier)),
+        issues_pb2.GetIssueRequest(issue=w.b.issue.identifier)
+    ),
     "ListIssues": lambda c, w: c.issues.ListIssues(
-        issues_pb2.ListIssuesRequest(company_id=w.b.company.id)),
+        issues_pb2.ListIssuesRequest(company_id=w.b.company.id)
+    ),
     "ListComments": lambda c, w: c.issues.ListComments(
-        issues_pb2.ListCommentsRequest(issue_id=w.b.issue.id)),
+        issues_pb2.ListCommentsRequest(issue_id=w.b.issue.id)
+    ),
     "ListActivity": lambda c, w: c.issues.ListActivity(
-        issues_pb2.ListActivityRequest(company_id=w.b.company.id)),
+        issues_pb2.ListActivityRequest(company_id=w.b.company.id)
+    ),
 }
 
 WRITES: dict[str, Call] = {
     "CreateIssue": lambda c, w: c.issues.CreateIssue(
-        issues_pb2.CreateIssueRequest(company_id=w.b.company.id, title="intruder")),
+        issues_pb2.CreateIssueRequest(company_id=w.b.company.id, title="intruder")
+    ),
     "UpdateIssue": lambda c, w: c.issues.UpdateIssue(
         issues_pb2.UpdateIssueRequest(
             issue=issues_pb2.Issue(id=w.b.issue.id, title="changed"),
-            update_mask={"paths": ["title"]})),
+            update_mask=field_mask_pb2.FieldMask(paths=["title"]),
+        )
+    ),
     "AddComment": lambda c, w: c.issues.AddComment(
-        issues_pb2.AddCommentRequest(issue_id=w.b.issue.id, body="intruder")),
+        issues_pb2.AddCommentRequest(issue_id=w.b.issue.id, body="intruder")
+    ),
     "ReleaseIssue": lambda c, w: c.issues.ReleaseIssue(
-        issues_pb2.ReleaseIssueRequest(issue_id=w.b.issue.id)),
+        issues_pb2.ReleaseIssueRequest(issue_id=w.b.issue.id)
+    ),
 }
 
 BOARD_WRITES: dict[str, Call] = {
     **WRITES,
     "CheckoutIssue": lambda c, w: c.issues.CheckoutIssue(
-        issues_pb2.CheckoutIssueRequest(issue_id=w.b.issue.id, agent_id=w.b.agent_id,
-                                        expected_statuses=[TODO])),
+        issues_pb2.CheckoutIssueRequest(
+            issue_id=w.b.issue.id, agent_id=w.b.agent_id, expected_statuses=[TODO]
+        )
+    ),
     "ForceReleaseIssue": lambda c, w: c.issues.ForceReleaseIssue(
-        issues_pb2.ForceReleaseIssueRequest(issue_id=w.b.issue.id, clear_assignee=True)),
+        issues_pb2.ForceReleaseIssueRequest(issue_id=w.b.issue.id, clear_assignee=True)
+    ),
 }
 
 AGENT_WRITES: dict[str, Call] = {
     **WRITES,
     # The agent checks out as itself, but the issue belongs to another company.
     "CheckoutIssue": lambda c, w: c.issues.CheckoutIssue(
-        issues_pb2.CheckoutIssueRequest(issue_id=w.b.issue.id, agent_id=w.a.agent_id,
-                                        expected_statuses=[TODO])),
+        issues_pb2.CheckoutIssueRequest(
+            issue_id=w.b.issue.id, agent_id=w.a.agent_id, expected_statuses=[TODO]
+        )
+    ),
 }
 
 
@@ -361,8 +391,11 @@ async def test_board_member_of_other_company_is_denied(
     member_of_a = suite.clients(board(world.a.company.id, Role.ADMIN, user_id="alice"))
     call = {**READS, **BOARD_WRITES}[rpc]
     await _refused(
-        suite, world, lambda: call(member_of_a, world),
-        grpc.StatusCode.PERMISSION_DENIED, "COMPANY_ACCESS_DENIED",
+        suite,
+        world,
+        lambda: call(member_of_a, world),
+        grpc.StatusCode.PERMISSION_DENIED,
+        "COMPANY_ACCESS_DENIED",
     )
 
 
@@ -371,20 +404,27 @@ async def test_agent_of_other_company_is_denied(suite: Suite, world: World, rpc:
     agent_of_a = suite.clients(agent(world.a.agent_id, world.a.company.id, world.a.run_id))
     call = {**READS, **AGENT_WRITES}[rpc]
     await _refused(
-        suite, world, lambda: call(agent_of_a, world),
-        grpc.StatusCode.PERMISSION_DENIED, "COMPANY_ACCESS_DENIED",
+        suite,
+        world,
+        lambda: call(agent_of_a, world),
+        grpc.StatusCode.PERMISSION_DENIED,
+        "COMPANY_ACCESS_DENIED",
     )
 
 
 VIEWER_WRITES: dict[str, Call] = {
     "CreateIssue": lambda c, w: c.issues.CreateIssue(
-        issues_pb2.CreateIssueRequest(company_id=w.b.company.id, title="viewer")),
+        issues_pb2.CreateIssueRequest(company_id=w.b.company.id, title="viewer")
+    ),
     "UpdateIssue": lambda c, w: c.issues.UpdateIssue(
         issues_pb2.UpdateIssueRequest(
             issue=issues_pb2.Issue(id=w.b.issue.id, title="changed"),
-            update_mask={"paths": ["title"]})),
+            update_mask=field_mask_pb2.FieldMask(paths=["title"]),
+        )
+    ),
     "AddComment": lambda c, w: c.issues.AddComment(
-        issues_pb2.AddCommentRequest(issue_id=w.b.issue.id, body="viewer")),
+        issues_pb2.AddCommentRequest(issue_id=w.b.issue.id, body="viewer")
+    ),
     "CheckoutIssue": BOARD_WRITES["CheckoutIssue"],
     "ReleaseIssue": WRITES["ReleaseIssue"],
     "ForceReleaseIssue": BOARD_WRITES["ForceReleaseIssue"],
@@ -395,8 +435,11 @@ VIEWER_WRITES: dict[str, Call] = {
 async def test_viewer_cannot_write(suite: Suite, world: World, rpc: str) -> None:
     viewer = suite.clients(board(world.b.company.id, Role.VIEWER, user_id="vic"))
     await _refused(
-        suite, world, lambda: VIEWER_WRITES[rpc](viewer, world),
-        grpc.StatusCode.PERMISSION_DENIED, "COMPANY_ACCESS_DENIED",
+        suite,
+        world,
+        lambda: VIEWER_WRITES[rpc](viewer, world),
+        grpc.StatusCode.PERMISSION_DENIED,
+        "COMPANY_ACCESS_DENIED",
     )
 
 
@@ -404,20 +447,25 @@ async def test_viewer_can_read(suite: Suite, world: World) -> None:
     viewer = suite.clients(board(world.b.company.id, Role.VIEWER, user_id="vic"))
     before = await _snapshot(suite, world.b)
     company = await viewer.issues.GetCompany(
-        issues_pb2.GetCompanyRequest(company_id=world.b.company.id))
+        issues_pb2.GetCompanyRequest(company_id=world.b.company.id)
+    )
     assert company.id == world.b.company.id
     by_id = await viewer.issues.GetIssue(issues_pb2.GetIssueRequest(issue=world.b.issue.id))
     by_identifier = await viewer.issues.GetIssue(
-        issues_pb2.GetIssueRequest(issue=world.b.issue.identifier))
+        issues_pb2.GetIssueRequest(issue=world.b.issue.identifier)
+    )
     assert by_id.id == by_identifier.id == world.b.issue.id
     listed = await viewer.issues.ListIssues(
-        issues_pb2.ListIssuesRequest(company_id=world.b.company.id))
+        issues_pb2.ListIssuesRequest(company_id=world.b.company.id)
+    )
     assert [i.id for i in listed.issues] == [world.b.issue.id]
     comments = await viewer.issues.ListComments(
-        issues_pb2.ListCommentsRequest(issue_id=world.b.issue.id))
+        issues_pb2.ListCommentsRequest(issue_id=world.b.issue.id)
+    )
     assert [c.body for c in comments.comments] == ["hello"]
     activity = await viewer.issues.ListActivity(
-        issues_pb2.ListActivityRequest(company_id=world.b.company.id))
+        issues_pb2.ListActivityRequest(company_id=world.b.company.id)
+    )
     assert {"issue.created", "issue.comment_added"} <= {e.action for e in activity.entries}
     companies = await viewer.issues.ListCompanies(issues_pb2.ListCompaniesRequest())
     assert [c.id for c in companies.companies] == [world.b.company.id]
@@ -441,29 +489,39 @@ async def test_member_write_works(suite: Suite, world: World) -> None:
 async def test_agent_cannot_check_out_as_another_agent(suite: Suite, world: World) -> None:
     me = suite.clients(agent(world.a.agent_id, world.a.company.id, world.a.run_id))
     await _refused(
-        suite, world,
+        suite,
+        world,
         lambda: me.issues.CheckoutIssue(
-            issues_pb2.CheckoutIssueRequest(issue_id=world.a.issue.id,
-                                            agent_id=world.other_agent_id,
-                                            expected_statuses=[TODO])),
-        grpc.StatusCode.PERMISSION_DENIED, "AGENT_MISMATCH",
+            issues_pb2.CheckoutIssueRequest(
+                issue_id=world.a.issue.id, agent_id=world.other_agent_id, expected_statuses=[TODO]
+            )
+        ),
+        grpc.StatusCode.PERMISSION_DENIED,
+        "AGENT_MISMATCH",
     )
 
 
 AGENT_RUN_WRITES: dict[str, Call] = {
     "CheckoutIssue": lambda c, w: c.issues.CheckoutIssue(
-        issues_pb2.CheckoutIssueRequest(issue_id=w.a.issue.id, agent_id=w.a.agent_id,
-                                        expected_statuses=[TODO])),
+        issues_pb2.CheckoutIssueRequest(
+            issue_id=w.a.issue.id, agent_id=w.a.agent_id, expected_statuses=[TODO]
+        )
+    ),
     "CreateIssue": lambda c, w: c.issues.CreateIssue(
-        issues_pb2.CreateIssueRequest(company_id=w.a.company.id, title="no run")),
+        issues_pb2.CreateIssueRequest(company_id=w.a.company.id, title="no run")
+    ),
     "UpdateIssue": lambda c, w: c.issues.UpdateIssue(
         issues_pb2.UpdateIssueRequest(
             issue=issues_pb2.Issue(id=w.a.issue.id, title="changed"),
-            update_mask={"paths": ["title"]})),
+            update_mask=field_mask_pb2.FieldMask(paths=["title"]),
+        )
+    ),
     "AddComment": lambda c, w: c.issues.AddComment(
-        issues_pb2.AddCommentRequest(issue_id=w.a.issue.id, body="no run")),
+        issues_pb2.AddCommentRequest(issue_id=w.a.issue.id, body="no run")
+    ),
     "ReleaseIssue": lambda c, w: c.issues.ReleaseIssue(
-        issues_pb2.ReleaseIssueRequest(issue_id=w.a.issue.id)),
+        issues_pb2.ReleaseIssueRequest(issue_id=w.a.issue.id)
+    ),
 }
 
 
@@ -471,8 +529,11 @@ AGENT_RUN_WRITES: dict[str, Call] = {
 async def test_agent_without_run_is_refused(suite: Suite, world: World, rpc: str) -> None:
     runless = suite.clients(agent(world.a.agent_id, world.a.company.id, None))
     await _refused(
-        suite, world, lambda: AGENT_RUN_WRITES[rpc](runless, world),
-        grpc.StatusCode.UNAUTHENTICATED, "AGENT_RUN_REQUIRED",
+        suite,
+        world,
+        lambda: AGENT_RUN_WRITES[rpc](runless, world),
+        grpc.StatusCode.UNAUTHENTICATED,
+        "AGENT_RUN_REQUIRED",
     )
 
 
@@ -482,14 +543,19 @@ async def test_agent_without_run_is_refused(suite: Suite, world: World, rpc: str
 async def test_force_release_by_agent_requires_board(suite: Suite, world: World) -> None:
     me = suite.clients(agent(world.a.agent_id, world.a.company.id, world.a.run_id))
     held = await me.issues.CheckoutIssue(
-        issues_pb2.CheckoutIssueRequest(issue_id=world.a.issue.id, agent_id=world.a.agent_id,
-                                        expected_statuses=[TODO]))
+        issues_pb2.CheckoutIssueRequest(
+            issue_id=world.a.issue.id, agent_id=world.a.agent_id, expected_statuses=[TODO]
+        )
+    )
     assert held.checkout_run_id == world.a.run_id
     await _refused(
-        suite, world,
+        suite,
+        world,
         lambda: me.issues.ForceReleaseIssue(
-            issues_pb2.ForceReleaseIssueRequest(issue_id=world.a.issue.id, clear_assignee=True)),
-        grpc.StatusCode.PERMISSION_DENIED, "BOARD_REQUIRED",
+            issues_pb2.ForceReleaseIssueRequest(issue_id=world.a.issue.id, clear_assignee=True)
+        ),
+        grpc.StatusCode.PERMISSION_DENIED,
+        "BOARD_REQUIRED",
     )
 
 
@@ -499,31 +565,39 @@ async def test_create_company_requires_instance_admin(
 ) -> None:
     member = suite.clients(board(world.a.company.id, role, user_id="bob"))
     await _refused(
-        suite, world,
+        suite,
+        world,
         lambda: member.issues.CreateCompany(
-            issues_pb2.CreateCompanyRequest(name="Sneaky", issue_prefix="SNEAKY")),
-        grpc.StatusCode.PERMISSION_DENIED, "BOARD_REQUIRED",
+            issues_pb2.CreateCompanyRequest(name="Sneaky", issue_prefix="SNEAKY")
+        ),
+        grpc.StatusCode.PERMISSION_DENIED,
+        "BOARD_REQUIRED",
     )
 
 
 async def test_create_company_by_agent_requires_board(suite: Suite, world: World) -> None:
     me = suite.clients(agent(world.a.agent_id, world.a.company.id, world.a.run_id))
     await _refused(
-        suite, world,
+        suite,
+        world,
         lambda: me.issues.CreateCompany(
-            issues_pb2.CreateCompanyRequest(name="Sneaky", issue_prefix="SNEAKY")),
-        grpc.StatusCode.PERMISSION_DENIED, "BOARD_REQUIRED",
+            issues_pb2.CreateCompanyRequest(name="Sneaky", issue_prefix="SNEAKY")
+        ),
+        grpc.StatusCode.PERMISSION_DENIED,
+        "BOARD_REQUIRED",
     )
 
 
 async def test_interrupt_comment_by_agent_requires_board(suite: Suite, world: World) -> None:
     me = suite.clients(agent(world.a.agent_id, world.a.company.id, world.a.run_id))
     await _refused(
-        suite, world,
+        suite,
+        world,
         lambda: me.issues.AddComment(
-            issues_pb2.AddCommentRequest(issue_id=world.a.issue.id, body="stop",
-                                         interrupt=True)),
-        grpc.StatusCode.PERMISSION_DENIED, "BOARD_REQUIRED",
+            issues_pb2.AddCommentRequest(issue_id=world.a.issue.id, body="stop", interrupt=True)
+        ),
+        grpc.StatusCode.PERMISSION_DENIED,
+        "BOARD_REQUIRED",
     )
 
 
@@ -532,16 +606,23 @@ async def test_interrupt_comment_by_agent_requires_board(suite: Suite, world: Wo
 LOCK_CALLS: dict[str, Call] = {
     "AcquireExecutionLock": lambda c, w: c.locks.AcquireExecutionLock(
         issue_locks_pb2.AcquireExecutionLockRequest(
-            issue_id=w.a.issue.id, run_id=w.a.run_id, agent_id=w.a.agent_id)),
+            issue_id=w.a.issue.id, run_id=w.a.run_id, agent_id=w.a.agent_id
+        )
+    ),
     "TransferExecutionLock": lambda c, w: c.locks.TransferExecutionLock(
         issue_locks_pb2.TransferExecutionLockRequest(
-            issue_id=w.a.issue.id, from_run_id=w.a.run_id, to_run_id=w.a.run_id)),
+            issue_id=w.a.issue.id, from_run_id=w.a.run_id, to_run_id=w.a.run_id
+        )
+    ),
     "ReleaseRunLocks": lambda c, w: c.locks.ReleaseRunLocks(
-        issue_locks_pb2.ReleaseRunLocksRequest(run_id=w.a.run_id)),
+        issue_locks_pb2.ReleaseRunLocksRequest(run_id=w.a.run_id)
+    ),
     "ClearExecutionRunIfTerminal": lambda c, w: c.locks.ClearExecutionRunIfTerminal(
-        issue_locks_pb2.ClearExecutionRunIfTerminalRequest(issue_id=w.a.issue.id)),
+        issue_locks_pb2.ClearExecutionRunIfTerminalRequest(issue_id=w.a.issue.id)
+    ),
     "EscalateStrandedIssue": lambda c, w: c.locks.EscalateStrandedIssue(
-        issue_locks_pb2.EscalateStrandedIssueRequest(issue_id=w.a.issue.id, body="stuck")),
+        issue_locks_pb2.EscalateStrandedIssueRequest(issue_id=w.a.issue.id, body="stuck")
+    ),
 }
 
 
@@ -560,8 +641,11 @@ async def test_lock_service_requires_service_actor(
 ) -> None:
     clients = suite.clients(_lock_callers(world)[caller])
     await _refused(
-        suite, world, lambda: LOCK_CALLS[rpc](clients, world),
-        grpc.StatusCode.PERMISSION_DENIED, "SERVICE_REQUIRED",
+        suite,
+        world,
+        lambda: LOCK_CALLS[rpc](clients, world),
+        grpc.StatusCode.PERMISSION_DENIED,
+        "SERVICE_REQUIRED",
     )
 
 

@@ -17,7 +17,7 @@ import pytest
 from common.actor import Role
 from paperclip.issues.v1 import issue_locks_pb2
 from tests.harness import Clients, Suite, admin, expect_error, service, set_run_status
-from tests.issue_service.test_scenarios_locks import (
+from tests.issue_service.support import (
     World,
     assert_locks,
     audit,
@@ -32,16 +32,21 @@ def _locks(w: World) -> Any:
     return w.suite.clients(service()).locks
 
 
-async def _acquire(w: World, issue: str, run: str, agent_id: str,
-                   clients: Clients | None = None) -> Any:
+async def _acquire(
+    w: World, issue: str, run: str, agent_id: str, clients: Clients | None = None
+) -> Any:
     locks = clients.locks if clients else _locks(w)
-    return await locks.AcquireExecutionLock(issue_locks_pb2.AcquireExecutionLockRequest(
-        issue_id=issue, run_id=run, agent_id=agent_id))
+    return await locks.AcquireExecutionLock(
+        issue_locks_pb2.AcquireExecutionLockRequest(issue_id=issue, run_id=run, agent_id=agent_id)
+    )
 
 
 async def _transfer(w: World, issue: str, source: str, target: str) -> Any:
-    return await _locks(w).TransferExecutionLock(issue_locks_pb2.TransferExecutionLockRequest(
-        issue_id=issue, from_run_id=source, to_run_id=target))
+    return await _locks(w).TransferExecutionLock(
+        issue_locks_pb2.TransferExecutionLockRequest(
+            issue_id=issue, from_run_id=source, to_run_id=target
+        )
+    )
 
 
 async def _release_run(w: World, run: str) -> list[str]:
@@ -51,13 +56,15 @@ async def _release_run(w: World, run: str) -> list[str]:
 
 async def _clear(w: World, issue: str) -> bool:
     out = await _locks(w).ClearExecutionRunIfTerminal(
-        issue_locks_pb2.ClearExecutionRunIfTerminalRequest(issue_id=issue))
+        issue_locks_pb2.ClearExecutionRunIfTerminalRequest(issue_id=issue)
+    )
     return bool(out.cleared)
 
 
 async def _escalate(w: World, issue: str, body: str, key: str = "") -> Any:
-    return await _locks(w).EscalateStrandedIssue(issue_locks_pb2.EscalateStrandedIssueRequest(
-        issue_id=issue, body=body, idempotency_key=key))
+    return await _locks(w).EscalateStrandedIssue(
+        issue_locks_pb2.EscalateStrandedIssueRequest(issue_id=issue, body=body, idempotency_key=key)
+    )
 
 
 # ------------------------------------------------------------ AcquireExecutionLock
@@ -95,8 +102,9 @@ async def test_acquire_own_lock_again_changes_nothing(suite: Suite) -> None:
     assert len(await audit(w.db, issue, "issue.execution_lock_acquired")) == 1
 
 
-@pytest.mark.parametrize("holder_status", ["succeeded", "failed", "cancelled", "timed_out",
-                                           "missing"])
+@pytest.mark.parametrize(
+    "holder_status", ["succeeded", "failed", "cancelled", "timed_out", "missing"]
+)
 async def test_acquire_takes_over_lock_of_terminal_or_missing_run(
     suite: Suite, holder_status: str
 ) -> None:
@@ -129,8 +137,10 @@ async def test_acquire_refuses_while_a_live_run_holds_the_lock(
 
     error = await expect_error(_acquire(w, issue, cur, w.a))
 
-    assert (error.code, error.reason) == (grpc.StatusCode.FAILED_PRECONDITION,
-                                          "ISSUE_EXECUTION_LOCKED")
+    assert (error.code, error.reason) == (
+        grpc.StatusCode.FAILED_PRECONDITION,
+        "ISSUE_EXECUTION_LOCKED",
+    )
     assert (error.metadata["holder_run_id"], error.metadata["holder_live"]) == (holder, "true")
     assert await state(w.db, issue) == before
     assert await audit(w.db, issue, "issue.execution_lock_acquired") == []
@@ -221,8 +231,10 @@ async def test_transfer_refused_once_the_source_no_longer_holds(suite: Suite) ->
 
     for target_issue in (issue, unlocked):
         error = await expect_error(_transfer(w, target_issue, source, target))
-        assert (error.code, error.reason) == (grpc.StatusCode.FAILED_PRECONDITION,
-                                              "ISSUE_LOCK_NOT_HELD")
+        assert (error.code, error.reason) == (
+            grpc.StatusCode.FAILED_PRECONDITION,
+            "ISSUE_LOCK_NOT_HELD",
+        )
     assert await state(w.db, issue) == before
     assert_locks(await state(w.db, unlocked), None)
     assert await audit(w.db, issue, "issue.execution_lock_transferred") == []
@@ -240,8 +252,10 @@ async def test_release_run_locks_refuses_a_live_run(suite: Suite) -> None:
     for status in ("running", "queued"):
         await set_run_status(w.db, live, status)
         error = await expect_error(_release_run(w, live))
-        assert (error.code, error.reason) == (grpc.StatusCode.FAILED_PRECONDITION,
-                                              "RUN_NOT_TERMINAL")
+        assert (error.code, error.reason) == (
+            grpc.StatusCode.FAILED_PRECONDITION,
+            "RUN_NOT_TERMINAL",
+        )
         assert error.metadata["run_status"] == status
 
     assert await state(w.db, issue) == before
@@ -257,8 +271,7 @@ async def test_release_run_locks_clears_only_that_runs_locks_and_repeats_empty(
     both = await w.issue(status="in_progress", assignee=w.a, checkout=run, execution=run)
     checkout_only = await w.issue(status="in_progress", assignee=w.a, checkout=run)
     mixed = await w.issue(status="in_progress", assignee=w.b, checkout=other, execution=run)
-    untouched = await w.issue(status="in_progress", assignee=w.b, checkout=other,
-                              execution=other)
+    untouched = await w.issue(status="in_progress", assignee=w.b, checkout=other, execution=other)
     untouched_before = await state(w.db, untouched)
     await set_run_status(w.db, run, "failed")
 
@@ -313,8 +326,9 @@ async def test_s29_clear_execution_run_of_cancelled_run_clears_shared_checkout(
 ) -> None:
     w = await make_world(suite)
     cancelled = await w.run(w.a, "cancelled")
-    issue = await w.issue(status="in_progress", assignee=w.a, checkout=cancelled,
-                          execution=cancelled)
+    issue = await w.issue(
+        status="in_progress", assignee=w.a, checkout=cancelled, execution=cancelled
+    )
 
     assert await _clear(w, issue) is True
 
@@ -371,7 +385,9 @@ async def test_escalate_blocks_issue_with_one_system_comment_on_repeat(suite: Su
     [updated] = await audit(w.db, issue, "issue.updated")
     assert (updated["actor_type"], updated["actor_id"]) == ("system", "system")
     assert (updated["details"]["status"], updated["details"]["source"]) == (
-        "blocked", "stranded_issue")
+        "blocked",
+        "stranded_issue",
+    )
     assert updated["details"]["_previous"] == {"status": "in_progress"}
     [wake] = await events(w.db, issue, "issue.status_changed")
     assert wake["target_agent_id"] == w.a
@@ -404,18 +420,24 @@ async def test_escalate_key_makes_a_repeat_with_other_text_a_no_op(suite: Suite)
 
 _RPCS: dict[str, Callable[[Clients, str, str, str], Awaitable[Any]]] = {
     "AcquireExecutionLock": lambda c, issue, run, agent_id: c.locks.AcquireExecutionLock(
-        issue_locks_pb2.AcquireExecutionLockRequest(issue_id=issue, run_id=run,
-                                                    agent_id=agent_id)),
+        issue_locks_pb2.AcquireExecutionLockRequest(issue_id=issue, run_id=run, agent_id=agent_id)
+    ),
     "TransferExecutionLock": lambda c, issue, run, agent_id: c.locks.TransferExecutionLock(
-        issue_locks_pb2.TransferExecutionLockRequest(issue_id=issue, from_run_id=run,
-                                                     to_run_id=str(uuid.uuid4()))),
+        issue_locks_pb2.TransferExecutionLockRequest(
+            issue_id=issue, from_run_id=run, to_run_id=str(uuid.uuid4())
+        )
+    ),
     "ReleaseRunLocks": lambda c, issue, run, agent_id: c.locks.ReleaseRunLocks(
-        issue_locks_pb2.ReleaseRunLocksRequest(run_id=run)),
-    "ClearExecutionRunIfTerminal": lambda c, issue, run, agent_id:
+        issue_locks_pb2.ReleaseRunLocksRequest(run_id=run)
+    ),
+    "ClearExecutionRunIfTerminal": lambda c, issue, run, agent_id: (
         c.locks.ClearExecutionRunIfTerminal(
-            issue_locks_pb2.ClearExecutionRunIfTerminalRequest(issue_id=issue)),
+            issue_locks_pb2.ClearExecutionRunIfTerminalRequest(issue_id=issue)
+        )
+    ),
     "EscalateStrandedIssue": lambda c, issue, run, agent_id: c.locks.EscalateStrandedIssue(
-        issue_locks_pb2.EscalateStrandedIssueRequest(issue_id=issue, body="stranded")),
+        issue_locks_pb2.EscalateStrandedIssueRequest(issue_id=issue, body="stranded")
+    ),
 }
 
 
@@ -435,8 +457,7 @@ async def test_every_lock_rpc_refuses_non_service_callers(suite: Suite, rpc: str
 
     for caller in callers:
         error = await expect_error(_RPCS[rpc](caller, issue, failed, w.a))
-        assert (error.code, error.reason) == (grpc.StatusCode.PERMISSION_DENIED,
-                                              "SERVICE_REQUIRED")
+        assert (error.code, error.reason) == (grpc.StatusCode.PERMISSION_DENIED, "SERVICE_REQUIRED")
 
     assert await state(w.db, issue) == before
     assert await comment_count(w.db, issue) == 0

@@ -63,7 +63,8 @@ async def _audit_count(suite: Suite, issue_id: str, action: str) -> int:
             suite.db,
             "SELECT count(*) FROM audit.activity_log WHERE entity_type = 'issue' "
             "AND entity_id = :id AND action = :action",
-            id=issue_id, action=action,
+            id=issue_id,
+            action=action,
         )
     )
 
@@ -71,27 +72,35 @@ async def _audit_count(suite: Suite, issue_id: str, action: str) -> int:
 async def _issue_row(suite: Suite, issue_id: str) -> dict[str, Any]:
     async with suite.db.transaction() as conn:
         row = (
-            await conn.execute(
-                text(
-                    "SELECT status, assignee_agent_id, checkout_run_id, execution_run_id "
-                    "FROM issues.issues WHERE id = :id"
-                ),
-                {"id": issue_id},
+            (
+                await conn.execute(
+                    text(
+                        "SELECT status, assignee_agent_id, checkout_run_id, execution_run_id "
+                        "FROM issues.issues WHERE id = :id"
+                    ),
+                    {"id": issue_id},
+                )
             )
-        ).mappings().one()
+            .mappings()
+            .one()
+        )
     return {k: (None if v is None else str(v)) for k, v in row.items()}
 
 
 async def _new_agents(board: Clients, company_id: str, count: int) -> list[agents_pb2.Agent]:
     return list(
         await asyncio.gather(
-            *(new_agent(board, company_id, f"racer-{i}-{uuid.uuid4().hex[:6]}")
-              for i in range(count))
+            *(
+                new_agent(board, company_id, f"racer-{i}-{uuid.uuid4().hex[:6]}")
+                for i in range(count)
+            )
         )
     )
 
 
-def _checkout(me: Clients, issue_id: str, agent_id: str, *statuses: int) -> Any:
+def _checkout(
+    me: Clients, issue_id: str, agent_id: str, *statuses: issues_pb2.IssueStatus.ValueType
+) -> Any:
     return me.issues.CheckoutIssue(
         issues_pb2.CheckoutIssueRequest(
             issue_id=issue_id, agent_id=agent_id, expected_statuses=list(statuses or (TODO,))
@@ -243,7 +252,8 @@ async def test_concurrent_creates_with_one_request_id_create_once(suite: Suite) 
     rows = await fetch_value(
         suite.db,
         "SELECT count(*) FROM issues.issues WHERE company_id = :c AND create_request_id = :r",
-        c=company.id, r=request_id,
+        c=company.id,
+        r=request_id,
     )
     assert rows == 1
     assert await _audit_count(suite, created.id, "issue.created") == 1

@@ -28,12 +28,15 @@ which needs an explicit ``reopen`` (newest (v) behaviour); the interrupt writes 
 
 from __future__ import annotations
 
+from collections.abc import Awaitable
+from typing import Any
+
 import grpc
 import pytest
 
 from paperclip.issues.v1 import issues_pb2
 from tests.harness import Suite, expect_error
-from tests.issue_service.test_scenarios_locks import (
+from tests.issue_service.support import (
     assert_locks,
     audit,
     comment,
@@ -79,18 +82,24 @@ async def test_s31_board_explicit_reopen_of_closed_issue(suite: Suite, closed: s
 
     row = await state(w.db, issue)
     assert (row["status"], row["assignee_agent_id"], row["assignee_user_id"]) == (
-        "todo", None, "someone")
+        "todo",
+        None,
+        "someone",
+    )
     assert row["completed_at"] is None and row["cancelled_at"] is None
     assert_locks(row, None)
     [updated] = await audit(w.db, issue, "issue.updated")
     assert (updated["actor_type"], updated["actor_id"]) == ("user", "board-user")
     details = updated["details"]
-    assert (details["status"], details["reopened"], details["reopenedFrom"],
-            details["source"]) == ("todo", True, closed, "comment")
+    assert (details["status"], details["reopened"], details["reopenedFrom"], details["source"]) == (
+        "todo",
+        True,
+        closed,
+        "comment",
+    )
     assert details["_previous"] == {"status": closed}
     [added] = await audit(w.db, issue, "issue.comment_added")
-    assert (added["details"]["commentId"], added["details"]["reopenedFrom"]) == (
-        made.id, closed)
+    assert (added["details"]["commentId"], added["details"]["reopenedFrom"]) == (made.id, closed)
     assert await events(w.db, issue) == []  # no agent to wake
 
 
@@ -107,8 +116,13 @@ async def test_s32_board_comment_reopens_done_issue_of_an_agent(suite: Suite) ->
     assert (updated["details"]["reopened"], updated["details"]["reopenedFrom"]) == (True, "done")
     [wake] = await events(w.db, issue)
     assert (wake["type"], wake["target_agent_id"]) == ("issue.reopened", w.a)
-    assert wake["payload"] == {"issueId": issue, "commentId": made.id, "reopenedFrom": "done",
-                               "mutation": "comment", "resumeIntent": False}
+    assert wake["payload"] == {
+        "issueId": issue,
+        "commentId": made.id,
+        "reopenedFrom": "done",
+        "mutation": "comment",
+        "resumeIntent": False,
+    }
 
 
 async def test_s32_board_comment_does_not_implicitly_reopen_cancelled_issue(
@@ -138,8 +152,11 @@ async def test_s33_board_comment_reopens_blocked_issue_with_wake_payload(
     assert_locks(row, None)
     [wake] = await events(w.db, issue, "issue.reopened")
     assert wake["target_agent_id"] == w.a
-    assert (wake["payload"]["commentId"], wake["payload"]["reopenedFrom"],
-            wake["payload"]["mutation"]) == (made.id, "blocked", "comment")
+    assert (
+        wake["payload"]["commentId"],
+        wake["payload"]["reopenedFrom"],
+        wake["payload"]["mutation"],
+    ) == (made.id, "blocked", "comment")
     assert await events(w.db, issue, "issue.commented") == []
 
 
@@ -181,8 +198,12 @@ async def test_s36_board_comment_from_the_holding_run_does_not_reopen(
 ) -> None:
     w = await make_world(suite)
     cli_run = await w.run(w.a)  # a local CLI agent using board auth
-    locks = {held_by: cli_run}
-    issue = await w.issue(status="done", assignee=w.a, **locks)
+    issue = await w.issue(
+        status="done",
+        assignee=w.a,
+        checkout=cli_run if held_by == "checkout" else None,
+        execution=cli_run if held_by == "execution" else None,
+    )
     before = await state(w.db, issue)
 
     made = await comment(w.as_board(run_id=cli_run), issue, "done for real")
@@ -233,8 +254,7 @@ async def test_s38_non_assignee_agent_cannot_reopen_or_resume(suite: Suite, flag
     issue = await w.issue(status="done", assignee=w.a)
     before = await state(w.db, issue)
 
-    error = await expect_error(comment(w.as_agent(w.c, run_c), issue, "reopening",
-                                       **{flag: True}))
+    error = await expect_error(comment(w.as_agent(w.c, run_c), issue, "reopening", **{flag: True}))
 
     assert (error.code, error.reason) == (grpc.StatusCode.PERMISSION_DENIED, "AGENT_MISMATCH")
     assert await state(w.db, issue) == before
@@ -276,8 +296,11 @@ async def test_s42_board_interrupt_asks_run_service_to_cancel_execution_run(
     # service finalizes the cancelled run.
     assert await state(w.db, issue) == before
     [entry] = await audit(w.db, issue, "issue.interrupt_requested")
-    assert entry["details"] == {"runId": run_1, "commentId": made.id,
-                                "source": "issue_comment_interrupt"}
+    assert entry["details"] == {
+        "runId": run_1,
+        "commentId": made.id,
+        "source": "issue_comment_interrupt",
+    }
     [interrupt] = await events(w.db, issue, "issue.interrupt_requested")
     assert interrupt["target_agent_id"] == w.a
     assert interrupt["payload"] == {"runId": run_1, "commentId": made.id}
@@ -329,7 +352,10 @@ async def test_s43_assignee_resume_reopens_done_issue_with_resume_intent(
     assert (updated["details"]["reopened"], updated["details"]["reopenedFrom"]) == (True, "done")
     [wake] = await events(w.db, issue)
     assert (wake["type"], wake["target_agent_id"], wake["actor_run_id"]) == (
-        "issue.reopened", w.a, cur)
+        "issue.reopened",
+        w.a,
+        cur,
+    )
     assert wake["payload"]["resumeIntent"] is True
     assert wake["payload"]["commentId"] == made.id
 
@@ -347,10 +373,14 @@ async def test_s43_resume_refused_on_cancelled_or_blocked_by_open_blocker(
     on_cancelled = await expect_error(comment(me, cancelled, "resume", resume=True))
     on_blocked = await expect_error(comment(me, blocked, "resume", resume=True))
 
-    assert (on_cancelled.code, on_cancelled.reason) == (grpc.StatusCode.FAILED_PRECONDITION,
-                                                        "ISSUE_CANCELLED")
-    assert (on_blocked.code, on_blocked.reason) == (grpc.StatusCode.FAILED_PRECONDITION,
-                                                    "ISSUE_BLOCKED")
+    assert (on_cancelled.code, on_cancelled.reason) == (
+        grpc.StatusCode.FAILED_PRECONDITION,
+        "ISSUE_CANCELLED",
+    )
+    assert (on_blocked.code, on_blocked.reason) == (
+        grpc.StatusCode.FAILED_PRECONDITION,
+        "ISSUE_BLOCKED",
+    )
     assert (await state(w.db, cancelled))["status"] == "cancelled"
     assert (await state(w.db, blocked))["status"] == "blocked"
     for issue in (cancelled, blocked):
@@ -368,7 +398,10 @@ async def test_s44_agent_comments_wake_the_other_assignee_only(suite: Suite) -> 
     await comment(a, issue_b, "A on B's issue")
     [wake_b] = await events(w.db, issue_b)
     assert (wake_b["type"], wake_b["target_agent_id"], wake_b["actor_agent_id"]) == (
-        "issue.commented", w.b, w.a)
+        "issue.commented",
+        w.b,
+        w.a,
+    )
 
     await comment(b, issue_b, "B on its own issue")
     assert len(await events(w.db, issue_b)) == 1
@@ -376,7 +409,10 @@ async def test_s44_agent_comments_wake_the_other_assignee_only(suite: Suite) -> 
     await comment(b, issue_a, "B on A's issue")
     [wake_a] = await events(w.db, issue_a)
     assert (wake_a["type"], wake_a["target_agent_id"], wake_a["actor_run_id"]) == (
-        "issue.commented", w.a, run_b)
+        "issue.commented",
+        w.a,
+        run_b,
+    )
     for issue, assignee in ((issue_a, w.a), (issue_b, w.b)):
         row = await state(w.db, issue)
         assert (row["status"], row["assignee_agent_id"]) == ("todo", assignee)
@@ -387,8 +423,10 @@ async def test_s44_mentions_wake_each_agent_once_and_never_the_author(suite: Sui
     w = await make_world(suite)
     run_b = await w.run(w.b)
     issue = await w.issue(status="todo", assignee=w.a)
-    body = (f"@{w.names[w.a]} please pair with agent://{w.c}; "
-            f"cc @{w.names[w.b].upper()} and @{w.names[w.c]}")
+    body = (
+        f"@{w.names[w.a]} please pair with agent://{w.c}; "
+        f"cc @{w.names[w.b].upper()} and @{w.names[w.c]}"
+    )
 
     await comment(w.as_agent(w.b, run_b), issue, body)
 
@@ -404,20 +442,23 @@ async def test_s45_agent_writes_without_a_run_are_unauthenticated(suite: Suite) 
     no_run = w.as_agent(w.a, None)
     before = await state(w.db, issue)
 
-    calls = [
+    calls: list[Awaitable[Any]] = [
         comment(no_run, issue, "hello"),
         comment(no_run, unassigned, "hello"),
         update(no_run, issue, title="x"),
         no_run.issues.ReleaseIssue(issues_pb2.ReleaseIssueRequest(issue_id=issue)),
-        no_run.issues.CheckoutIssue(issues_pb2.CheckoutIssueRequest(
-            issue_id=issue, agent_id=w.a, expected_statuses=[issues_pb2.ISSUE_STATUS_TODO])),
-        no_run.issues.CreateIssue(issues_pb2.CreateIssueRequest(
-            company_id=w.company_id, title="new")),
+        no_run.issues.CheckoutIssue(
+            issues_pb2.CheckoutIssueRequest(
+                issue_id=issue, agent_id=w.a, expected_statuses=[issues_pb2.ISSUE_STATUS_TODO]
+            )
+        ),
+        no_run.issues.CreateIssue(
+            issues_pb2.CreateIssueRequest(company_id=w.company_id, title="new")
+        ),
     ]
     for call in calls:
         error = await expect_error(call)
-        assert (error.code, error.reason) == (grpc.StatusCode.UNAUTHENTICATED,
-                                              "AGENT_RUN_REQUIRED")
+        assert (error.code, error.reason) == (grpc.StatusCode.UNAUTHENTICATED, "AGENT_RUN_REQUIRED")
     assert await state(w.db, issue) == before
     for target in (issue, unassigned):
         assert await comment_count(w.db, target) == 0

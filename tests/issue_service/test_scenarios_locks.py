@@ -28,204 +28,26 @@ FAILED_PRECONDITION with machine-readable metadata (user-asks 3), and checkout s
 from __future__ import annotations
 
 import uuid
-from dataclasses import dataclass, field
-from typing import Any
 
 import grpc
 import pytest
-from google.protobuf import field_mask_pb2
-from sqlalchemy import text
 
 from common.actor import Actor, ActorType, Role
-from issue_service.model import Status
 from paperclip.issues.v1 import issues_pb2
-from tests.harness import (
-    Clients,
-    Suite,
-    admin,
-    agent,
-    board,
-    expect_error,
-    insert_run,
-    new_agent,
-    new_company,
+from tests.harness import Suite, expect_error
+from tests.issue_service.support import (
+    assert_locks,
+    audit,
+    checkout,
+    comment,
+    events,
+    force_release,
+    make_world,
+    pb_status,
+    release,
+    state,
+    update,
 )
-
-# --------------------------------------------------------------------------- helpers
-# Shared by test_scenarios_comments.py and test_lock_service.py.
-
-
-def pb_status(name: str) -> issues_pb2.IssueStatus.ValueType:
-    """The proto enum value of a status name such as ``in_progress``."""
-    return Status(name).to_proto()
-
-
-@dataclass
-class World:
-    """One fresh company with three agents (a, b, c) and a board admin client."""
-
-    suite: Suite
-    board: Clients
-    company_id: str
-    a: str
-    b: str
-    c: str
-    names: dict[str, str] = field(default_factory=dict)
-
-    @property
-    def db(self) -> Any:
-        return self.suite.db
-
-    def as_agent(self, agent_id: str, run_id: str | None) -> Clients:
-        return self.suite.clients(agent(agent_id, self.company_id, run_id))
-
-    def as_board(self, role: Role = Role.ADMIN, *, run_id: str | None = None) -> Clients:
-        if run_id is None:
-            return self.suite.clients(board(self.company_id, role))
-        return self.suite.clients(Actor(
-            type=ActorType.BOARD, user_id="board-user", run_id=run_id,
-            memberships={self.company_id: role},
-        ))
-
-    async def run(self, agent_id: str, status: str = "running") -> str:
-        return await insert_run(self.db, company_id=self.company_id, agent_id=agent_id,
-                                status=status)
-
-    async def issue(
-        self,
-        *,
-        status: str = "todo",
-        assignee: str | None = None,
-        user_assignee: str | None = None,
-        checkout: str | None = None,
-        execution: str | None = None,
-        title: str = "Work",
-        blocked_by: tuple[str, ...] = (),
-    ) -> str:
-        """An issue in exactly this state; the execution lock is a minute old."""
-        created = await self.board.issues.CreateIssue(issues_pb2.CreateIssueRequest(
-            company_id=self.company_id, title=title, blocked_by_issue_ids=list(blocked_by)))
-        async with self.db.transaction() as conn:
-            await conn.execute(text(
-                """
-                UPDATE issues.issues SET status = :status, assignee_agent_id = :assignee,
-                    assignee_user_id = :user, checkout_run_id = :checkout,
-                    execution_run_id = :execution,
-                    execution_locked_at = CASE WHEN CAST(:execution AS uuid) IS NULL THEN NULL
-                                               ELSE now() - interval '1 minute' END,
-                    execution_agent_name_key = (
-                        SELECT a.name_key FROM runs.heartbeat_runs r
-                        JOIN runs.agents a ON a.id = r.agent_id
-                        WHERE r.id = CAST(:execution AS uuid)),
-                    started_at = CASE WHEN :status = 'in_progress' THEN now() END,
-                    completed_at = CASE WHEN :status = 'done' THEN now() END,
-                    cancelled_at = CASE WHEN :status = 'cancelled' THEN now() END
-                WHERE id = :id
-                """), {"id": created.id, "status": status, "assignee": assignee,
-                       "user": user_assignee, "checkout": checkout, "execution": execution})
-        return created.id
-
-
-async def make_world(suite: Suite) -> World:
-    board_clients = suite.clients(admin())
-    company = await new_company(board_clients)
-    names: dict[str, str] = {}
-    ids: list[str] = []
-    for letter in "abc":
-        bot = await new_agent(board_clients, company.id,
-                              name=f"{letter}-{uuid.uuid4().hex[:8]}")
-        names[bot.id] = bot.name.lower()
-        ids.append(bot.id)
-    return World(suite, board_clients, company.id, ids[0], ids[1], ids[2], names)
-
-
-async def _rows(db: Any, sql: str, **params: Any) -> list[dict[str, Any]]:
-    async with db.transaction() as conn:
-        result = await conn.execute(text(sql), params)
-        return [dict(r) for r in result.mappings()]
-
-
-async def state(db: Any, issue_id: str) -> dict[str, Any]:
-    """The issue row's ownership columns (ids as strings)."""
-    rows = await _rows(db, """
-        SELECT status, title, assignee_agent_id::text AS assignee_agent_id, assignee_user_id,
-               checkout_run_id::text AS checkout_run_id,
-               execution_run_id::text AS execution_run_id, execution_locked_at,
-               execution_agent_name_key, started_at, completed_at, cancelled_at
-        FROM issues.issues WHERE id = :id""", id=issue_id)
-    return rows[0]
-
-
-async def audit(db: Any, issue_id: str, action: str | None = None) -> list[dict[str, Any]]:
-    """Audit rows about the issue (optionally one action), oldest first."""
-    return await _rows(db, """
-        SELECT action, actor_type, actor_id, agent_id::text AS agent_id,
-               run_id::text AS run_id, details
-        FROM audit.activity_log
-        WHERE entity_type = 'issue' AND entity_id = :id
-          AND (CAST(:action AS text) IS NULL OR action = :action)
-        ORDER BY id""", id=issue_id, action=action)
-
-
-async def events(db: Any, issue_id: str, type_: str | None = None) -> list[dict[str, Any]]:
-    """Outbox rows (wakes and run-service requests) of the issue, oldest first."""
-    return await _rows(db, """
-        SELECT type, actor_type, actor_id, actor_agent_id::text AS actor_agent_id,
-               actor_run_id::text AS actor_run_id, target_agent_id::text AS target_agent_id,
-               payload
-        FROM issues.issue_events
-        WHERE issue_id = :id AND (CAST(:type AS text) IS NULL OR type = :type)
-        ORDER BY id""", id=issue_id, type=type_)
-
-
-async def comment_count(db: Any, issue_id: str) -> int:
-    rows = await _rows(db, "SELECT count(*) AS n FROM issues.issue_comments "
-                           "WHERE issue_id = :id", id=issue_id)
-    return int(rows[0]["n"])
-
-
-def assert_locks(row: dict[str, Any], run_id: str | None) -> None:
-    """Checkout and execution are both ``run_id`` (None: all lock columns cleared)."""
-    assert row["checkout_run_id"] == run_id
-    assert row["execution_run_id"] == run_id
-    if run_id is None:
-        assert row["execution_locked_at"] is None
-        assert row["execution_agent_name_key"] is None
-    else:
-        assert row["execution_locked_at"] is not None
-
-
-async def update(clients: Clients, issue_id: str, **fields: Any) -> issues_pb2.Issue:
-    """UpdateIssue with a mask of exactly the given fields."""
-    return await clients.issues.UpdateIssue(issues_pb2.UpdateIssueRequest(
-        issue=issues_pb2.Issue(id=issue_id, **fields),
-        update_mask=field_mask_pb2.FieldMask(paths=list(fields))))
-
-
-async def checkout(
-    clients: Clients, issue_id: str, agent_id: str, *statuses: str
-) -> issues_pb2.Issue:
-    return await clients.issues.CheckoutIssue(issues_pb2.CheckoutIssueRequest(
-        issue_id=issue_id, agent_id=agent_id,
-        expected_statuses=[pb_status(s) for s in statuses]))
-
-
-async def release(clients: Clients, issue_id: str) -> issues_pb2.Issue:
-    return await clients.issues.ReleaseIssue(issues_pb2.ReleaseIssueRequest(issue_id=issue_id))
-
-
-async def force_release(
-    clients: Clients, issue_id: str, *, clear_assignee: bool = False
-) -> issues_pb2.ForceReleaseIssueResponse:
-    return await clients.issues.ForceReleaseIssue(issues_pb2.ForceReleaseIssueRequest(
-        issue_id=issue_id, clear_assignee=clear_assignee))
-
-
-async def comment(clients: Clients, issue_id: str, body: str = "note",
-                  **flags: bool) -> issues_pb2.Comment:
-    return await clients.issues.AddComment(issues_pb2.AddCommentRequest(
-        issue_id=issue_id, body=body, **flags))
-
 
 # ------------------------------------------------------------------ scenarios 1-13
 
@@ -242,7 +64,10 @@ async def test_s01_patch_by_assignee_adopts_lock_of_failed_execution_run(suite: 
     assert out.checkout_run_id == cur == out.execution_run_id
     row = await state(w.db, issue)
     assert (row["status"], row["assignee_agent_id"], row["title"]) == (
-        "in_progress", w.a, "Renamed")
+        "in_progress",
+        w.a,
+        "Renamed",
+    )
     assert_locks(row, cur)
     assert row["execution_agent_name_key"] == w.names[w.a]
     # The checkout was empty: an unowned adoption, not a stale takeover.
@@ -266,8 +91,7 @@ async def test_s02_assignee_releases_issue_locked_by_its_failed_run(suite: Suite
     assert (row["status"], row["assignee_agent_id"]) == ("todo", None)
     assert_locks(row, None)
     [released] = await audit(w.db, issue, "issue.released")
-    assert (released["actor_type"], released["agent_id"], released["run_id"]) == (
-        "agent", w.a, cur)
+    assert (released["actor_type"], released["agent_id"], released["run_id"]) == ("agent", w.a, cur)
     assert released["details"] == {}
     [event] = await events(w.db, issue, "issue.released")
     assert event["payload"]["previousAssigneeAgentId"] == w.a
@@ -280,17 +104,19 @@ async def test_s03_force_release_refuses_agents_and_outsiders(suite: Suite) -> N
     issue = await w.issue(status="in_progress", assignee=w.a, checkout=cur, execution=failed)
     before = await state(w.db, issue)
 
-    by_agent = await expect_error(force_release(w.as_agent(w.a, cur), issue,
-                                                clear_assignee=True))
-    assert (by_agent.code, by_agent.reason) == (grpc.StatusCode.PERMISSION_DENIED,
-                                                "BOARD_REQUIRED")
+    by_agent = await expect_error(force_release(w.as_agent(w.a, cur), issue, clear_assignee=True))
+    assert (by_agent.code, by_agent.reason) == (grpc.StatusCode.PERMISSION_DENIED, "BOARD_REQUIRED")
     outsider = suite.clients(Actor(type=ActorType.BOARD, user_id="outsider"))
     no_company = await expect_error(force_release(outsider, issue, clear_assignee=True))
-    assert (no_company.code, no_company.reason) == (grpc.StatusCode.PERMISSION_DENIED,
-                                                    "COMPANY_ACCESS_DENIED")
+    assert (no_company.code, no_company.reason) == (
+        grpc.StatusCode.PERMISSION_DENIED,
+        "COMPANY_ACCESS_DENIED",
+    )
     viewer = await expect_error(force_release(w.as_board(Role.VIEWER), issue))
-    assert (viewer.code, viewer.reason) == (grpc.StatusCode.PERMISSION_DENIED,
-                                            "COMPANY_ACCESS_DENIED")
+    assert (viewer.code, viewer.reason) == (
+        grpc.StatusCode.PERMISSION_DENIED,
+        "COMPANY_ACCESS_DENIED",
+    )
 
     assert await state(w.db, issue) == before
     assert await audit(w.db, issue, "issue.admin_force_release") == []
@@ -319,12 +145,18 @@ async def test_s03_board_force_release_with_clear_assignee_audits_previous_locks
     [entry] = await audit(w.db, issue, "issue.admin_force_release")
     assert (entry["actor_type"], entry["actor_id"]) == ("user", "board-user")
     assert entry["details"] == {
-        "issueId": issue, "actorUserId": "board-user", "prevCheckoutRunId": cur,
-        "prevExecutionRunId": failed, "clearAssignee": True,
+        "issueId": issue,
+        "actorUserId": "board-user",
+        "prevCheckoutRunId": cur,
+        "prevExecutionRunId": failed,
+        "clearAssignee": True,
     }
     [event] = await events(w.db, issue, "issue.force_released")
-    assert event["payload"] == {"previousCheckoutRunId": cur, "previousExecutionRunId": failed,
-                                "clearAssignee": True}
+    assert event["payload"] == {
+        "previousCheckoutRunId": cur,
+        "previousExecutionRunId": failed,
+        "clearAssignee": True,
+    }
 
 
 async def test_s04_force_release_of_live_holder_asks_run_service_to_cancel_it(
@@ -350,9 +182,7 @@ async def test_s04_force_release_of_live_holder_asks_run_service_to_cancel_it(
 
 
 @pytest.mark.parametrize("status", ["done", "cancelled", "in_review", "blocked"])
-async def test_s05_release_keeps_a_status_other_than_in_progress(
-    suite: Suite, status: str
-) -> None:
+async def test_s05_release_keeps_a_status_other_than_in_progress(suite: Suite, status: str) -> None:
     w = await make_world(suite)
     cur = await w.run(w.a)
     issue = await w.issue(status=status, assignee=w.a, checkout=cur, execution=cur)
@@ -372,8 +202,9 @@ async def test_s09_patch_adopts_checkout_of_timed_out_run_and_audits_takeover(
     w = await make_world(suite)
     timed_out = await w.run(w.a, "timed_out")
     cur = await w.run(w.a)
-    issue = await w.issue(status="in_progress", assignee=w.a, checkout=timed_out,
-                          execution=timed_out)
+    issue = await w.issue(
+        status="in_progress", assignee=w.a, checkout=timed_out, execution=timed_out
+    )
 
     out = await update(w.as_agent(w.a, cur), issue, description="progress")
 
@@ -383,8 +214,11 @@ async def test_s09_patch_adopts_checkout_of_timed_out_run_and_audits_takeover(
     assert_locks(row, cur)
     assert row["execution_agent_name_key"] == w.names[w.a]
     [adopted] = await audit(w.db, issue, "issue.checkout_lock_adopted")
-    assert adopted["details"] == {"previousCheckoutRunId": timed_out, "checkoutRunId": cur,
-                                  "reason": "stale_checkout_run"}
+    assert adopted["details"] == {
+        "previousCheckoutRunId": timed_out,
+        "checkoutRunId": cur,
+        "reason": "stale_checkout_run",
+    }
     assert adopted["run_id"] == cur
 
 
@@ -414,8 +248,10 @@ async def test_s11_patch_under_another_run_than_live_holder_is_ownership_conflic
 
     error = await expect_error(update(w.as_agent(w.a, other), issue, title="Mine now"))
 
-    assert (error.code, error.reason) == (grpc.StatusCode.FAILED_PRECONDITION,
-                                          "ISSUE_OWNERSHIP_CONFLICT")
+    assert (error.code, error.reason) == (
+        grpc.StatusCode.FAILED_PRECONDITION,
+        "ISSUE_OWNERSHIP_CONFLICT",
+    )
     assert error.metadata["checkout_run_id"] == live
     assert error.metadata["execution_run_id"] == live
     assert error.metadata["holder_live"] == "true"
@@ -436,8 +272,10 @@ async def test_s11_stale_checkout_does_not_hand_over_a_live_execution_run(
 
     error = await expect_error(update(w.as_agent(w.a, cur), issue, title="Mine now"))
 
-    assert (error.code, error.reason) == (grpc.StatusCode.FAILED_PRECONDITION,
-                                          "ISSUE_OWNERSHIP_CONFLICT")
+    assert (error.code, error.reason) == (
+        grpc.StatusCode.FAILED_PRECONDITION,
+        "ISSUE_OWNERSHIP_CONFLICT",
+    )
     assert error.metadata["execution_run_id"] == live
     assert await state(w.db, issue) == before
     assert await audit(w.db, issue, "issue.updated") == []
@@ -453,18 +291,25 @@ async def test_s11_gate_refuses_writes_to_another_agents_issue(suite: Suite) -> 
     b = w.as_agent(w.b, cur_b)
 
     in_progress = await expect_error(update(b, held, title="x"))
-    assert (in_progress.code, in_progress.reason) == (grpc.StatusCode.FAILED_PRECONDITION,
-                                                      "ISSUE_OWNERSHIP_CONFLICT")
+    assert (in_progress.code, in_progress.reason) == (
+        grpc.StatusCode.FAILED_PRECONDITION,
+        "ISSUE_OWNERSHIP_CONFLICT",
+    )
     assert in_progress.metadata["assignee_agent_id"] == w.a
     assert in_progress.metadata["actor_agent_id"] == w.b
     not_started = await expect_error(update(b, todo, title="x"))
-    assert (not_started.code, not_started.reason) == (grpc.StatusCode.PERMISSION_DENIED,
-                                                      "AGENT_MISMATCH")
+    assert (not_started.code, not_started.reason) == (
+        grpc.StatusCode.PERMISSION_DENIED,
+        "AGENT_MISMATCH",
+    )
     held_row, todo_row = await state(w.db, held), await state(w.db, todo)
     assert (held_row["title"], held_row["assignee_agent_id"]) == ("Work", w.a)
     assert_locks(held_row, live)
     assert (todo_row["title"], todo_row["status"], todo_row["assignee_agent_id"]) == (
-        "Work", "todo", w.a)
+        "Work",
+        "todo",
+        w.a,
+    )
     assert_locks(todo_row, None)
 
 
@@ -475,16 +320,31 @@ async def test_s12_second_live_run_of_assignee_gets_checkout_conflict(suite: Sui
     issue = await w.issue(status="in_progress", assignee=w.a, checkout=cur, execution=cur)
     before = await state(w.db, issue)
 
-    error = await expect_error(checkout(w.as_agent(w.a, second), issue, w.a,
-                                        "todo", "backlog", "blocked", "in_review"))
+    error = await expect_error(
+        checkout(w.as_agent(w.a, second), issue, w.a, "todo", "backlog", "blocked", "in_review")
+    )
 
-    assert (error.code, error.reason) == (grpc.StatusCode.FAILED_PRECONDITION,
-                                          "ISSUE_CHECKOUT_CONFLICT")
-    assert {k: error.metadata[k] for k in (
-        "holder_run_id", "holder_live", "checkout_run_id", "execution_run_id", "status",
-        "assignee_agent_id")} == {
-        "holder_run_id": cur, "holder_live": "true", "checkout_run_id": cur,
-        "execution_run_id": cur, "status": "in_progress", "assignee_agent_id": w.a,
+    assert (error.code, error.reason) == (
+        grpc.StatusCode.FAILED_PRECONDITION,
+        "ISSUE_CHECKOUT_CONFLICT",
+    )
+    assert {
+        k: error.metadata[k]
+        for k in (
+            "holder_run_id",
+            "holder_live",
+            "checkout_run_id",
+            "execution_run_id",
+            "status",
+            "assignee_agent_id",
+        )
+    } == {
+        "holder_run_id": cur,
+        "holder_live": "true",
+        "checkout_run_id": cur,
+        "execution_run_id": cur,
+        "status": "in_progress",
+        "assignee_agent_id": w.a,
     }
     assert await state(w.db, issue) == before
     assert await audit(w.db, issue, "issue.checked_out") == []
@@ -521,8 +381,7 @@ async def test_s17_other_agent_may_comment_on_issue_held_by_live_run(suite: Suit
 
     made = await comment(w.as_agent(w.c, run_m), issue, "I can help with the tests")
 
-    assert (made.author_type, made.author_agent_id, made.created_by_run_id) == (
-        "agent", w.c, run_m)
+    assert (made.author_type, made.author_agent_id, made.created_by_run_id) == ("agent", w.c, run_m)
     after = await state(w.db, issue)
     assert after == before
     assert_locks(after, live)
@@ -580,8 +439,10 @@ async def test_s18_agent_must_follow_documented_transitions(suite: Suite) -> Non
     skip = await expect_error(update(me, todo, status=issues_pb2.ISSUE_STATUS_DONE))
 
     for error, frm, to in ((back, "in_progress", "todo"), (skip, "todo", "done")):
-        assert (error.code, error.reason) == (grpc.StatusCode.FAILED_PRECONDITION,
-                                              "INVALID_STATUS_TRANSITION")
+        assert (error.code, error.reason) == (
+            grpc.StatusCode.FAILED_PRECONDITION,
+            "INVALID_STATUS_TRANSITION",
+        )
         assert (error.metadata["from"], error.metadata["to"]) == (frm, to)
     row = await state(w.db, issue)
     assert row["status"] == "in_progress"
@@ -657,11 +518,12 @@ async def test_s22_checkout_conflicts_with_running_execution_run(suite: Suite) -
 
     error = await expect_error(checkout(w.as_agent(w.a, cur), issue, w.a, "todo"))
 
-    assert (error.code, error.reason) == (grpc.StatusCode.FAILED_PRECONDITION,
-                                          "ISSUE_CHECKOUT_CONFLICT")
+    assert (error.code, error.reason) == (
+        grpc.StatusCode.FAILED_PRECONDITION,
+        "ISSUE_CHECKOUT_CONFLICT",
+    )
     assert (error.metadata["holder_run_id"], error.metadata["holder_live"]) == (running, "true")
-    assert (error.metadata["checkout_run_id"], error.metadata["execution_run_id"]) == (
-        "", running)
+    assert (error.metadata["checkout_run_id"], error.metadata["execution_run_id"]) == ("", running)
     assert await state(w.db, issue) == before
     assert await audit(w.db, issue, "issue.checked_out") == []
 
@@ -675,11 +537,12 @@ async def test_s23_other_agent_cannot_check_out_assigned_issue_with_stale_execut
     issue = await w.issue(status="in_progress", assignee=w.b, execution=stale)
     before = await state(w.db, issue)
 
-    error = await expect_error(checkout(w.as_agent(w.c, run_c), issue, w.c,
-                                        "todo", "in_progress"))
+    error = await expect_error(checkout(w.as_agent(w.c, run_c), issue, w.c, "todo", "in_progress"))
 
-    assert (error.code, error.reason) == (grpc.StatusCode.FAILED_PRECONDITION,
-                                          "ISSUE_CHECKOUT_CONFLICT")
+    assert (error.code, error.reason) == (
+        grpc.StatusCode.FAILED_PRECONDITION,
+        "ISSUE_CHECKOUT_CONFLICT",
+    )
     # The holder is stale but the issue is someone else's: not worth retrying.
     assert error.metadata["holder_live"] == "false"
     assert error.metadata["assignee_agent_id"] == w.b
@@ -710,8 +573,10 @@ async def test_s24_non_assignee_release_is_ownership_conflict(suite: Suite) -> N
 
     error = await expect_error(release(w.as_agent(w.b, run_b), issue))
 
-    assert (error.code, error.reason) == (grpc.StatusCode.FAILED_PRECONDITION,
-                                          "ISSUE_OWNERSHIP_CONFLICT")
+    assert (error.code, error.reason) == (
+        grpc.StatusCode.FAILED_PRECONDITION,
+        "ISSUE_OWNERSHIP_CONFLICT",
+    )
     assert error.metadata["assignee_agent_id"] == w.a
     assert await state(w.db, issue) == before
     assert await audit(w.db, issue, "issue.released") == []
@@ -728,8 +593,10 @@ async def test_s24_assignee_cannot_release_while_another_live_run_holds_checkout
 
     error = await expect_error(release(w.as_agent(w.a, cur), issue))
 
-    assert (error.code, error.reason) == (grpc.StatusCode.FAILED_PRECONDITION,
-                                          "ISSUE_OWNERSHIP_CONFLICT")
+    assert (error.code, error.reason) == (
+        grpc.StatusCode.FAILED_PRECONDITION,
+        "ISSUE_OWNERSHIP_CONFLICT",
+    )
     assert error.metadata["holder_live"] == "true"
     assert await state(w.db, issue) == before
     assert await audit(w.db, issue, "issue.released") == []
@@ -796,8 +663,10 @@ async def test_s28_queued_execution_run_is_a_live_holder(suite: Suite) -> None:
 
     error = await expect_error(checkout(w.as_agent(w.a, cur), issue, w.a, "todo"))
 
-    assert (error.code, error.reason) == (grpc.StatusCode.FAILED_PRECONDITION,
-                                          "ISSUE_CHECKOUT_CONFLICT")
+    assert (error.code, error.reason) == (
+        grpc.StatusCode.FAILED_PRECONDITION,
+        "ISSUE_CHECKOUT_CONFLICT",
+    )
     assert (error.metadata["holder_run_id"], error.metadata["holder_live"]) == (queued, "true")
     assert await state(w.db, issue) == before
     assert await audit(w.db, issue, "issue.checked_out") == []
@@ -812,15 +681,23 @@ async def test_ref2_in_progress_requires_an_assignee(suite: Suite) -> None:
     unassigned = await w.issue(status="todo")
     held = await w.issue(status="in_progress", assignee=w.a, checkout=cur, execution=cur)
 
-    to_progress = await expect_error(update(w.as_board(), unassigned,
-                                            status=issues_pb2.ISSUE_STATUS_IN_PROGRESS))
+    to_progress = await expect_error(
+        update(w.as_board(), unassigned, status=issues_pb2.ISSUE_STATUS_IN_PROGRESS)
+    )
     unassign = await expect_error(update(w.as_board(), held, assignee_agent_id=""))
-    created = await expect_error(w.board.issues.CreateIssue(issues_pb2.CreateIssueRequest(
-        company_id=w.company_id, title="x", status=issues_pb2.ISSUE_STATUS_IN_PROGRESS)))
+    created = await expect_error(
+        w.board.issues.CreateIssue(
+            issues_pb2.CreateIssueRequest(
+                company_id=w.company_id, title="x", status=issues_pb2.ISSUE_STATUS_IN_PROGRESS
+            )
+        )
+    )
 
     for error in (to_progress, unassign, created):
-        assert (error.code, error.reason) == (grpc.StatusCode.FAILED_PRECONDITION,
-                                              "ISSUE_ASSIGNEE_REQUIRED")
+        assert (error.code, error.reason) == (
+            grpc.StatusCode.FAILED_PRECONDITION,
+            "ISSUE_ASSIGNEE_REQUIRED",
+        )
     assert (await state(w.db, unassigned))["status"] == "todo"
     row = await state(w.db, held)
     assert (row["status"], row["assignee_agent_id"]) == ("in_progress", w.a)
@@ -837,12 +714,12 @@ async def test_ref2_open_blocker_refuses_checkout_and_in_progress(
     issue = await w.issue(status="todo", assignee=w.a, blocked_by=(blocker,))
 
     by_checkout = await expect_error(checkout(w.as_agent(w.a, cur), issue, w.a, "todo"))
-    by_update = await expect_error(update(w.as_board(), issue,
-                                          status=issues_pb2.ISSUE_STATUS_IN_PROGRESS))
+    by_update = await expect_error(
+        update(w.as_board(), issue, status=issues_pb2.ISSUE_STATUS_IN_PROGRESS)
+    )
 
     for error in (by_checkout, by_update):
-        assert (error.code, error.reason) == (grpc.StatusCode.FAILED_PRECONDITION,
-                                              "ISSUE_BLOCKED")
+        assert (error.code, error.reason) == (grpc.StatusCode.FAILED_PRECONDITION, "ISSUE_BLOCKED")
         assert error.metadata["unresolved_blocker_issue_ids"] == blocker
     row = await state(w.db, issue)
     assert (row["status"], row["assignee_agent_id"]) == ("todo", w.a)
@@ -864,8 +741,12 @@ async def test_ref2_done_blocker_resolves_and_blockers_can_be_set_by_update(
     assert list(out.blocked_by_issue_ids) == [blocker]
 
     # The owner blocks its own issue on another one: in_progress -> blocked.
-    updated = await update(w.as_agent(w.a, cur), issue, status=issues_pb2.ISSUE_STATUS_BLOCKED,
-                           blocked_by_issue_ids=[open_blocker])
+    updated = await update(
+        w.as_agent(w.a, cur),
+        issue,
+        status=issues_pb2.ISSUE_STATUS_BLOCKED,
+        blocked_by_issue_ids=[open_blocker],
+    )
     assert list(updated.blocked_by_issue_ids) == [open_blocker]
     row = await state(w.db, issue)
     assert (row["status"], row["assignee_agent_id"]) == ("blocked", w.a)

@@ -9,6 +9,7 @@ from typing import Any
 
 import grpc
 import pytest
+from google.protobuf import field_mask_pb2
 from sqlalchemy import text
 
 from common.actor import Role
@@ -25,7 +26,8 @@ DENIED = grpc.StatusCode.PERMISSION_DENIED
 
 def update_request(agent_id: str, paths: list[str], **fields: Any) -> agents_pb2.UpdateAgentRequest:
     return agents_pb2.UpdateAgentRequest(
-        agent=agents_pb2.Agent(id=agent_id, **fields), update_mask={"paths": paths}
+        agent=agents_pb2.Agent(id=agent_id, **fields),
+        update_mask=field_mask_pb2.FieldMask(paths=paths),
     )
 
 

@@ -5,9 +5,11 @@ from __future__ import annotations
 import asyncio
 import json
 import uuid
+from typing import Any, Literal
 
 import grpc
 import pytest
+from google.protobuf import field_mask_pb2
 from sqlalchemy import text
 
 from common.actor import Role
@@ -19,7 +21,15 @@ from tests.run_service.support import audit_rows, count_rows, process_agent
 
 INVALID = grpc.StatusCode.INVALID_ARGUMENT
 DENIED = grpc.StatusCode.PERMISSION_DENIED
-RUNTIME_DEFAULTS = {
+RuntimeField = Literal[
+    "max_concurrent_runs",
+    "timeout_seconds",
+    "idle_timeout_seconds",
+    "grace_seconds",
+    "heartbeat_interval_seconds",
+    "wake_on_demand",
+]
+RUNTIME_DEFAULTS: dict[RuntimeField, int | bool] = {
     "max_concurrent_runs": 5,
     "timeout_seconds": 7200,
     "idle_timeout_seconds": 1800,
@@ -266,13 +276,15 @@ async def test_runtime_config_bounds(
     owner: Clients, company_id: str, field: str, bad: list[int], good: list[int]
 ) -> None:
     for value in bad:
-        runtime = agents_pb2.RuntimeConfig(**{field: value})
+        fields: dict[str, Any] = {field: value}
+        runtime = agents_pb2.RuntimeConfig(**fields)
         error = await expect_error(
             owner.runs.CreateAgent(process_agent(company_id, "Rt", runtime_config=runtime))
         )
         assert fields_of(error) == [f"runtime_config.{field}"], value
     for value in good:
-        runtime = agents_pb2.RuntimeConfig(**{field: value})
+        fields = {field: value}
+        runtime = agents_pb2.RuntimeConfig(**fields)
         created = await owner.runs.CreateAgent(
             process_agent(company_id, f"rt-{uuid.uuid4().hex[:8]}", runtime_config=runtime)
         )
@@ -466,7 +478,9 @@ async def test_list_filters_by_status(owner: Clients, company_id: str) -> None:
     paused = await owner.runs.CreateAgent(process_agent(company_id, "Paused"))
     paused.status = agents_pb2.AGENT_STATUS_PAUSED
     await owner.runs.UpdateAgent(
-        agents_pb2.UpdateAgentRequest(agent=paused, update_mask={"paths": ["status"]})
+        agents_pb2.UpdateAgentRequest(
+            agent=paused, update_mask=field_mask_pb2.FieldMask(paths=["status"])
+        )
     )
 
     async def names(*statuses: agents_pb2.AgentStatus.ValueType) -> list[str]:
@@ -547,7 +561,7 @@ async def test_list_requires_a_company_and_known_statuses(owner: Clients) -> Non
     assert fields_of(error) == ["company_id"]
     request = agents_pb2.ListAgentsRequest(
         company_id=str(uuid.uuid4()),
-        statuses=[agents_pb2.AGENT_STATUS_UNSPECIFIED, 42],
+        statuses=[agents_pb2.AGENT_STATUS_UNSPECIFIED, agents_pb2.AgentStatus.ValueType(42)],
     )
     error = await expect_error(owner.runs.ListAgents(request))
     assert fields_of(error) == ["statuses[0]", "statuses[1]"]
