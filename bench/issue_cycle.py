@@ -12,7 +12,6 @@ Ceilings, measured in the same run on the same database with asyncpg:
 
 from __future__ import annotations
 
-import json
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -24,7 +23,12 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from bench.stats import Operation
 from common.actor import Actor, ActorType, sign_actor
-from issue_service.store import ISSUE_COLUMNS
+from common.audit import record_activity
+from common.sql import Tx
+from issue_service import store
+from issue_service.checkout import CHECKOUT_UPDATE
+from issue_service.events import EventType, emit
+from issue_service.status_rules import LOCK_COLUMNS_CLEARED
 from paperclip.issues.v1 import issues_pb2, issues_pb2_grpc
 
 
@@ -108,65 +112,108 @@ def bare_round_trip(channel: grpc.aio.Channel) -> Operation:
     return call
 
 
-_AUDIT = (
-    "INSERT INTO audit.activity_log (company_id, actor_type, actor_id, agent_id, run_id, "
-    "action, entity_type, entity_id, details) "
-    "VALUES ($1, 'agent', $2::uuid::text, $2::uuid, $3, $4, 'issue', $5, $6::jsonb)"
-)
-_SAME_CHECKOUT = (
-    f"SELECT {ISSUE_COLUMNS} FROM issues.issues WHERE id = $1 FOR UPDATE",
-    "SELECT id, company_id, status, name_key FROM runs.agents WHERE id = $1",
-    "SELECT b.blocker_issue_id FROM issues.issue_blockers b JOIN issues.issues blocker "
-    "ON blocker.id = b.blocker_issue_id WHERE b.issue_id = $1 AND blocker.status <> 'done'",
-)
-_CHECKOUT_UPDATE = (
+_CHECKOUT_MINIMAL = (
     "UPDATE issues.issues SET assignee_agent_id = $2, assignee_user_id = NULL, "
     "checkout_run_id = $3, execution_run_id = $3, execution_agent_name_key = 'bench', "
     "execution_locked_at = now(), status = 'in_progress', "
     "started_at = coalesce(started_at, now()), updated_at = now() "
     "WHERE id = $1 AND status = 'todo' AND (assignee_agent_id IS NULL OR "
     "(assignee_agent_id = $2 AND (checkout_run_id IS NULL OR checkout_run_id = $3))) "
-    "AND (execution_run_id IS NULL OR execution_run_id = $3) "
-    f"RETURNING {ISSUE_COLUMNS}"
+    "AND (execution_run_id IS NULL OR execution_run_id = $3) RETURNING id"
 )
-_RELEASE_UPDATE = (
+_RELEASE_MINIMAL = (
     "UPDATE issues.issues SET status = 'todo', assignee_agent_id = NULL, "
     "checkout_run_id = NULL, execution_run_id = NULL, execution_agent_name_key = NULL, "
-    f"execution_locked_at = NULL, updated_at = now() WHERE id = $1 RETURNING {ISSUE_COLUMNS}"
+    "execution_locked_at = NULL, updated_at = now() WHERE id = $1 RETURNING id"
 )
-_EVENT = (
-    "INSERT INTO issues.issue_events (company_id, issue_id, type, actor_type, actor_id, "
-    "actor_agent_id, actor_run_id, payload) "
-    "VALUES ($1, $2, 'issue.released', 'agent', $3::uuid::text, $3::uuid, $4, '{}'::jsonb)"
+_AUDIT_MINIMAL = (
+    "INSERT INTO audit.activity_log (company_id, actor_type, actor_id, agent_id, run_id, "
+    "action, entity_type, entity_id, details) "
+    "VALUES ($1, 'agent', $2::uuid::text, $2::uuid, $3, $4, 'issue', $5, '{}'::jsonb)"
 )
+
+
+async def _same_sql_cycle(conn: asyncpg.Connection, seat: Seat, actor: Actor) -> None:
+    """The statements the service issues for one cycle, without gRPC or rules."""
+    async with conn.transaction():
+        tx = Tx(conn)
+        found = await store.lock_issue_for_checkout(tx, seat.issue_id, seat.agent_id)
+        assert found is not None
+        await tx.fetchrow(
+            CHECKOUT_UPDATE,
+            {
+                "id": seat.issue_id,
+                "agent": seat.agent_id,
+                "run": seat.run_id,
+                "name_key": "bench",
+                "expected": ["todo"],
+            },
+        )
+        record_activity(
+            tx,
+            actor=actor,
+            company_id=seat.company_id,
+            action="issue.checked_out",
+            entity_type="issue",
+            entity_id=seat.issue_id,
+            details={"agentId": seat.agent_id},
+        )
+        await tx.flush()
+    async with conn.transaction():
+        tx = Tx(conn)
+        await store.lock_issue(tx, seat.issue_id)
+        values: dict[str, object] = {
+            **LOCK_COLUMNS_CLEARED,
+            "assignee_agent_id": None,
+            "status": "todo",
+        }
+        await store.update_issue_row(tx, seat.issue_id, values)
+        record_activity(
+            tx,
+            actor=actor,
+            company_id=seat.company_id,
+            action="issue.released",
+            entity_type="issue",
+            entity_id=seat.issue_id,
+        )
+        emit(
+            tx,
+            actor=actor,
+            company_id=seat.company_id,
+            issue_id=seat.issue_id,
+            type=EventType.RELEASED,
+            payload={"status": "todo"},
+        )
+        await tx.flush()
+
+
+async def _minimal_sql_cycle(conn: asyncpg.Connection, seat: Seat) -> None:
+    """One conditional UPDATE and one audit row per transaction."""
+    s = seat
+    async with conn.transaction():
+        await conn.fetchrow(_CHECKOUT_MINIMAL, s.issue_id, s.agent_id, s.run_id)
+        await conn.execute(
+            _AUDIT_MINIMAL, s.company_id, s.agent_id, s.run_id, "issue.checked_out", s.issue_id
+        )
+    async with conn.transaction():
+        await conn.fetchrow(_RELEASE_MINIMAL, s.issue_id)
+        await conn.execute(
+            _AUDIT_MINIMAL, s.company_id, s.agent_id, s.run_id, "issue.released", s.issue_id
+        )
 
 
 def raw_cycle(pool: asyncpg.Pool, seats: Sequence[Seat], *, minimal: bool) -> Operation:
     """The same two transactions straight to PostgreSQL (see the module docstring)."""
-    details = json.dumps({"agentId": "bench"})
+    actors = [
+        Actor(type=ActorType.AGENT, agent_id=s.agent_id, company_id=s.company_id, run_id=s.run_id)
+        for s in seats
+    ]
 
     async def cycle(index: int) -> None:
-        s = seats[index]
-        async with pool.acquire() as conn, conn.transaction():
-            if not minimal:
-                await conn.fetchrow(_SAME_CHECKOUT[0], s.issue_id)
-                await conn.fetchrow(_SAME_CHECKOUT[1], s.agent_id)
-                await conn.fetch(_SAME_CHECKOUT[2], s.issue_id)
-            await conn.fetchrow(_CHECKOUT_UPDATE, s.issue_id, s.agent_id, s.run_id)
-            await conn.execute(
-                _AUDIT, s.company_id, s.agent_id, s.run_id, "issue.checked_out", s.issue_id, details
-            )
-        async with pool.acquire() as conn, conn.transaction():
-            if not minimal:
-                await conn.fetchrow(_SAME_CHECKOUT[0], s.issue_id)
-                await conn.fetchval(
-                    "SELECT status FROM runs.heartbeat_runs WHERE id = $1 FOR SHARE", s.run_id
-                )
-            await conn.fetchrow(_RELEASE_UPDATE, s.issue_id)
-            await conn.execute(
-                _AUDIT, s.company_id, s.agent_id, s.run_id, "issue.released", s.issue_id, "{}"
-            )
-            if not minimal:
-                await conn.execute(_EVENT, s.company_id, s.issue_id, s.agent_id, s.run_id)
+        async with pool.acquire() as conn:
+            if minimal:
+                await _minimal_sql_cycle(conn, seats[index])  # type: ignore[arg-type]
+            else:
+                await _same_sql_cycle(conn, seats[index], actors[index])  # type: ignore[arg-type]
 
     return cycle

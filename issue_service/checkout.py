@@ -29,7 +29,7 @@ from issue_service.ownership import adopt_lock, conflict_metadata, enforce_agent
 from issue_service.status_rules import LOCK_COLUMNS_CLEARED
 from paperclip.issues.v1 import issues_pb2
 
-_CHECKOUT = sql(
+CHECKOUT_UPDATE = sql(
     f"""
     UPDATE issues.issues
     SET assignee_agent_id = :agent, assignee_user_id = NULL,
@@ -191,14 +191,14 @@ async def checkout_issue(
         if run_id is not None and _owned_by(row, agent, run_id):
             # A repeat by the owning run: no new lock time, no second audit row.
             return store.issue_to_proto(row)
-        updated = await tx.fetchrow(_CHECKOUT, params)
+        updated = await tx.fetchrow(CHECKOUT_UPDATE, params)
         changed = updated is not None
         if updated is None:
             row, changed = await _adopt_or_conflict(
                 tx, actor, row, agent_id=agent, run_id=run_id, expected=expected
             )
             if changed and row["status"] != Status.IN_PROGRESS:
-                updated = await tx.fetchrow(_CHECKOUT, params)
+                updated = await tx.fetchrow(CHECKOUT_UPDATE, params)
                 if updated is None:
                     raise await _conflict(tx, row, expected)
                 row = updated

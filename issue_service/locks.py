@@ -57,10 +57,15 @@ async def lock_and_clear_terminal(
 
 
 async def clear_if_terminal(tx: Tx, row: Row, *, clear_checkout: bool = False) -> LockedIssue:
-    """The terminal check of ``lock_and_clear_terminal`` on an issue row already locked."""
+    """The terminal check of ``lock_and_clear_terminal`` on an issue row already locked
+    (read with ``execution_run_status``).
+
+    A run seen live needs no lock: terminal is final, so if the run ends right after
+    this read, its ReleaseRunLocks queues on the issue row and clears the lock once
+    this transaction commits. Only a clear decision locks the run row, issue first."""
     issue_id = row["id"]
     run_id = row["execution_run_id"]
-    if run_id is None:
+    if run_id is None or not run_is_stale(row["execution_run_status"]):
         return LockedIssue(row, None)
     status = await store.run_status(tx, str(run_id), lock=True)
     if not run_is_stale(status):

@@ -29,13 +29,21 @@ ISSUE_COLUMNS = """
 IDENTIFIER_RE = re.compile(r"^([A-Za-z]{2,10})-(\d{1,18})$")
 
 _SELECT_BY_ID = sql(f"SELECT {ISSUE_COLUMNS} FROM issues.issues WHERE id = :id")
-_LOCK_BY_ID = sql(f"SELECT {ISSUE_COLUMNS} FROM issues.issues WHERE id = :id FOR UPDATE")
+#: The status of the run holding the execution lock, read (not locked) with the issue.
+EXECUTION_RUN_STATUS = """
+    (SELECT r.status FROM runs.heartbeat_runs r WHERE r.id = issues.execution_run_id)
+        AS execution_run_status
+"""
+_LOCK_BY_ID = sql(
+    f"SELECT {ISSUE_COLUMNS}, {EXECUTION_RUN_STATUS} FROM issues.issues "
+    "WHERE id = :id FOR UPDATE OF issues"
+)
 _SELECT_BY_IDENTIFIER = sql(
     f"SELECT {ISSUE_COLUMNS} FROM issues.issues WHERE identifier = :identifier"
 )
 _LOCK_FOR_CHECKOUT = sql(
     f"""
-    SELECT {ISSUE_COLUMNS},
+    SELECT {ISSUE_COLUMNS}, {EXECUTION_RUN_STATUS},
         agent.company_id AS agent_company_id, agent.status AS agent_status,
         agent.name_key AS agent_name_key,
         ARRAY(SELECT b.blocker_issue_id FROM issues.issue_blockers b
@@ -143,7 +151,8 @@ async def find_issue(tx: Tx, ref: tuple[str, str]) -> Row:
 
 
 async def lock_issue(tx: Tx, issue_id: str) -> Row | None:
-    """The issue row, locked FOR UPDATE until the transaction ends (None if missing)."""
+    """The issue row, locked FOR UPDATE until the transaction ends (None if missing),
+    with the status of its execution run as ``execution_run_status``."""
     return await tx.fetchrow(_LOCK_BY_ID, {"id": issue_id})
 
 
