@@ -39,6 +39,7 @@ class Settings:
     log_level: str
     ready_file: Path | None
     lock_sweep_seconds: float
+    metrics_addr: str | None
 
     @property
     def embedded(self) -> bool:
@@ -108,5 +109,6 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         db_max_overflow=_int(env, "PAPERCLIP_DB_MAX_OVERFLOW", 10, low=0, high=200),
         log_level=(env.get("PAPERCLIP_LOG_LEVEL") or "INFO").upper(),
         ready_file=Path(ready) if ready else None,
+        metrics_addr=env.get("PAPERCLIP_METRICS_ADDR") or None,
         lock_sweep_seconds=float(_int(env, "PAPERCLIP_LOCK_SWEEP_SECONDS", 30, low=1, high=3600)),
     )

@@ -146,8 +146,10 @@ def _database(settings: Settings) -> Iterator[tuple[str, str]]:
 
 
 def _start_services(settings: Settings, url: str, children: list[Child], stop: StopSignal) -> None:
+    # One metrics port is for one process; the services of one launcher would clash.
+    inherited = {k: v for k, v in os.environ.items() if k != "PAPERCLIP_METRICS_ADDR"}
     env = {
-        **os.environ,
+        **inherited,
         "PAPERCLIP_HOME": str(settings.home),
         "PAPERCLIP_DATABASE_URL": url,
         "PAPERCLIP_INTERNAL_KEY": settings.internal_key.decode(),

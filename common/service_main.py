@@ -6,6 +6,8 @@ import asyncio
 from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
 
+from prometheus_client import start_http_server
+
 from common.config import Settings, load_settings
 from common.db import Database
 from common.embedded_pg import normalize_database_url
@@ -31,6 +33,9 @@ async def _main(
         max_overflow=settings.db_max_overflow,
         name=service,
     )
+    if settings.metrics_addr:
+        host, _, port = settings.metrics_addr.rpartition(":")
+        start_http_server(int(port), addr=host or "0.0.0.0")
     running = await start_server(factory(db, settings), address, settings.internal_key)
     # Background work starts after the server listens: recovery never delays start-up.
     for job in background(db, settings) if background else ():

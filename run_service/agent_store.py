@@ -59,8 +59,13 @@ class AgentRecord:
     created_at: datetime
     updated_at: datetime
 
-    def to_proto(self) -> agents_pb2.Agent:
-        """The API form, with every runtime field at its effective value."""
+    def to_proto(self, *, redact_env: bool = False) -> agents_pb2.Agent:
+        """The API form, with every runtime field at its effective value; with
+        ``redact_env`` the values of the adapter's env (often secrets) are blanked."""
+        adapter = self.adapter.to_proto()
+        if redact_env:
+            for key in adapter.env:
+                adapter.env[key] = ""
         return agents_pb2.Agent(
             id=self.id,
             company_id=self.company_id,
@@ -68,7 +73,7 @@ class AgentRecord:
             role=self.role,
             status=STATUS_TO_PROTO[self.status],
             adapter_type=self.adapter_type,
-            adapter_config=self.adapter.to_proto(),
+            adapter_config=adapter,
             runtime_config=self.runtime.to_proto(),
             created_at=protoconv.timestamp(self.created_at),
             updated_at=protoconv.timestamp(self.updated_at),

@@ -94,7 +94,8 @@ async def create_agent(
 
 
 async def get_agent(db: Database, actor: Actor, agent_id: str) -> agents_pb2.Agent:
-    """One agent, for any actor who may read its company."""
+    """One agent, for any actor who may read its company; only board users see the
+    values of its env (agents see the keys)."""
     v = Violations()
     canonical = check_uuid(v, "agent_id", agent_id)
     v.raise_if_any()
@@ -103,7 +104,7 @@ async def get_agent(db: Database, actor: Actor, agent_id: str) -> agents_pb2.Age
     if record is None:
         raise agent_not_found(canonical)
     require_company_access(actor, record.company_id, write=False)
-    return record.to_proto()
+    return record.to_proto(redact_env=not actor.is_board)
 
 
 async def list_agents(
@@ -133,7 +134,7 @@ async def list_agents(
     shown = records[: page.size]
     more = len(records) > page.size
     return agents_pb2.ListAgentsResponse(
-        agents=[record.to_proto() for record in shown],
+        agents=[record.to_proto(redact_env=not actor.is_board) for record in shown],
         next_page_token=page.next_token(_cursor_of(shown[-1]) if more else None),
     )
 

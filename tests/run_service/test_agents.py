@@ -590,3 +590,23 @@ async def _agents_of(db: Database, company_id: str) -> int:
             text("SELECT count(*) FROM runs.agents WHERE company_id = :c"), {"c": company_id}
         )
         return int(result.scalar_one())
+
+
+async def test_agents_see_env_keys_but_not_values_of_other_agents(suite: Suite) -> None:
+    board_clients = suite.clients(admin())
+    company = await new_company(board_clients)
+    created = await board_clients.runs.CreateAgent(
+        agents_pb2.CreateAgentRequest(
+            company_id=company.id,
+            name="keeper",
+            adapter_type="process",
+            adapter_config=agents_pb2.AdapterConfig(command=["true"], env={"API_TOKEN": "s3cret"}),
+        )
+    )
+    peer = suite.clients(agent(str(uuid.uuid4()), company.id, str(uuid.uuid4())))
+    seen = await peer.runs.GetAgent(agents_pb2.GetAgentRequest(agent_id=created.id))
+    assert dict(seen.adapter_config.env) == {"API_TOKEN": ""}
+    listed = await peer.runs.ListAgents(agents_pb2.ListAgentsRequest(company_id=company.id))
+    assert [dict(a.adapter_config.env) for a in listed.agents] == [{"API_TOKEN": ""}]
+    as_board = await board_clients.runs.GetAgent(agents_pb2.GetAgentRequest(agent_id=created.id))
+    assert dict(as_board.adapter_config.env) == {"API_TOKEN": "s3cret"}
