@@ -10,15 +10,15 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any, TypeAlias
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from typing import Any, Protocol, TypeAlias
 
 import grpc
 import grpc.aio
 from prometheus_client import Counter, Histogram
 from sqlalchemy.exc import DBAPIError
 
-from common.actor import verify_actor
+from common.actor import Actor, verify_actor
 from common.db import translate_db_error
 from common.errors import Internal, PaperclipError, WireStatus, to_wire_status
 from common.request_context import CURRENT_ACTOR, REQUEST_ID
@@ -37,17 +37,31 @@ Streaming = Callable[[Any, Context], AsyncIterator[Any]]
 Handler: TypeAlias = "grpc.RpcMethodHandler[Any, Any]"
 
 
+class Authenticator(Protocol):
+    """Turns the metadata of a call into its verified actor, or raises Unauthenticated."""
+
+    async def authenticate(self, metadata: Mapping[str, str]) -> Actor: ...
+
+
+class SignedActorAuthenticator:
+    """Services trust only an actor signed with the internal key (ARCHITECTURE.md)."""
+
+    def __init__(self, internal_key: bytes) -> None:
+        self._key = internal_key
+
+    async def authenticate(self, metadata: Mapping[str, str]) -> Actor:
+        return verify_actor(metadata, self._key)
+
+
 class _Call:
     """Book-keeping of one call: its id, outcome and timing."""
 
-    def __init__(self, method: str, context: Context, key: bytes) -> None:
+    def __init__(self, method: str, metadata: Mapping[str, str]) -> None:
         self.method = method
         self.started = time.perf_counter()
         self.code = grpc.StatusCode.OK
-        metadata = {k: v for k, v in context.invocation_metadata() or () if isinstance(v, str)}
         self.request_id = metadata.get(REQUEST_ID_HEADER) or uuid.uuid4().hex
         REQUEST_ID.set(self.request_id)
-        CURRENT_ACTOR.set(verify_actor(metadata, key))
 
     def failure(self, exc: BaseException) -> WireStatus:
         """The status to send for ``exc``; unexpected errors are logged with a trace."""
@@ -72,17 +86,21 @@ class _Call:
             )
 
 
-def _open(method: str, context: Context, key: bytes) -> _Call | WireStatus:
+async def _open(method: str, context: Context, auth: Authenticator) -> _Call | WireStatus:
+    metadata = {k: v for k, v in context.invocation_metadata() or () if isinstance(v, str)}
+    call = _Call(method, metadata)
     try:
-        return _Call(method, context, key)
+        CURRENT_ACTOR.set(await auth.authenticate(metadata))
     except PaperclipError as exc:
         RPC_TOTAL.labels(method, exc.code.name).inc()
-        return to_wire_status(exc)
+        log.info("rpc unauthenticated", extra={"method": method, "reason": exc.reason})
+        return to_wire_status(exc, ((REQUEST_ID_HEADER, call.request_id),))
+    return call
 
 
-def _wrap_unary(behavior: Unary, method: str, key: bytes) -> Unary:
+def _wrap_unary(behavior: Unary, method: str, auth: Authenticator) -> Unary:
     async def handler(request: Any, context: Context) -> Any:
-        call = _open(method, context, key)
+        call = await _open(method, context, auth)
         if isinstance(call, WireStatus):
             await context.abort_with_status(call)
             return None
@@ -100,9 +118,9 @@ def _wrap_unary(behavior: Unary, method: str, key: bytes) -> Unary:
     return handler
 
 
-def _wrap_stream(behavior: Streaming, method: str, key: bytes) -> Streaming:
+def _wrap_stream(behavior: Streaming, method: str, auth: Authenticator) -> Streaming:
     async def handler(request: Any, context: Context) -> AsyncIterator[Any]:
-        call = _open(method, context, key)
+        call = await _open(method, context, auth)
         if isinstance(call, WireStatus):
             await context.abort_with_status(call)
             return
@@ -120,10 +138,10 @@ def _wrap_stream(behavior: Streaming, method: str, key: bytes) -> Streaming:
 
 
 class ServiceInterceptor(grpc.aio.ServerInterceptor):
-    """Verifies the signed actor and maps errors for every non-health RPC."""
+    """Authenticates the caller and maps errors for every non-health RPC."""
 
-    def __init__(self, internal_key: bytes) -> None:
-        self._key = internal_key
+    def __init__(self, authenticator: Authenticator) -> None:
+        self._auth = authenticator
 
     async def intercept_service(
         self,
@@ -136,13 +154,13 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
             return handler  # type: ignore[no-any-return]
         if handler.unary_unary is not None:
             return grpc.unary_unary_rpc_method_handler(
-                _wrap_unary(handler.unary_unary, method, self._key),
+                _wrap_unary(handler.unary_unary, method, self._auth),
                 request_deserializer=handler.request_deserializer,
                 response_serializer=handler.response_serializer,
             )
         if handler.unary_stream is not None:
             return grpc.unary_stream_rpc_method_handler(
-                _wrap_stream(handler.unary_stream, method, self._key),
+                _wrap_stream(handler.unary_stream, method, self._auth),
                 request_deserializer=handler.request_deserializer,
                 response_serializer=handler.response_serializer,
             )

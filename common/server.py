@@ -16,7 +16,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from common.interceptors import ServiceInterceptor
+from common.interceptors import Authenticator, ServiceInterceptor, SignedActorAuthenticator
 
 log = logging.getLogger("paperclip.server")
 
@@ -68,12 +68,25 @@ class RunningServer:
 
 
 async def start_server(
-    specs: Sequence[ServiceSpec], address: str, internal_key: bytes
+    specs: Sequence[ServiceSpec],
+    address: str,
+    internal_key: bytes,
+    *,
+    authenticator: Authenticator | None = None,
+    generic_handlers: Sequence[grpc.GenericRpcHandler] = (),
+    reflected: Sequence[str] = (),
+    serving: bool = True,
 ) -> RunningServer:
-    """Start serving ``specs`` on ``address`` (port 0 picks a free one)."""
-    server = grpc.aio.server(
-        interceptors=[ServiceInterceptor(internal_key)], options=SERVER_OPTIONS
-    )
+    """Start serving ``specs`` on ``address`` (port 0 picks a free one).
+
+    Callers are authenticated by their signed actor unless ``authenticator`` says
+    otherwise; ``generic_handlers`` serve further methods (the gateway's proxy), and
+    ``reflected`` names further services for reflection. With ``serving`` false the
+    health status starts NOT_SERVING and the caller sets it."""
+    auth = authenticator or SignedActorAuthenticator(internal_key)
+    server = grpc.aio.server(interceptors=[ServiceInterceptor(auth)], options=SERVER_OPTIONS)
+    if generic_handlers:
+        server.add_generic_rpc_handlers(tuple(generic_handlers))
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     for spec in specs:
@@ -82,6 +95,7 @@ async def start_server(
     reflection.enable_server_reflection(
         [
             *names,
+            *reflected,
             health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
             reflection.SERVICE_NAME,
         ],
@@ -91,8 +105,13 @@ async def start_server(
     if port == 0:
         raise OSError(f"cannot listen on {address}")
     await server.start()
-    for name in [*names, ""]:
-        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    status = (
+        health_pb2.HealthCheckResponse.SERVING
+        if serving
+        else health_pb2.HealthCheckResponse.NOT_SERVING
+    )
+    for name in [*names, *reflected, ""]:
+        await health_servicer.set(name, status)
     return RunningServer(server, port, health_servicer, names)
 
 
