@@ -24,6 +24,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from common import process_group
 from common.config import ConfigError, Settings, load_settings
+from common.db import Database
 from common.embedded_pg import (
     EmbeddedPostgres,
     EmbeddedPostgresError,
@@ -34,6 +35,7 @@ from common.file_lock import FileLock, LockHeldError
 from common.log import configure_logging
 from common.migrate import migrate
 from common.process_group import Child, ChildFailedError, ProcessSpec, StartInterruptedError
+from gateway.local_admin import ensure_board_token
 
 logger = logging.getLogger("common.launcher")
 
@@ -41,6 +43,7 @@ logger = logging.getLogger("common.launcher")
 SERVICES: tuple[ProcessSpec, ...] = (
     ProcessSpec("issue_service", "PAPERCLIP_ISSUE_SERVICE_ADDR"),
     ProcessSpec("run_service", "PAPERCLIP_RUN_SERVICE_ADDR"),
+    ProcessSpec("gateway", "PAPERCLIP_GATEWAY_ADDR"),
 )
 READY_TIMEOUT_S = 60.0
 #: Longer than the services' own shutdown grace, so a clean stop is never cut short.
@@ -95,11 +98,12 @@ def _run(settings: Settings, stop: StopSignal) -> int:
         stack.enter_context(_instance_lock(settings.home))
         url, database = stack.enter_context(_database(settings))
         _migrate(url, database)
+        token_file = asyncio.run(_board_token(url, settings.home))
         children: list[Child] = []
         stack.callback(process_group.stop_all, children, grace=STOP_GRACE_S)
         _start_services(settings, url, children, stop)
         stack.enter_context(_suite_ready_file(settings, children))
-        _print_banner(settings, database, children)
+        _print_banner(settings, database, children, token_file)
         status = _supervise(children, stop)
     return status
 
@@ -187,12 +191,39 @@ def _suite_ready_file(settings: Settings, children: list[Child]) -> Iterator[Non
         path.unlink(missing_ok=True)
 
 
-def _print_banner(settings: Settings, database: str, children: list[Child]) -> None:
+async def _board_token(url: str, home: Path) -> Path:
+    """The local instance-admin key file (created on the first start)."""
+    db = Database(url, pool_size=1, max_overflow=0, name="launcher")
+    try:
+        return await ensure_board_token(db, home)
+    finally:
+        await db.dispose()
+
+
+def _grpcurl() -> str:
+    bundled = Path(sys.executable).with_name("grpcurl")
+    return str(bundled) if bundled.exists() else "grpcurl"
+
+
+def _print_banner(
+    settings: Settings, database: str, children: list[Child], token_file: Path
+) -> None:
     rows = [(child.spec.module, child.addr) for child in children]
-    rows += [("database", database), ("PAPERCLIP_HOME", str(settings.home))]
+    rows += [
+        ("database", database),
+        ("PAPERCLIP_HOME", str(settings.home)),
+        ("board token", str(token_file)),
+    ]
     width = max(len(name) for name, _ in rows)
     lines = ["", "Paperclip Core is running:"]
     lines += [f"  {name.ljust(width)}  {value}" for name, value in rows]
+    gateway = next(child.addr for child in children if child.spec.module == "gateway")
+    lines += [
+        "",
+        "Try it (the board token is an instance-admin key):",
+        f'  {_grpcurl()} -plaintext -H "authorization: Bearer $(cat {token_file})" {gateway} list',
+        "",
+    ]
     lines += ["Ctrl-C to stop.", ""]
     print("\n".join(lines), flush=True)
     logger.info("suite ready", extra={"services": dict(rows[: len(children)])})

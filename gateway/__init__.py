@@ -1,0 +1,1 @@
+"""The public gateway: authentication, routing, reflection, and the typed client."""
