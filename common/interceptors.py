@@ -109,6 +109,7 @@ def _wrap_unary(behavior: Unary, method: str, auth: Authenticator) -> Unary:
             context.set_trailing_metadata(((REQUEST_ID_HEADER, call.request_id),))
             return response
         except grpc.aio.AbortError:
+            call.code = context.code() or grpc.StatusCode.UNKNOWN
             raise
         except Exception as exc:  # the one mapping point for every error
             await context.abort_with_status(call.failure(exc))
@@ -128,6 +129,7 @@ def _wrap_stream(behavior: Streaming, method: str, auth: Authenticator) -> Strea
             async for item in behavior(request, context):
                 yield item
         except grpc.aio.AbortError:
+            call.code = context.code() or grpc.StatusCode.UNKNOWN
             raise
         except Exception as exc:
             await context.abort_with_status(call.failure(exc))

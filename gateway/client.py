@@ -188,17 +188,14 @@ async def _stream_raising_project_errors(
         raise _project_error(error, request_id) from error
 
 
-class _GatewayInterceptor(
-    grpc.aio.UnaryUnaryClientInterceptor, grpc.aio.UnaryStreamClientInterceptor
-):
-    """Bearer token and request id on every call; project errors out of every call."""
+class _CallHeaders:
+    """Adds ``authorization`` and ``x-request-id`` to a call unless the caller set them."""
 
     def __init__(self, token: str) -> None:
         self._authorization = f"Bearer {token}"
 
-    def _details(
-        self, details: grpc.aio.ClientCallDetails
-    ) -> tuple[grpc.aio.ClientCallDetails, str]:
+    def apply(self, details: grpc.aio.ClientCallDetails) -> tuple[grpc.aio.ClientCallDetails, str]:
+        """The call's details with both headers, and the request id it carries."""
         # A copy: the caller's Metadata object may be reused for other calls.
         metadata = grpc.aio.Metadata.from_tuple(tuple(details.metadata or ()))
         if metadata.get("authorization") is None:
@@ -216,6 +213,17 @@ class _GatewayInterceptor(
         )
         return new, request_id
 
+
+# grpc.aio files an interceptor under the first of the four interceptor kinds it
+# subclasses and ignores the rest, so each kind needs its own object.
+
+
+class _UnaryInterceptor(grpc.aio.UnaryUnaryClientInterceptor):
+    """Headers on unary calls; a failed call raises the project's exception."""
+
+    def __init__(self, headers: _CallHeaders) -> None:
+        self._headers = headers
+
     async def intercept_unary_unary(
         self,
         continuation: Callable[
@@ -224,7 +232,7 @@ class _GatewayInterceptor(
         client_call_details: grpc.aio.ClientCallDetails,
         request: _ReqT,
     ) -> _RespT | grpc.aio.UnaryUnaryCall[_ReqT, _RespT]:
-        details, request_id = self._details(client_call_details)
+        details, request_id = self._headers.apply(client_call_details)
         call = await continuation(details, request)
         try:
             await call
@@ -232,6 +240,13 @@ class _GatewayInterceptor(
             raise _project_error(error, request_id) from error
         # The finished call, not just its response: metadata stays readable.
         return call
+
+
+class _StreamInterceptor(grpc.aio.UnaryStreamClientInterceptor):
+    """Headers on server-streaming calls; a failed stream raises the project's exception."""
+
+    def __init__(self, headers: _CallHeaders) -> None:
+        self._headers = headers
 
     async def intercept_unary_stream(
         self,
@@ -242,8 +257,9 @@ class _GatewayInterceptor(
         client_call_details: grpc.aio.ClientCallDetails,
         request: _ReqT,
     ) -> AsyncIterator[_RespT] | grpc.aio.UnaryStreamCall[_ReqT, _RespT]:
-        details, request_id = self._details(client_call_details)
+        details, request_id = self._headers.apply(client_call_details)
         call = await continuation(details, request)
+        # grpc.aio keeps `call` behind the iterator: cancel() and metadata still work.
         return _stream_raising_project_errors(call, request_id)
 
 
@@ -273,10 +289,11 @@ class PaperclipClient:
         if not token:
             raise ConfigError("the token is empty")
         self.target = target
+        headers = _CallHeaders(token)
         self.channel: grpc.aio.Channel = grpc.aio.insecure_channel(
             target,
             options=channel_options(build_service_config(timeouts)),
-            interceptors=[_GatewayInterceptor(token)],
+            interceptors=[_UnaryInterceptor(headers), _StreamInterceptor(headers)],
         )
         self.issues = issues_pb2_grpc.IssueServiceStub(self.channel)
         self.runs = runs_pb2_grpc.RunServiceStub(self.channel)

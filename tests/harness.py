@@ -20,24 +20,33 @@ from paperclip.runs.v1 import agents_pb2, runs_pb2_grpc
 INTERNAL_KEY = b"test-internal-key-0123456789abcdef"
 
 
-class _SignActor(grpc.aio.UnaryUnaryClientInterceptor, grpc.aio.UnaryStreamClientInterceptor):
-    """Adds a freshly signed actor to every call, as the gateway does."""
+class _SignUnary(grpc.aio.UnaryUnaryClientInterceptor):
+    """Adds a freshly signed actor to every unary call, as the gateway does."""
 
     def __init__(self, actor: Actor | None, key: bytes) -> None:
         self.actor = actor
         self.key = key
 
-    def _details(self, details: Any) -> Any:
-        if self.actor is None:
-            return details
-        metadata = list(details.metadata or ()) + list(sign_actor(self.actor, self.key))
-        return details._replace(metadata=metadata)
-
     async def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
-        return await continuation(self._details(details), request)
+        return await continuation(_signed(details, self.actor, self.key), request)
+
+
+class _SignStream(grpc.aio.UnaryStreamClientInterceptor):
+    """The same for server-streaming calls (grpc.aio files an interceptor under one kind)."""
+
+    def __init__(self, actor: Actor | None, key: bytes) -> None:
+        self.actor = actor
+        self.key = key
 
     async def intercept_unary_stream(self, continuation: Any, details: Any, request: Any) -> Any:
-        return await continuation(self._details(details), request)
+        return await continuation(_signed(details, self.actor, self.key), request)
+
+
+def _signed(details: Any, actor: Actor | None, key: bytes) -> Any:
+    if actor is None:
+        return details
+    metadata = list(details.metadata or ()) + list(sign_actor(actor, key))
+    return details._replace(metadata=metadata)
 
 
 @dataclass
@@ -65,9 +74,10 @@ class Suite:
 
     def clients(self, actor: Actor | None, *, key: bytes | None = None) -> Clients:
         """Stubs calling as ``actor`` (None: no actor metadata at all)."""
-        interceptor = _SignActor(actor, key or self.key)
-        issue_channel = grpc.aio.insecure_channel(self.issue_addr, interceptors=[interceptor])
-        run_channel = grpc.aio.insecure_channel(self.run_addr, interceptors=[interceptor])
+        signing_key = key or self.key
+        interceptors = [_SignUnary(actor, signing_key), _SignStream(actor, signing_key)]
+        issue_channel = grpc.aio.insecure_channel(self.issue_addr, interceptors=interceptors)
+        run_channel = grpc.aio.insecure_channel(self.run_addr, interceptors=interceptors)
         clients = Clients(
             issue_channel,
             issues_pb2_grpc.IssueServiceStub(issue_channel),

@@ -109,16 +109,18 @@ async def _watch(
 
 
 @dataclass
-class TestServer:
+class ProbeServer:
     address: str
     issues: RecordingIssues
     server: grpc.aio.Server = field(repr=False)
 
 
 @pytest.fixture
-async def test_server() -> AsyncIterator[TestServer]:
+async def probe_server() -> AsyncIterator[ProbeServer]:
     server = grpc.aio.server()
-    issues = RecordingIssues()
+    # The generated .pyi marks every RPC abstract; the runtime base answers UNIMPLEMENTED
+    # for the ones this test server leaves out.
+    issues = RecordingIssues()  # type: ignore[abstract]
     issues_pb2_grpc.add_IssueServiceServicer_to_server(issues, server)
     probe = grpc.method_handlers_generic_handler(
         PROBE_SERVICE,
@@ -133,41 +135,41 @@ async def test_server() -> AsyncIterator[TestServer]:
     server.add_generic_rpc_handlers((probe,))
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
-    yield TestServer(f"127.0.0.1:{port}", issues, server)
+    yield ProbeServer(f"127.0.0.1:{port}", issues, server)
     await server.stop(0)
 
 
 @pytest.fixture
-async def client(test_server: TestServer) -> AsyncIterator[PaperclipClient]:
-    async with PaperclipClient(test_server.address, TOKEN) as paperclip:
+async def client(probe_server: ProbeServer) -> AsyncIterator[PaperclipClient]:
+    async with PaperclipClient(probe_server.address, TOKEN) as paperclip:
         yield paperclip
 
 
 async def test_every_call_carries_the_bearer_token_and_a_fresh_request_id(
-    client: PaperclipClient, test_server: TestServer
+    client: PaperclipClient, probe_server: ProbeServer
 ) -> None:
     issue = await client.issues.GetIssue(issues_pb2.GetIssueRequest(issue="PAP-1"))
     await client.issues.GetIssue(issues_pb2.GetIssueRequest(issue="PAP-2"))
 
     assert issue.identifier == "PAP-1"
-    first, second = test_server.issues.attempts
+    first, second = probe_server.issues.attempts
     assert first.metadata["authorization"] == f"Bearer {TOKEN}"
     assert re.fullmatch(r"[0-9a-f]{32}", first.metadata[REQUEST_ID_HEADER])
     assert first.metadata[REQUEST_ID_HEADER] != second.metadata[REQUEST_ID_HEADER]
 
 
 async def test_a_request_id_the_caller_passes_is_kept(
-    client: PaperclipClient, test_server: TestServer
+    client: PaperclipClient, probe_server: ProbeServer
 ) -> None:
     metadata = grpc.aio.Metadata((REQUEST_ID_HEADER, "caller-chosen-id"))
 
     await client.issues.GetIssue(issues_pb2.GetIssueRequest(issue="PAP-1"), metadata=metadata)
     await client.issues.GetIssue(issues_pb2.GetIssueRequest(issue="PAP-1"))
 
-    assert test_server.issues.attempts[0].metadata[REQUEST_ID_HEADER] == "caller-chosen-id"
+    assert probe_server.issues.attempts[0].metadata[REQUEST_ID_HEADER] == "caller-chosen-id"
     # The caller's Metadata object is not changed behind its back.
     assert list(metadata) == [(REQUEST_ID_HEADER, "caller-chosen-id")]
-    assert test_server.issues.attempts[1].metadata[REQUEST_ID_HEADER] != "caller-chosen-id"
+    assert probe_server.issues.attempts[1].metadata[REQUEST_ID_HEADER] != "caller-chosen-id"
 
 
 async def test_rich_status_becomes_the_project_exception_with_its_reason(
@@ -183,33 +185,33 @@ async def test_rich_status_becomes_the_project_exception_with_its_reason(
 
 
 async def test_idempotent_get_is_retried_on_unavailable_with_one_request_id(
-    client: PaperclipClient, test_server: TestServer
+    client: PaperclipClient, probe_server: ProbeServer
 ) -> None:
-    test_server.issues.fail_first["GetIssue"] = 2
+    probe_server.issues.fail_first["GetIssue"] = 2
 
     issue = await client.issues.GetIssue(issues_pb2.GetIssueRequest(issue="PAP-7"))
 
     assert issue.identifier == "PAP-7"
-    assert test_server.issues.count("GetIssue") == 3
-    assert len({a.metadata[REQUEST_ID_HEADER] for a in test_server.issues.attempts}) == 1
+    assert probe_server.issues.count("GetIssue") == 3
+    assert len({a.metadata[REQUEST_ID_HEADER] for a in probe_server.issues.attempts}) == 1
 
 
 async def test_add_comment_is_not_retried_on_unavailable(
-    client: PaperclipClient, test_server: TestServer
+    client: PaperclipClient, probe_server: ProbeServer
 ) -> None:
-    test_server.issues.fail_first["AddComment"] = 2
+    probe_server.issues.fail_first["AddComment"] = 2
 
     with pytest.raises(Unavailable):
         await client.issues.AddComment(issues_pb2.AddCommentRequest(issue_id=ISSUE_ID, body="hi"))
 
-    assert test_server.issues.count("AddComment") == 1
+    assert probe_server.issues.count("AddComment") == 1
 
 
 async def test_per_method_timeout_override_expires_only_that_method(
-    test_server: TestServer,
+    probe_server: ProbeServer,
 ) -> None:
     timeouts = {"paperclip.issues.v1.IssueService/GetIssue": 0.2}
-    async with PaperclipClient(test_server.address, TOKEN, timeouts=timeouts) as client:
+    async with PaperclipClient(probe_server.address, TOKEN, timeouts=timeouts) as client:
         started = time.monotonic()
         with pytest.raises(PaperclipError) as caught:
             await client.issues.GetIssue(issues_pb2.GetIssueRequest(issue="slow"))
@@ -243,14 +245,14 @@ async def test_streaming_calls_carry_auth_and_raise_project_errors(
 
 
 async def test_from_env_reaches_the_gateway_with_the_agent_token(
-    test_server: TestServer,
+    probe_server: ProbeServer,
 ) -> None:
-    env = {"PAPERCLIP_API_URL": test_server.address, "PAPERCLIP_AGENT_TOKEN": "env-token\n"}
+    env = {"PAPERCLIP_API_URL": probe_server.address, "PAPERCLIP_AGENT_TOKEN": "env-token\n"}
 
     async with PaperclipClient.from_env(env) as client:
         await client.issues.GetIssue(issues_pb2.GetIssueRequest(issue="PAP-1"))
 
-    assert test_server.issues.attempts[0].metadata["authorization"] == "Bearer env-token"
+    assert probe_server.issues.attempts[0].metadata["authorization"] == "Bearer env-token"
 
 
 @pytest.mark.parametrize(
