@@ -6,11 +6,14 @@ import base64
 import hashlib
 import json
 import uuid
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, TypeVar
 
 from common.errors import invalid
+
+T = TypeVar("T")
 
 DEFAULT_PAGE_SIZE = 50
 MAX_PAGE_SIZE = 500
@@ -53,12 +56,30 @@ class Page:
             raise invalid("page_token", "is not a token this service issued")
         return value
 
+    @property
+    def fetch_limit(self) -> int:
+        """Rows to fetch: one more than the page, to learn whether another page follows."""
+        return self.size + 1
+
+    def finish(
+        self, rows: Sequence[T], cursor_of: Callable[[T], dict[str, Any]]
+    ) -> tuple[list[T], str]:
+        """The page's rows (of ``fetch_limit`` fetched) and the next page's token."""
+        shown = list(rows[: self.size])
+        more = len(rows) > self.size and bool(shown)
+        return shown, self.next_token(cursor_of(shown[-1]) if more else None)
+
     def next_token(self, cursor: dict[str, Any] | None) -> str:
         """The token of the page after the one ending at ``cursor`` ('' when none)."""
         if cursor is None:
             return ""
         raw = json.dumps({"f": self.fingerprint, "c": cursor}, separators=(",", ":"))
         return base64.urlsafe_b64encode(raw.encode()).decode().rstrip("=")
+
+
+def created_cursor(row: Any) -> dict[str, Any]:
+    """The cursor of a row listed in (created_at, id) order."""
+    return {"t": row["created_at"].isoformat(), "i": str(row["id"])}
 
 
 def _fingerprint(filters: dict[str, Any]) -> str:

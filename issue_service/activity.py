@@ -69,9 +69,7 @@ async def list_activity(
             ORDER BY id DESC LIMIT :limit
             """
             ),
-            {"company": company, **filters, "before": before, "limit": page.size + 1},
+            {"company": company, **filters, "before": before, "limit": page.fetch_limit},
         )
-    more = len(rows) > page.size
-    rows = rows[: page.size]
-    token = page.next_token({"id": rows[-1]["id"]} if more and rows else None)
-    return [entry_to_proto(r) for r in rows], token
+    shown, token = page.finish(rows, lambda row: {"id": row["id"]})
+    return [entry_to_proto(r) for r in shown], token

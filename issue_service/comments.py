@@ -18,7 +18,7 @@ from common.audit import record_activity
 from common.authz import require_board, require_company_access
 from common.db import Database
 from common.errors import FailedPrecondition, NotFound, PermissionDenied
-from common.pagination import parse_page
+from common.pagination import created_cursor, parse_page
 from common.protoconv import text as opt
 from common.protoconv import timestamp
 from common.sql import Row, Tx, sql
@@ -305,13 +305,8 @@ async def list_comments(
                 "issue": issue,
                 "after_ts": after_ts,
                 "after_id": after_id,
-                "limit": page.size + 1,
+                "limit": page.fetch_limit,
             },
         )
-    more = len(rows) > page.size
-    rows = rows[: page.size]
-    last = rows[-1] if more and rows else None
-    token = page.next_token(
-        {"t": last["created_at"].isoformat(), "i": str(last["id"])} if last else None
-    )
-    return [comment_to_proto(r) for r in rows], token
+    shown, token = page.finish(rows, created_cursor)
+    return [comment_to_proto(r) for r in shown], token

@@ -9,7 +9,7 @@ from common.audit import record_activity
 from common.authz import require_company_access, require_instance_admin
 from common.db import Database
 from common.errors import AlreadyExists, NotFound, invalid
-from common.pagination import parse_page
+from common.pagination import created_cursor, parse_page
 from common.protoconv import timestamp
 from common.sql import Row, sql
 from common.validation import MAX_NAME, parse_uuid, require_text
@@ -118,13 +118,8 @@ async def list_companies(
                 "visible": visible,
                 "after_id": after_id,
                 "after_ts": after_ts,
-                "limit": page.size + 1,
+                "limit": page.fetch_limit,
             },
         )
-    more = len(rows) > page.size
-    rows = rows[: page.size]
-    last = rows[-1] if more and rows else None
-    token = page.next_token(
-        {"t": last["created_at"].isoformat(), "i": str(last["id"])} if last else None
-    )
-    return [company_to_proto(r) for r in rows], token
+    shown, token = page.finish(rows, created_cursor)
+    return [company_to_proto(r) for r in shown], token

@@ -303,13 +303,11 @@ async def list_issues(
                 "after": after,
                 "statuses": wanted or None,
                 "assignee": assignee,
-                "limit": page.size + 1,
+                "limit": page.fetch_limit,
             },
         )
-    more = len(rows) > page.size
-    rows = rows[: page.size]
-    token = page.next_token({"n": rows[-1]["issue_number"]} if more and rows else None)
-    return [store.issue_to_proto(r) for r in rows], token
+    shown, token = page.finish(rows, lambda row: {"n": row["issue_number"]})
+    return [store.issue_to_proto(r) for r in shown], token
 
 
 def update_fields(issue: issues_pb2.Issue, paths: Sequence[str]) -> IssueFields:

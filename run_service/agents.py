@@ -129,13 +129,12 @@ async def list_agents(
         if not await agent_store.company_exists(tx, company_id):
             raise company_not_found(company_id)
         records = await agent_store.list_agents(
-            tx, company_id=company_id, statuses=wanted, after=after, limit=page.size + 1
+            tx, company_id=company_id, statuses=wanted, after=after, limit=page.fetch_limit
         )
-    shown = records[: page.size]
-    more = len(records) > page.size
+    shown, token = page.finish(records, _cursor_of)
     return agents_pb2.ListAgentsResponse(
         agents=[record.to_proto(redact_env=not actor.is_board) for record in shown],
-        next_page_token=page.next_token(_cursor_of(shown[-1]) if more else None),
+        next_page_token=token,
     )
 
 
