@@ -91,10 +91,10 @@ async def _open(method: str, context: Context, auth: Authenticator) -> _Call | W
     call = _Call(method, metadata)
     try:
         CURRENT_ACTOR.set(await auth.authenticate(metadata))
-    except PaperclipError as exc:
-        RPC_TOTAL.labels(method, exc.code.name).inc()
-        log.info("rpc unauthenticated", extra={"method": method, "reason": exc.reason})
-        return to_wire_status(exc, ((REQUEST_ID_HEADER, call.request_id),))
+    except Exception as exc:  # authentication must never answer UNKNOWN
+        error = call.failure(exc)
+        RPC_TOTAL.labels(method, error.code.name).inc()
+        return error
     return call
 
 

@@ -13,6 +13,7 @@ import asyncio
 import hashlib
 import logging
 import time
+import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -137,6 +138,14 @@ def bearer_token(metadata: Mapping[str, str]) -> str:
     return token.strip()
 
 
+def _is_uuid(value: str) -> bool:
+    try:
+        uuid.UUID(value)
+    except ValueError:
+        return False
+    return True
+
+
 class BearerAuthenticator:
     """The gateway's authenticator: run tokens and board keys."""
 
@@ -159,6 +168,9 @@ class BearerAuthenticator:
 
     async def _agent(self, token: str, digest: bytes) -> Actor:
         claims = verify_run_token(self.jwt_secret, token)
+        if not all(_is_uuid(v) for v in (claims.run_id, claims.agent_id, claims.company_id)):
+            # Validly signed yet not ids: refused here, not by the database (UNKNOWN).
+            raise Unauthenticated("run token names no valid run", reason="UNAUTHENTICATED")
         since = time.monotonic()
         async with self.db.unit_of_work() as tx:
             run = await tx.fetchrow(_RUN, {"id": claims.run_id})

@@ -19,8 +19,9 @@ KEY_PREFIX = "pcb_"
 _UPSERT_USER = sql(
     """
     INSERT INTO gateway.users (id, is_instance_admin) VALUES (:id, :admin)
-    ON CONFLICT (id) DO UPDATE SET is_instance_admin = EXCLUDED.is_instance_admin,
-        updated_at = now()
+    ON CONFLICT (id) DO UPDATE
+        SET is_instance_admin = gateway.users.is_instance_admin OR EXCLUDED.is_instance_admin,
+            updated_at = now()
     """
 )
 _UPSERT_MEMBERSHIP = sql(

@@ -106,8 +106,15 @@ class Proxy(grpc.GenericRpcHandler):
 
 
 async def _relay(context: Context, err: grpc.aio.AioRpcError) -> None:
-    """End the client's call with the backend's status, untouched (details included)."""
-    trailing = tuple(
-        (key, value) for key, value in (err.trailing_metadata() or ()) if key != REQUEST_ID_HEADER
+    """End the client's call with the backend's status, untouched (details included),
+    and the call's request id (the client's, or the one the gateway gave it): the
+    backend's echo is replaced, so there is exactly one even when no backend answered."""
+    trailing = (
+        *(
+            (key, value)
+            for key, value in (err.trailing_metadata() or ())
+            if key != REQUEST_ID_HEADER
+        ),
+        (REQUEST_ID_HEADER, REQUEST_ID.get()),
     )
     await context.abort(err.code(), err.details() or "", trailing_metadata=trailing)
