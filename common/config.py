@@ -40,6 +40,8 @@ class Settings:
     ready_file: Path | None
     lock_sweep_seconds: float
     metrics_addr: str | None
+    max_processes: int
+    dispatch_poll_seconds: float
 
     @property
     def embedded(self) -> bool:
@@ -110,5 +112,8 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         log_level=(env.get("PAPERCLIP_LOG_LEVEL") or "INFO").upper(),
         ready_file=Path(ready) if ready else None,
         metrics_addr=env.get("PAPERCLIP_METRICS_ADDR") or None,
+        max_processes=_int(env, "PAPERCLIP_MAX_PROCESSES", 32, low=1, high=10_000),
+        dispatch_poll_seconds=_int(env, "PAPERCLIP_DISPATCH_POLL_MS", 1000, low=50, high=60_000)
+        / 1000,
         lock_sweep_seconds=float(_int(env, "PAPERCLIP_LOCK_SWEEP_SECONDS", 30, low=1, high=3600)),
     )

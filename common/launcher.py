@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import signal
+import socket
 import sys
 import time
 from collections.abc import Iterator
@@ -149,6 +150,16 @@ def _database(settings: Settings) -> Iterator[tuple[str, str]]:
         server.stop()
 
 
+def _concrete(address: str) -> str:
+    """``host:0`` with a free port picked now; any other address unchanged."""
+    host, _, port = address.rpartition(":")
+    if port != "0":
+        return address
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind((host, 0))
+        return f"{host}:{probe.getsockname()[1]}"
+
+
 def _start_services(settings: Settings, url: str, children: list[Child], stop: StopSignal) -> None:
     # One metrics port is for one process; the services of one launcher would clash.
     inherited = {k: v for k, v in os.environ.items() if k != "PAPERCLIP_METRICS_ADDR"}
@@ -158,6 +169,9 @@ def _start_services(settings: Settings, url: str, children: list[Child], stop: S
         "PAPERCLIP_DATABASE_URL": url,
         "PAPERCLIP_INTERNAL_KEY": settings.internal_key.decode(),
         "PAPERCLIP_JWT_SECRET": settings.jwt_secret.decode(),
+        # Agents are told the gateway's address before the gateway starts (it starts
+        # last, routing to the others), so a port-0 gateway address is fixed here.
+        "PAPERCLIP_GATEWAY_ADDR": _concrete(settings.gateway_addr),
     }
     run_dir = settings.home / "run"
     run_dir.mkdir(parents=True, exist_ok=True)

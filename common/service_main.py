@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 from prometheus_client import start_http_server
@@ -14,16 +15,28 @@ from common.embedded_pg import normalize_database_url
 from common.log import configure_logging
 from common.server import ServiceSpec, serve_until_signalled, start_server
 
-SpecsFactory = Callable[[Database, Settings], Sequence[ServiceSpec]]
-BackgroundFactory = Callable[[Database, Settings], Sequence[Coroutine[Any, Any, None]]]
+Job = Coroutine[Any, Any, None]
+
+
+@dataclass
+class Wiring:
+    """What a service process serves, what it runs in the background once it listens,
+    and what it must do on the way out (after the server stopped, before the pool
+    closes)."""
+
+    specs: Sequence[ServiceSpec]
+    jobs: Sequence[Job] = ()
+    on_stop: Sequence[Callable[[], Awaitable[None]]] = field(default_factory=list)
+
+
+WiringFactory = Callable[[Database, Settings], Wiring]
 
 
 async def _main(
     service: str,
     address: str,
     settings: Settings,
-    factory: SpecsFactory,
-    background: BackgroundFactory | None,
+    factory: WiringFactory,
 ) -> None:
     if settings.database_url is None:
         raise SystemExit(f"{service}: PAPERCLIP_DATABASE_URL is required (make run sets it)")
@@ -36,27 +49,24 @@ async def _main(
     if settings.metrics_addr:
         host, _, port = settings.metrics_addr.rpartition(":")
         start_http_server(int(port), addr=host or "0.0.0.0")
-    running = await start_server(factory(db, settings), address, settings.internal_key)
+    wiring = factory(db, settings)
+    running = await start_server(wiring.specs, address, settings.internal_key)
     # Background work starts after the server listens: recovery never delays start-up.
-    for job in background(db, settings) if background else ():
+    for job in wiring.jobs:
         running.background.append(asyncio.create_task(job))
+
+    async def stop() -> None:
+        for hook in wiring.on_stop:
+            await hook()
+        await db.dispose()
+
     await serve_until_signalled(
-        running,
-        service=service,
-        address=address,
-        ready_file=settings.ready_file,
-        on_stop=db.dispose,
+        running, service=service, address=address, ready_file=settings.ready_file, on_stop=stop
     )
 
 
-def run(
-    service: str,
-    address_of: Callable[[Settings], str],
-    factory: SpecsFactory,
-    background: BackgroundFactory | None = None,
-) -> None:
-    """Configure logging, then serve ``factory``'s services (and run ``background``
-    jobs) until signalled."""
+def run(service: str, address_of: Callable[[Settings], str], factory: WiringFactory) -> None:
+    """Configure logging, then serve what ``factory`` wires until signalled."""
     settings = load_settings()
     configure_logging(service, settings.log_level)
-    asyncio.run(_main(service, address_of(settings), settings, factory, background))
+    asyncio.run(_main(service, address_of(settings), settings, factory))

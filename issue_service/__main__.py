@@ -1,12 +1,11 @@
 """``python -m issue_service``."""
 
 from common.service_main import run
-from issue_service.app import background_jobs, service_specs
+from issue_service.app import wiring
 
 if __name__ == "__main__":
     run(
         "issue_service",
         lambda settings: settings.issue_service_addr,
-        service_specs,
-        background_jobs,
+        wiring,
     )

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Coroutine
-from typing import Any
-
 from common.config import Settings
 from common.db import Database
 from common.server import ServiceSpec
+from common.service_main import Wiring
 from issue_service.api import IssueApi, IssueLockApi
 from issue_service.sweeper import sweep_forever
 from paperclip.issues.v1 import issue_locks_pb2_grpc, issues_pb2_grpc
@@ -33,6 +31,9 @@ def service_specs(db: Database, settings: Settings) -> list[ServiceSpec]:
     ]
 
 
-def background_jobs(db: Database, settings: Settings) -> list[Coroutine[Any, Any, None]]:
-    """Periodic work of the issue service: the stale-lock sweep."""
-    return [sweep_forever(db, interval=settings.lock_sweep_seconds)]
+def wiring(db: Database, settings: Settings) -> Wiring:
+    """The issue service process: its services and the stale-lock sweep."""
+    return Wiring(
+        specs=service_specs(db, settings),
+        jobs=[sweep_forever(db, interval=settings.lock_sweep_seconds)],
+    )

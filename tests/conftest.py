@@ -8,18 +8,20 @@ import os
 import tempfile
 import uuid
 from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import asyncpg
 import pytest
 
-from common.config import load_settings
+from common.config import Settings, load_settings
 from common.db import Database
 from common.embedded_pg import EmbeddedPostgres, asyncpg_dsn, normalize_database_url
 from common.migrate import migrate
 from common.server import RunningServer, start_server
 from issue_service.app import service_specs as issue_specs
 from run_service.app import service_specs as run_specs
+from run_service.runner import Runner
 from tests.harness import INTERNAL_KEY, Suite
 
 
@@ -70,28 +72,68 @@ async def db(database_url: str) -> AsyncIterator[Database]:
     await database.dispose()
 
 
+@dataclass
+class Services:
+    """The in-process services of the session and the run service's runner."""
+
+    suite: Suite
+    runner: Runner
+    #: The settings the run service (and its runner) were built with.
+    settings: Settings
+
+
 @pytest.fixture(scope="session")
-async def suite(db: Database, database_url: str) -> AsyncIterator[Suite]:
-    """The issue and run services, each on its own real socket, port 0."""
+async def services(db: Database, database_url: str) -> AsyncIterator[Services]:
+    """The issue and run services, each on its own real socket, port 0, and the run
+    service's runner (dispatch and supervision) started once the servers listen.
+
+    The runner dispatches only the companies in ``runner.companies`` (empty at first):
+    tests share one database, and tests of other services insert queued runs that must
+    stay queued. A test that wants its runs executed adds its company (``dispatching``).
+    """
     settings = load_settings(
         {
             "PAPERCLIP_HOME": tempfile.mkdtemp(prefix="paperclip-test-home-"),
             "PAPERCLIP_DATABASE_URL": database_url,
             "PAPERCLIP_INTERNAL_KEY": INTERNAL_KEY.decode(),
-            "PAPERCLIP_JWT_SECRET": "test-jwt-secret",
+            "PAPERCLIP_JWT_SECRET": "test-jwt-secret-0123456789abcdef-runs",
+            "PAPERCLIP_DISPATCH_POLL_MS": "200",
         }
     )
     issue_db = Database(database_url, pool_size=20, max_overflow=40, name="issue_service")
     run_db = Database(database_url, pool_size=10, max_overflow=10, name="run_service")
-    servers: list[RunningServer] = [
-        await start_server(issue_specs(issue_db, settings), "127.0.0.1:0", INTERNAL_KEY),
-        await start_server(run_specs(run_db, settings), "127.0.0.1:0", INTERNAL_KEY),
-    ]
+    issue_server = await start_server(issue_specs(issue_db, settings), "127.0.0.1:0", INTERNAL_KEY)
+    run_settings = replace(settings, issue_service_addr=f"127.0.0.1:{issue_server.port}")
+    runner = Runner(run_db, run_settings, companies=set())
+    run_server = await start_server(run_specs(run_db, runner), "127.0.0.1:0", INTERNAL_KEY)
+    runner_task = asyncio.create_task(runner.run(), name="test-runner")
+    servers: list[RunningServer] = [issue_server, run_server]
     the_suite = Suite(
-        issue_addr=f"127.0.0.1:{servers[0].port}", run_addr=f"127.0.0.1:{servers[1].port}", db=db
+        issue_addr=f"127.0.0.1:{issue_server.port}",
+        run_addr=f"127.0.0.1:{run_server.port}",
+        db=db,
     )
-    yield the_suite
-    await the_suite.close()
-    await asyncio.gather(*(s.stop(0.5) for s in servers))
-    await issue_db.dispose()
-    await run_db.dispose()
+    try:
+        yield Services(the_suite, runner, run_settings)
+    finally:
+        await the_suite.close()
+        runner_task.cancel()
+        await asyncio.gather(runner_task, return_exceptions=True)
+        await runner.stop()  # while the issue service still answers ReleaseRunLocks
+        await asyncio.gather(*(s.stop(0.5) for s in servers))
+        await issue_db.dispose()
+        await run_db.dispose()
+
+
+@pytest.fixture(scope="session")
+async def suite(services: Services) -> Suite:
+    """The issue and run services (see ``services``)."""
+    return services.suite
+
+
+@pytest.fixture(scope="session")
+async def runner(services: Services) -> Runner:
+    """The run service's runner; add a company to ``runner.companies`` to have its
+    queued runs dispatched."""
+    await services.runner.wait_registered()
+    return services.runner

@@ -1,0 +1,169 @@
+"""The run service's client of the issue service: execution locks and harness checkout.
+
+Every call is signed with the internal key. Lock calls act as the ``run_service``
+service actor; the harness checkout acts as the *agent* inside its run, which is how the
+issue service knows the run (not a board user) checked the issue out.
+
+All calls are idempotent compare-and-set operations (ARCHITECTURE, "Cross-service
+calls"), so repeating one is always safe. ``ReleaseRunLocks`` is retried with backoff
+until it is acknowledged; only a shutdown of the run service gives up early (the issue
+service's stale-lock sweep converges then).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+
+import grpc
+import grpc.aio
+
+from common.actor import Actor, ActorType, service_actor, sign_actor
+from common.config import Settings
+from common.errors import PaperclipError, from_rpc_error
+from paperclip.issues.v1 import (
+    issue_locks_pb2,
+    issue_locks_pb2_grpc,
+    issues_pb2,
+    issues_pb2_grpc,
+)
+
+logger = logging.getLogger(__name__)
+
+SERVICE_NAME = "run_service"
+#: Deadline of one call to the issue service.
+CALL_TIMEOUT_SECONDS = 10.0
+#: Backoff of ReleaseRunLocks retries: 0.1 s doubling up to 5 s, with jitter.
+RELEASE_BACKOFF_INITIAL = 0.1
+RELEASE_BACKOFF_MAX = 5.0
+#: Errors worth retrying: the issue service is down, slow or lost a race.
+_RETRYABLE = {
+    grpc.StatusCode.UNAVAILABLE,
+    grpc.StatusCode.DEADLINE_EXCEEDED,
+    grpc.StatusCode.ABORTED,
+    grpc.StatusCode.INTERNAL,
+    grpc.StatusCode.UNKNOWN,
+    grpc.StatusCode.RESOURCE_EXHAUSTED,
+    grpc.StatusCode.CANCELLED,
+}
+
+
+class IssueClient:
+    """Calls ``IssueLockService`` and ``IssueService.CheckoutIssue`` at
+    ``settings.issue_service_addr``. Create and use it inside the event loop."""
+
+    def __init__(self, settings: Settings) -> None:
+        self._settings = settings
+        self._channel: grpc.aio.Channel | None = None
+        self._locks: issue_locks_pb2_grpc.IssueLockServiceAsyncStub | None = None
+        self._issues: issues_pb2_grpc.IssueServiceAsyncStub | None = None
+        self._closing = asyncio.Event()
+
+    def _stubs(
+        self,
+    ) -> tuple[
+        issue_locks_pb2_grpc.IssueLockServiceAsyncStub, issues_pb2_grpc.IssueServiceAsyncStub
+    ]:
+        if self._channel is None:
+            self._channel = grpc.aio.insecure_channel(self._settings.issue_service_addr)
+            self._locks = issue_locks_pb2_grpc.IssueLockServiceStub(self._channel)
+            self._issues = issues_pb2_grpc.IssueServiceStub(self._channel)
+        assert self._locks is not None and self._issues is not None
+        return self._locks, self._issues
+
+    def _metadata(self, actor: Actor | None = None) -> tuple[tuple[str, str], ...]:
+        return sign_actor(actor or service_actor(SERVICE_NAME), self._settings.internal_key)
+
+    async def acquire_execution_lock(
+        self, *, issue_id: str, run_id: str, agent_id: str
+    ) -> issues_pb2.Issue:
+        """The issue, locked for ``run_id``; raises ``FailedPrecondition``
+        (``ISSUE_EXECUTION_LOCKED``) while another live run holds it."""
+        locks, _ = self._stubs()
+        try:
+            reply = await locks.AcquireExecutionLock(
+                issue_locks_pb2.AcquireExecutionLockRequest(
+                    issue_id=issue_id, run_id=run_id, agent_id=agent_id
+                ),
+                metadata=self._metadata(),
+                timeout=CALL_TIMEOUT_SECONDS,
+            )
+        except grpc.aio.AioRpcError as exc:
+            raise from_rpc_error(exc) from exc
+        return reply.issue
+
+    async def checkout_issue(
+        self, *, issue_id: str, agent_id: str, company_id: str, run_id: str
+    ) -> issues_pb2.Issue:
+        """Check the issue out for the run, as the agent acting inside it (harness
+        auto-checkout, reference §4 step 2); raises ``PaperclipError`` on a conflict."""
+        _, issues = self._stubs()
+        actor = Actor(type=ActorType.AGENT, agent_id=agent_id, company_id=company_id, run_id=run_id)
+        try:
+            return await issues.CheckoutIssue(
+                issues_pb2.CheckoutIssueRequest(
+                    issue_id=issue_id,
+                    agent_id=agent_id,
+                    expected_statuses=[
+                        issues_pb2.ISSUE_STATUS_TODO,
+                        issues_pb2.ISSUE_STATUS_BACKLOG,
+                        issues_pb2.ISSUE_STATUS_BLOCKED,
+                    ],
+                ),
+                metadata=self._metadata(actor),
+                timeout=CALL_TIMEOUT_SECONDS,
+            )
+        except grpc.aio.AioRpcError as exc:
+            raise from_rpc_error(exc) from exc
+
+    async def release_run_locks(self, run_id: str) -> list[str] | None:
+        """Clear every lock the (terminal) run holds; the issues it touched.
+
+        Retried with backoff until acknowledged. Returns None only when the client is
+        closing (shutdown) or the issue service refuses for good (logged): the issue
+        service's stale-lock sweep clears such locks later."""
+        locks, _ = self._stubs()
+        delay = RELEASE_BACKOFF_INITIAL
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                reply = await locks.ReleaseRunLocks(
+                    issue_locks_pb2.ReleaseRunLocksRequest(run_id=run_id),
+                    metadata=self._metadata(),
+                    timeout=CALL_TIMEOUT_SECONDS,
+                )
+                return list(reply.issue_ids)
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() not in _RETRYABLE:
+                    error: PaperclipError = from_rpc_error(exc)
+                    logger.error(
+                        "ReleaseRunLocks refused",
+                        extra={"run_id": run_id, "reason": error.reason, "error": str(error)},
+                    )
+                    return None
+                logger.warning(
+                    "ReleaseRunLocks failed, retrying",
+                    extra={"run_id": run_id, "code": exc.code().name, "attempt": attempt},
+                )
+            if self._closing.is_set():
+                logger.warning("giving up ReleaseRunLocks on shutdown", extra={"run_id": run_id})
+                return None
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(
+                    self._closing.wait(), timeout=delay * (0.5 + random.random() / 2)
+                )
+            delay = min(delay * 2, RELEASE_BACKOFF_MAX)
+
+    def closing(self) -> None:
+        """Shutdown begins: retry loops make one more attempt at most."""
+        self._closing.set()
+
+    async def close(self) -> None:
+        """Close the channel (after :meth:`closing` and the last calls)."""
+        self._closing.set()
+        if self._channel is not None:
+            await self._channel.close()
+            self._channel = None

@@ -1,0 +1,333 @@
+"""The run service's runner: this process as a supervisor node, its dispatcher, and the
+runs it executes.
+
+``Runner(db, settings)`` is built with the servicers; ``run()`` is a background job
+started once the server listens, ``stop()`` is called on shutdown.
+
+``run()``:
+
+1. registers a ``runs.supervisor_nodes`` row (host, boot id, pid, process start time,
+   ``max_processes``, a lease of ``LEASE_SECONDS``) and renews it every
+   ``RENEW_SECONDS``;
+2. dispatches until cancelled: a pass of :func:`run_service.dispatch.dispatch_pass`
+   whenever a ``paperclip_runs_queued`` notification arrives (LISTEN on a dedicated
+   asyncpg connection, reconnected when lost), a local run ends, or every
+   ``settings.dispatch_poll_seconds`` (notifications can be lost).
+
+Each claimed run is executed by its own task (:mod:`run_service.executor`), independent
+of ``run()``: cancelling ``run()`` stops dispatching only.
+
+``stop()`` -- **shutdown policy for now**: the design (ARCHITECTURE, "Node restart") is to
+leave live children running so that the next start of this node adopts them. Recovery and
+adoption are not implemented yet, so until they are, ``stop()`` terminates every live
+child's process tree (SIGTERM, grace, SIGKILL) and finalizes its run as ``cancelled``
+with error ``run service stopped``: nothing is left orphaned, no run is left ``running``
+under a dead node. Then the node row is marked stopped (lease expired).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+from collections.abc import Coroutine
+from datetime import UTC, datetime
+from typing import Any
+
+import asyncpg
+import psutil
+
+from common.config import Settings
+from common.db import Database
+from common.embedded_pg import asyncpg_dsn
+from common.sql import sql
+from run_service import dispatch, finalize
+from run_service.executor import Execution, ExecutorContext, execute
+from run_service.issue_client import IssueClient
+
+logger = logging.getLogger(__name__)
+
+LEASE_SECONDS = 15
+RENEW_SECONDS = 5.0
+QUEUED_CHANNEL = "paperclip_runs_queued"
+#: CancelRun served by another replica names a run here (payload: the run id).
+CANCEL_CHANNEL = "paperclip_run_cancel"
+CANCELLED_ELSEWHERE = "cancelled by control plane"
+#: How often the idle LISTEN connection is probed (a dead peer may never close it).
+LISTEN_PROBE_SECONDS = 30.0
+STOP_REASON = "run service stopped"
+#: How long stop() waits for the executions to end (after their trees got grace + kill).
+STOP_TIMEOUT_SECONDS = 30.0
+BOOT_ID_FILE = "/proc/sys/kernel/random/boot_id"
+
+_REGISTER = sql(
+    f"""
+    INSERT INTO runs.supervisor_nodes
+        (host, boot_id, pid, process_started_at, max_processes, lease_expires_at)
+    VALUES (:host, :boot, :pid, :started, :max,
+            now() + make_interval(secs => {LEASE_SECONDS}))
+    RETURNING id
+    """
+)
+_RENEW = sql(
+    f"""
+    UPDATE runs.supervisor_nodes
+    SET renewed_at = now(), lease_expires_at = now() + make_interval(secs => {LEASE_SECONDS})
+    WHERE id = :id AND stopped_at IS NULL
+    """
+)
+_STOPPED = sql(
+    """
+    UPDATE runs.supervisor_nodes SET stopped_at = now(), lease_expires_at = now()
+    WHERE id = :id
+    """
+)
+
+
+def boot_id() -> str:
+    """This host's boot id (a pid and start time are only unique within one boot)."""
+    try:
+        with open(BOOT_ID_FILE) as fh:
+            return fh.read().strip()
+    except OSError:
+        return "unknown"
+
+
+class Runner:
+    """Dispatch and supervision of agent runs on this node (see the module docstring)."""
+
+    def __init__(
+        self, db: Database, settings: Settings, *, companies: set[str] | None = None
+    ) -> None:
+        self.db = db
+        self.settings = settings
+        #: Dispatch scope: None (production) claims queued runs of every company; a set
+        #: limits this runner to those companies (tests share one database; the set may
+        #: change while running).
+        self.companies = companies
+        #: This node's ``supervisor_nodes`` id, set once registered by :meth:`run`.
+        self.node_id: str = ""
+        self.issues = IssueClient(settings)
+        self._executions: dict[str, Execution] = {}
+        self._kick = asyncio.Event()
+        self._registered = asyncio.Event()
+        self._stopping = False
+        self._listener: asyncpg.Connection | None = None
+        self._background: set[asyncio.Task[object]] = set()
+
+    # -- public interface ---------------------------------------------------------
+
+    @property
+    def live_runs(self) -> list[str]:
+        """The runs this node is executing right now."""
+        return list(self._executions)
+
+    async def run(self) -> None:
+        """Register the node, then renew its lease and dispatch until cancelled."""
+        await self._register()
+        tasks = [
+            asyncio.create_task(self._renew_loop(), name="runner-lease"),
+            asyncio.create_task(self._listen_loop(), name="runner-listen"),
+        ]
+        try:
+            await self._dispatch_loop()
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            await self._close_listener()
+
+    async def wait_registered(self) -> None:
+        """Until :meth:`run` has registered the node."""
+        await self._registered.wait()
+
+    def wake(self) -> None:
+        """Ask for a dispatch pass now."""
+        self._kick.set()
+
+    async def cancel(self, run_id: str, reason: str) -> bool:
+        """Cancel a run this node executes: its tree is terminated (SIGTERM, grace,
+        SIGKILL) and the executor finalizes it as ``cancelled`` with ``reason``. A run not
+        started yet never starts. False when this node does not supervise the run."""
+        execution = self._executions.get(run_id)
+        if execution is None:
+            return False
+        execution.cancel(reason)
+        return True
+
+    def touch(self, run_id: str) -> bool:
+        """Renew the idle timer of a local run (``ReportRunActivity``); False when this
+        node does not supervise a spawned process for it."""
+        execution = self._executions.get(run_id)
+        return execution is not None and execution.touch()
+
+    async def stop(self) -> None:
+        """Stop dispatching, terminate every live child and finalize its run as
+        cancelled (``run service stopped``), mark the node stopped. Idempotent."""
+        if self._stopping:
+            return
+        self._stopping = True
+        self._kick.set()
+        executions = list(self._executions.values())
+        for execution in executions:
+            execution.cancel(STOP_REASON)
+        tasks = [e.task for e in executions if e.task is not None]
+        if tasks:
+            _, pending = await asyncio.wait(tasks, timeout=STOP_TIMEOUT_SECONDS)
+            if pending:
+                # Only the after-run steps can be this slow (issue service down).
+                self.issues.closing()
+                _, pending = await asyncio.wait(pending, timeout=5.0)
+                for task in pending:
+                    task.cancel()
+        self.issues.closing()
+        if self.node_id:
+            try:
+                async with self.db.unit_of_work() as tx:
+                    await tx.execute(_STOPPED, {"id": self.node_id})
+            except Exception:
+                logger.exception("marking the node stopped failed")
+        await self._close_listener()
+        await self.issues.close()
+
+    # -- node lease -----------------------------------------------------------------
+
+    async def _register(self) -> None:
+        me = psutil.Process()
+        async with self.db.unit_of_work() as tx:
+            node = await tx.fetchval(
+                _REGISTER,
+                {
+                    "host": socket.gethostname(),
+                    "boot": boot_id(),
+                    "pid": os.getpid(),
+                    "started": datetime.fromtimestamp(me.create_time(), UTC),
+                    "max": self.settings.max_processes,
+                },
+            )
+        self.node_id = str(node)
+        self._registered.set()
+        logger.info("supervisor node registered", extra={"node_id": self.node_id})
+
+    async def _renew_loop(self) -> None:
+        while True:
+            await asyncio.sleep(RENEW_SECONDS)
+            try:
+                async with self.db.unit_of_work() as tx:
+                    await tx.execute(_RENEW, {"id": self.node_id})
+            except Exception:
+                logger.exception("renewing the node lease failed")
+
+    # -- dispatch -------------------------------------------------------------------
+
+    async def _listen_loop(self) -> None:
+        """LISTEN for queued runs; reconnect when the connection drops."""
+        url = self.settings.database_url
+        if url is None:
+            return
+        delay = 0.5
+        while True:
+            try:
+                conn = await asyncpg.connect(asyncpg_dsn(url))
+            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+                logger.warning("LISTEN connection failed", extra={"error": str(exc)})
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 10.0)
+                continue
+            delay = 0.5
+            self._listener = conn
+            try:
+                await self._listen_on(conn)
+                logger.warning("LISTEN connection lost, reconnecting")
+            finally:
+                self._listener = None
+                with contextlib.suppress(Exception):
+                    await conn.close(timeout=2)
+
+    async def _listen_on(self, conn: asyncpg.Connection) -> None:
+        """Listen on ``conn`` until it is lost (closed, or a liveness probe fails)."""
+        lost = asyncio.Event()
+        conn.add_termination_listener(lambda _c: lost.set())
+        await conn.add_listener(QUEUED_CHANNEL, self._on_notify)
+        await conn.add_listener(CANCEL_CHANNEL, self._on_cancel_notify)
+        self._kick.set()  # whatever was queued while we were not listening
+        while not lost.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(lost.wait(), timeout=LISTEN_PROBE_SECONDS)
+            if not lost.is_set():
+                try:
+                    await conn.fetchval("SELECT 1", timeout=5)
+                except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError):
+                    return
+
+    def _on_cancel_notify(self, _conn: object, _pid: int, _channel: str, payload: object) -> None:
+        """CancelRun on another node cancelled a run this node may supervise."""
+        execution = self._executions.get(str(payload))
+        if execution is not None:
+            execution.cancel(CANCELLED_ELSEWHERE)
+
+    def _on_notify(self, _conn: object, _pid: int, _channel: str, _payload: object) -> None:
+        self._kick.set()
+
+    async def _close_listener(self) -> None:
+        conn, self._listener = self._listener, None
+        if conn is not None:
+            with contextlib.suppress(Exception):
+                await conn.close(timeout=2)
+
+    async def _dispatch_loop(self) -> None:
+        poll = self.settings.dispatch_poll_seconds
+        while not self._stopping:
+            self._kick.clear()
+            more = False
+            try:
+                more = await self._dispatch_once()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                logger.exception("dispatch pass failed")
+            if more:
+                continue
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._kick.wait(), timeout=poll)
+
+    async def _dispatch_once(self) -> bool:
+        """One pass; True when it filled every free slot (there may be more to claim)."""
+        capacity = self.settings.max_processes - len(self._executions)
+        if capacity <= 0 or self._stopping:
+            return False
+        scope = None if self.companies is None else sorted(self.companies)
+        result = await dispatch.dispatch_pass(
+            self.db, node_id=self.node_id, capacity=capacity, company_ids=scope
+        )
+        for run_id in result.cancelled:
+            self._spawn_task(finalize.after_terminal(self.db, self.issues, run_id, None))
+        context = ExecutorContext(
+            db=self.db,
+            settings=self.settings,
+            issues=self.issues,
+            node_id=self.node_id,
+        )
+        for claim in result.claims:
+            execution = Execution(claim)
+            self._executions[claim.run_id] = execution
+            if self._stopping:
+                execution.cancel(STOP_REASON)
+            execution.task = asyncio.create_task(
+                self._execute(context, execution), name=f"run-{claim.run_id}"
+            )
+        return bool(result.claims) and len(result.claims) >= capacity
+
+    async def _execute(self, context: ExecutorContext, execution: Execution) -> None:
+        try:
+            await execute(context, execution)
+        finally:
+            self._executions.pop(execution.run_id, None)
+            self.wake()  # a slot is free, and a deferred run may be startable now
+
+    def _spawn_task(self, coro: Coroutine[Any, Any, object]) -> None:
+        task = asyncio.create_task(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
