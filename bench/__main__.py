@@ -1,9 +1,11 @@
 """``python -m bench``: the issue service's checkout/release cycle at 1 and 16 clients,
-next to a bare gRPC round trip and raw-SQL ceilings measured in the same run.
+directly and through the gateway, next to a bare gRPC round trip and raw-SQL ceilings
+measured in the same run, plus the gateway's own overhead per call at one client.
 
 Uses an embedded PostgreSQL in a temporary directory unless PAPERCLIP_BENCH_DATABASE_URL
-names a server (a fresh database is created on it and dropped afterwards). Prints a
-table and writes ``bench/results/issue_cycle.json``.
+names a server (a fresh database is created on it and dropped afterwards). The issue
+service, the run service and the gateway run as processes, as ``make run`` starts them.
+Prints a table and writes ``bench/results/issue_cycle.json``.
 """
 
 from __future__ import annotations
@@ -16,13 +18,24 @@ import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Iterator, Mapping
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
+from typing import Any
 
 import asyncpg
 import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from bench.gateway_cycle import (
+    aims,
+    gateway_cycle,
+    gateway_ratios,
+    get_company_direct,
+    get_company_via_gateway,
+)
 from bench.issue_cycle import bare_round_trip, grpc_cycle, raw_cycle, seed
-from bench.stats import Result, run_load
+from bench.stats import Operation, Result, run_load
 from common.embedded_pg import EmbeddedPostgres, asyncpg_dsn, normalize_database_url
 from common.migrate import migrate
 
@@ -30,6 +43,9 @@ CLIENT_COUNTS = (1, 16)
 SECONDS = float(os.environ.get("PAPERCLIP_BENCH_SECONDS", "5"))
 RESULTS = Path(__file__).with_name("results")
 KEY = uuid.uuid4().hex.encode()
+JWT_SECRET = uuid.uuid4().hex.encode()
+START_TIMEOUT_S = 60.0
+STOP_TIMEOUT_S = 15.0
 
 
 def _database_in(url: str, name: str) -> str:
@@ -37,62 +53,111 @@ def _database_in(url: str, name: str) -> str:
     return f"{base.rsplit('/', 1)[0]}/{name}" + (f"?{query}" if query else "")
 
 
-def start_issue_service(database_url: str, home: Path) -> tuple[subprocess.Popen[bytes], str]:
-    """``python -m issue_service`` as the bench's server process; its address."""
-    ready = home / "issue_service.ready"
+@contextmanager
+def service_process(
+    module: str, database_url: str, home: Path, extra: Mapping[str, str]
+) -> Iterator[str]:
+    """``python -m <module>`` as one of the bench's server processes; yields its address
+    and stops it (SIGTERM, then SIGKILL) on the way out, whatever happened."""
+    ready = home / f"{module}.ready"
+    ready.unlink(missing_ok=True)
+    # One metrics port is for one process; the bench's processes would clash.
+    inherited = {k: v for k, v in os.environ.items() if k != "PAPERCLIP_METRICS_ADDR"}
     env = {
-        **os.environ,
+        **inherited,
         "PAPERCLIP_HOME": str(home),
         "PAPERCLIP_DATABASE_URL": database_url,
         "PAPERCLIP_INTERNAL_KEY": KEY.decode(),
-        "PAPERCLIP_JWT_SECRET": uuid.uuid4().hex,
+        "PAPERCLIP_JWT_SECRET": JWT_SECRET.decode(),
         "PAPERCLIP_READY_FILE": str(ready),
-        "PAPERCLIP_ISSUE_SERVICE_ADDR": "127.0.0.1:0",
         "PAPERCLIP_LOG_LEVEL": "WARNING",
         "PAPERCLIP_DB_POOL_SIZE": "20",
+        **extra,
     }
-    proc = subprocess.Popen([sys.executable, "-m", "issue_service"], env=env)
-    deadline = time.monotonic() + 60
-    while not ready.exists():
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            raise RuntimeError("the issue service did not start")
-        time.sleep(0.05)
-    return proc, json.loads(ready.read_text())["addr"]
+    proc = subprocess.Popen([sys.executable, "-m", module], env=env)
+    try:
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while not ready.exists():
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"{module} did not start")
+            time.sleep(0.05)
+        yield str(json.loads(ready.read_text())["addr"])
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(timeout=STOP_TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
 
 
-async def measure(database_url: str, address: str) -> list[Result]:
+async def _wait_serving(address: str) -> None:
+    """The gateway reports SERVING once it has seen its backends serve."""
+    async with grpc.aio.insecure_channel(address) as channel:
+        stub: Any = health_pb2_grpc.HealthStub(channel)
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while True:
+            reply = await stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=5)
+            if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                return
+            if time.monotonic() > deadline:
+                raise RuntimeError("the gateway never reported SERVING")
+            await asyncio.sleep(0.1)
+
+
+def _print_result(result: Result) -> None:
+    print(
+        f"  {result.name:36s} c={result.clients:<3d} {result.ops_per_s:>9.1f} ops/s "
+        f"p50 {result.p50_ms:7.2f} ms  p99 {result.p99_ms:7.2f} ms",
+        flush=True,
+    )
+
+
+async def measure(database_url: str, address: str, gateway: str) -> list[Result]:
     """Every workload at every client count, one after the other."""
     results: list[Result] = []
     dsn = asyncpg_dsn(database_url)
     pool = await asyncpg.create_pool(dsn, min_size=16, max_size=16)
     channel = grpc.aio.insecure_channel(address)
+    public = grpc.aio.insecure_channel(gateway)
     try:
         for clients in CLIENT_COUNTS:
             async with pool.acquire() as conn:
                 seats = await seed(conn, clients)  # type: ignore[arg-type]
-            workloads = [
+            workloads: list[tuple[str, Operation]] = [
                 ("bare_grpc_round_trip", bare_round_trip(channel)),
+            ]
+            if clients == 1:
+                # The gateway's overhead per call, each figure next to its direct twin.
+                workloads += [
+                    ("bare_grpc_round_trip_via_gateway", bare_round_trip(public)),
+                    ("get_company_direct", get_company_direct(channel, seats[0], KEY)),
+                    (
+                        "get_company_via_gateway",
+                        get_company_via_gateway(public, seats[0], JWT_SECRET),
+                    ),
+                ]
+            workloads += [
                 ("checkout_release_via_service", grpc_cycle(channel, seats, KEY)),
+                ("checkout_release_via_gateway", gateway_cycle(public, seats, JWT_SECRET)),
                 ("checkout_release_raw_same_sql", raw_cycle(pool, seats, minimal=False)),
                 ("checkout_release_raw_minimal_sql", raw_cycle(pool, seats, minimal=True)),
             ]
             for name, operation in workloads:
                 result = await run_load(name, operation, clients=clients, seconds=SECONDS)
                 results.append(result)
-                print(
-                    f"  {name:36s} c={clients:<3d} {result.ops_per_s:>9.1f} ops/s "
-                    f"p50 {result.p50_ms:7.2f} ms  p99 {result.p99_ms:7.2f} ms",
-                    flush=True,
-                )
+                _print_result(result)
     finally:
+        await public.close()
         await channel.close()
         await pool.close()
     return results
 
 
 def ratios(results: list[Result]) -> dict[str, float]:
-    """Service throughput as a fraction of each ceiling, per client count."""
+    """Service throughput as a fraction of each ceiling, per client count, then the
+    gateway's figures (``bench.gateway_cycle.gateway_ratios``)."""
     by = {(r.name, r.clients): r for r in results}
     out: dict[str, float] = {}
     for clients in CLIENT_COUNTS:
@@ -105,7 +170,7 @@ def ratios(results: list[Result]) -> dict[str, float]:
         out[f"service_cycle_p50_minus_2x_bare_p50_ms_c{clients}"] = round(
             by[("checkout_release_via_service", clients)].p50_ms - 2 * bare.p50_ms, 3
         )
-    return out
+    return {**out, **gateway_ratios(results)}
 
 
 async def _prepare(server_url: str) -> str:
@@ -129,30 +194,73 @@ async def _drop(server_url: str, url: str) -> None:
         await conn.close()
 
 
+def _run(home: Path, external: str | None) -> list[Result]:
+    """Start the database and the processes, measure, stop everything (in reverse)."""
+    with ExitStack() as stack:
+        if external:
+            server_url = normalize_database_url(external)
+        else:
+            pg = EmbeddedPostgres.start(home / "pgdata", database="postgres")
+            stack.callback(pg.stop)
+            server_url = pg.url
+        database_url = asyncio.run(_prepare(server_url))
+        stack.callback(lambda: asyncio.run(_drop(server_url, database_url)))
+        address = stack.enter_context(
+            service_process(
+                "issue_service",
+                database_url,
+                home,
+                {"PAPERCLIP_ISSUE_SERVICE_ADDR": "127.0.0.1:0"},
+            )
+        )
+        runs = stack.enter_context(
+            service_process(
+                "run_service", database_url, home, {"PAPERCLIP_RUN_SERVICE_ADDR": "127.0.0.1:0"}
+            )
+        )
+        gateway = stack.enter_context(
+            service_process(
+                "gateway",
+                database_url,
+                home,
+                {
+                    "PAPERCLIP_ISSUE_SERVICE_ADDR": address,
+                    "PAPERCLIP_RUN_SERVICE_ADDR": runs,
+                    "PAPERCLIP_GATEWAY_ADDR": "127.0.0.1:0",
+                },
+            )
+        )
+        asyncio.run(_wait_serving(gateway))
+        print(
+            f"checkout/release cycle, {SECONDS:g} s per workload "
+            f"({os.cpu_count()} cores, database {'external' if external else 'embedded'}; "
+            "client, services, gateway and database share the machine)"
+        )
+        return asyncio.run(measure(database_url, address, gateway))
+
+
+def _table(results: list[Result]) -> str:
+    header = f"{'workload':36s} {'clients':>7s} {'ops/s':>9s} {'p50 ms':>8s} {'p99 ms':>8s}"
+    rows = [
+        f"{r.name:36s} {r.clients:>7d} {r.ops_per_s:>9.1f} {r.p50_ms:>8.2f} {r.p99_ms:>8.2f}"
+        for r in sorted(results, key=lambda r: (r.clients, r.name))
+    ]
+    return "\n".join([header, "-" * len(header), *rows])
+
+
 def main() -> int:
     external = os.environ.get("PAPERCLIP_BENCH_DATABASE_URL")
     with tempfile.TemporaryDirectory(prefix="paperclip-bench-") as tmp:
-        home = Path(tmp)
-        pg = None if external else EmbeddedPostgres.start(home / "pgdata", database="postgres")
-        server_url = normalize_database_url(external) if external else pg.url  # type: ignore[union-attr]
-        database_url = asyncio.run(_prepare(server_url))
-        proc, address = start_issue_service(database_url, home)
-        try:
-            print(
-                f"checkout/release cycle, {SECONDS:.0f} s per workload "
-                f"({os.cpu_count()} cores, database {'external' if external else 'embedded'})"
-            )
-            results = asyncio.run(measure(database_url, address))
-        finally:
-            proc.terminate()
-            proc.wait(timeout=15)
-            asyncio.run(_drop(server_url, database_url))
-            if pg is not None:
-                pg.stop()
-    summary = {"results": [r.as_dict() for r in results], "ratios": ratios(results)}
+        results = _run(Path(tmp), external)
+    figures = ratios(results)
+    summary = {"results": [r.as_dict() for r in results], "ratios": figures}
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "issue_cycle.json").write_text(json.dumps(summary, indent=2))
-    print(json.dumps(summary["ratios"], indent=2))
+    print()
+    print(_table(results))
+    print()
+    print(json.dumps(figures, indent=2))
+    print("\n".join(aims(figures)))
     print(f"written to {RESULTS / 'issue_cycle.json'}")
     return 0
 

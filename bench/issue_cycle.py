@@ -13,7 +13,7 @@ Ceilings, measured in the same run on the same database with asyncpg:
 from __future__ import annotations
 
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -77,25 +77,37 @@ async def seed(conn: asyncpg.Connection, clients: int) -> list[Seat]:
     return seats
 
 
+Metadata = Sequence[tuple[str, str]]
+
+
 def grpc_cycle(channel: grpc.aio.Channel, seats: Sequence[Seat], key: bytes) -> Operation:
-    """CheckoutIssue then ReleaseIssue, as each seat's agent in its run."""
-    stub = issues_pb2_grpc.IssueServiceStub(channel)
+    """CheckoutIssue then ReleaseIssue, as each seat's agent in its run, straight to the
+    issue service with the actor signed by the internal key (as the gateway sends it)."""
     actors = [
         Actor(type=ActorType.AGENT, agent_id=s.agent_id, company_id=s.company_id, run_id=s.run_id)
         for s in seats
     ]
+    return checkout_release(channel, seats, lambda index: sign_actor(actors[index], key))
+
+
+def checkout_release(
+    channel: grpc.aio.Channel, seats: Sequence[Seat], metadata: Callable[[int], Metadata]
+) -> Operation:
+    """CheckoutIssue then ReleaseIssue on ``channel`` for seat ``index``, with the
+    headers ``metadata(index)`` returns for that cycle."""
+    stub = issues_pb2_grpc.IssueServiceStub(channel)
     todo = [issues_pb2.ISSUE_STATUS_TODO]
 
     async def cycle(index: int) -> None:
-        seat, metadata = seats[index], sign_actor(actors[index], key)
+        seat, headers = seats[index], metadata(index)
         await stub.CheckoutIssue(
             issues_pb2.CheckoutIssueRequest(
                 issue_id=seat.issue_id, agent_id=seat.agent_id, expected_statuses=todo
             ),
-            metadata=metadata,
+            metadata=headers,
         )
         await stub.ReleaseIssue(
-            issues_pb2.ReleaseIssueRequest(issue_id=seat.issue_id), metadata=metadata
+            issues_pb2.ReleaseIssueRequest(issue_id=seat.issue_id), metadata=headers
         )
 
     return cycle
