@@ -13,7 +13,7 @@ from common.db import Database
 from common.interceptors import Context
 from common.request_context import current_actor
 from paperclip.runs.v1 import agents_pb2, run_messages_pb2, runs_pb2, runs_pb2_grpc
-from run_service import agents, run_control, run_queries, wakes
+from run_service import agents, reconcile, recovery, run_control, run_queries, wakes
 from run_service.runner import Runner
 
 
@@ -92,3 +92,15 @@ class RunServicer(runs_pb2_grpc.RunServiceServicer):
         """The run's events, live, until its terminal event."""
         async for event in run_queries.watch_run(self._db, current_actor(), request):
             yield event
+
+    async def ReapOrphanedRuns(
+        self, request: runs_pb2.ReapOrphanedRunsRequest, context: Context
+    ) -> runs_pb2.ReapOrphanedRunsResponse:
+        """One recovery pass over orphaned running runs (instance admins)."""
+        return await recovery.reap_orphaned_runs(self._db, self._runner, current_actor())
+
+    async def ReconcileStrandedIssues(
+        self, request: runs_pb2.ReconcileStrandedIssuesRequest, context: Context
+    ) -> runs_pb2.ReconcileStrandedIssuesResponse:
+        """One pass over stranded agent-assigned issues (instance admins)."""
+        return await reconcile.reconcile_stranded_issues(self._db, self._runner, current_actor())

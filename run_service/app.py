@@ -10,8 +10,10 @@ from common.embedded_pg import asyncpg_dsn
 from common.server import ServiceSpec
 from common.service_main import Wiring
 from paperclip.runs.v1 import runs_pb2, runs_pb2_grpc
+from run_service import reconcile, timers
 from run_service.api import RunServicer
 from run_service.outbox import consume_forever
+from run_service.run_interrupts import interrupt_once
 from run_service.runner import Runner
 
 RUN_SERVICE = runs_pb2.DESCRIPTOR.services_by_name["RunService"].full_name
@@ -30,12 +32,21 @@ def service_specs(db: Database, runner: Runner) -> list[ServiceSpec]:
 def wiring(db: Database, settings: Settings) -> Wiring:
     """The run service process: its services; its runner (dispatch and supervision),
     started once the server listens and stopped before the pool closes; and the
-    consumer that turns the issue service's outbox events into wakes."""
+    consumer that turns the issue service's outbox events into wakes (and, after each of
+    its passes, the run-interrupt pass); the stranded-issue reconciliation every minute
+    and the timer-wake tick every few seconds (each one replica at a time)."""
     runner = Runner(db, settings)
     assert settings.database_url is not None
     consumer = consume_forever(
-        db, asyncpg_dsn(settings.database_url), poll_seconds=settings.dispatch_poll_seconds
+        db,
+        asyncpg_dsn(settings.database_url),
+        poll_seconds=settings.dispatch_poll_seconds,
+        after_pass=lambda: interrupt_once(db, runner),
     )
-    return Wiring(
-        specs=service_specs(db, runner), jobs=[runner.run(), consumer], on_stop=[runner.stop]
-    )
+    jobs = [
+        runner.run(),
+        consumer,
+        reconcile.reconcile_forever(db, runner, interval=reconcile.INTERVAL_SECONDS),
+        timers.tick_forever(db, interval=timers.TICK_SECONDS),
+    ]
+    return Wiring(specs=service_specs(db, runner), jobs=jobs, on_stop=[runner.stop])

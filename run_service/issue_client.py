@@ -118,6 +118,25 @@ class IssueClient:
         except grpc.aio.AioRpcError as exc:
             raise from_rpc_error(exc) from exc
 
+    async def transfer_execution_lock(
+        self, *, issue_id: str, from_run_id: str, to_run_id: str
+    ) -> issues_pb2.Issue:
+        """Move the issue's locks from ``from_run_id`` to ``to_run_id`` (a process-loss
+        retry), only while ``from_run_id`` still holds them; raises ``FailedPrecondition``
+        (``ISSUE_LOCK_NOT_HELD``) otherwise. Idempotent (a repeat returns the issue)."""
+        locks, _ = self._stubs()
+        try:
+            reply = await locks.TransferExecutionLock(
+                issue_locks_pb2.TransferExecutionLockRequest(
+                    issue_id=issue_id, from_run_id=from_run_id, to_run_id=to_run_id
+                ),
+                metadata=self._metadata(),
+                timeout=CALL_TIMEOUT_SECONDS,
+            )
+        except grpc.aio.AioRpcError as exc:
+            raise from_rpc_error(exc) from exc
+        return reply.issue
+
     async def release_run_locks(self, run_id: str) -> list[str] | None:
         """Clear every lock the (terminal) run holds; the issues it touched.
 

@@ -9,9 +9,10 @@ a time, the others skip the pass. ``consume_forever`` LISTENs on
 Mapping (source ``assignment``; the wake goes to ``target_agent_id``):
 ``issue.assigned`` -> ``issue_assigned``, ``issue.commented`` -> ``issue_commented``,
 ``issue.mentioned`` -> ``issue_comment_mentioned``, ``issue.reopened`` ->
-``issue_reopened_via_comment``. Every other type is ignored here;
-``issue.force_released`` and ``issue.interrupt_requested`` belong to run control and are
-not acted on by this consumer (yet).
+``issue_reopened_via_comment``. Every other type is ignored by this consumer;
+``issue.force_released`` and ``issue.interrupt_requested`` are run control's: they are
+routed to ``run_service.run_interrupts`` (its own cursor), whose pass ``consume_forever``
+runs after each of its own when given one (``after_pass``).
 
 Exactly once: each wake carries the idempotency key ``event:<id>``, so a pass that
 repeats an event (a crash after the wake but before the cursor, a re-scan) returns the
@@ -37,6 +38,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import asyncpg
@@ -200,10 +202,17 @@ async def consume_once(db: Database, *, batch: int = BATCH) -> int:
         return len(events)
 
 
-async def consume_forever(db: Database, dsn: str, *, poll_seconds: float) -> None:
+async def consume_forever(
+    db: Database,
+    dsn: str,
+    *,
+    poll_seconds: float,
+    after_pass: Callable[[], Awaitable[object]] | None = None,
+) -> None:
     """Consume until cancelled: a pass on every NOTIFY on ``paperclip_issue_events``
     and at least every ``poll_seconds``; a full batch is followed at once by another.
-    ``dsn`` is a plain asyncpg DSN for the LISTEN connection."""
+    ``after_pass`` (the run-interrupt pass) runs after each pass. ``dsn`` is a plain
+    asyncpg DSN for the LISTEN connection."""
     notified = asyncio.Event()
     listener: asyncpg.Connection | None = None
 
@@ -220,6 +229,11 @@ async def consume_forever(db: Database, dsn: str, *, poll_seconds: float) -> Non
             except (PaperclipError, asyncpg.PostgresError, OSError):
                 logger.exception("outbox pass failed; retrying after the poll interval")
                 full = False
+            if after_pass is not None:
+                try:
+                    await after_pass()
+                except Exception:  # never let it stop the consumer of wakes
+                    logger.exception("run-interrupt pass failed; retrying after the poll interval")
             if full:
                 continue
             with contextlib.suppress(TimeoutError):

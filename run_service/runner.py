@@ -17,12 +17,21 @@ started once the server listens, ``stop()`` is called on shutdown.
 Each claimed run is executed by its own task (:mod:`run_service.executor`), independent
 of ``run()``: cancelling ``run()`` stops dispatching only.
 
-``stop()`` -- **shutdown policy for now**: the design (ARCHITECTURE, "Node restart") is to
-leave live children running so that the next start of this node adopts them. Recovery and
-adoption are not implemented yet, so until they are, ``stop()`` terminates every live
-child's process tree (SIGTERM, grace, SIGKILL) and finalizes its run as ``cancelled``
-with error ``run service stopped``: nothing is left orphaned, no run is left ``running``
-under a dead node. Then the node row is marked stopped (lease expired).
+3. recovers (:mod:`run_service.recovery`), in the background: a pass right after
+   registering (the runs of this host's previous, crashed incarnation are adopted or
+   lost-and-retried at once), then every ``recovery.INTERVAL_SECONDS``; adopted runs'
+   pids are polled and count against ``max_processes``.
+
+``stop()`` -- **shutdown policy** (decided): a *graceful* stop (SIGTERM: ``make run``'s
+Ctrl-C, an orchestrator's stop) terminates every live child's process tree (SIGTERM,
+grace, SIGKILL), adopted ones included, and finalizes its run as ``cancelled`` with
+error ``run service stopped``; then the node row is marked stopped (lease expired). A
+graceful stop cannot know whether this node will ever start again, and an agent left
+without a supervisor has no timeout, no output capture and a token that stays valid: so
+nothing is left running (user-asks row 6: kill the tree on shutdown). Adoption
+(``process_detached``) is for what a graceful stop cannot cover: a crash of the run
+service (SIGKILL, OOM, power loss of the service only). Agents run in their own sessions,
+so they survive such a crash, and the next start of a node on this host adopts them.
 """
 
 from __future__ import annotations
@@ -46,6 +55,7 @@ from common.sql import sql
 from run_service import dispatch, finalize
 from run_service.executor import Execution, ExecutorContext, execute
 from run_service.issue_client import IssueClient
+from run_service.recovery import NodeRecovery
 
 logger = logging.getLogger(__name__)
 
@@ -116,13 +126,15 @@ class Runner:
         self._stopping = False
         self._listener: asyncpg.Connection | None = None
         self._background: set[asyncio.Task[object]] = set()
+        #: Recovery passes and the runs this node adopted (process_detached).
+        self.recovery = NodeRecovery(self)
 
     # -- public interface ---------------------------------------------------------
 
     @property
     def live_runs(self) -> list[str]:
-        """The runs this node is executing right now."""
-        return list(self._executions)
+        """The runs this node is executing right now (adopted ones included)."""
+        return [*self._executions, *self.recovery.adopted]
 
     async def run(self) -> None:
         """Register the node, then renew its lease and dispatch until cancelled."""
@@ -130,6 +142,7 @@ class Runner:
         tasks = [
             asyncio.create_task(self._renew_loop(), name="runner-lease"),
             asyncio.create_task(self._listen_loop(), name="runner-listen"),
+            asyncio.create_task(self.recovery.run_forever(), name="runner-recovery"),
         ]
         try:
             await self._dispatch_loop()
@@ -153,7 +166,8 @@ class Runner:
         started yet never starts. False when this node does not supervise the run."""
         execution = self._executions.get(run_id)
         if execution is None:
-            return False
+            # An adopted run: its recorded tree is killed, then it ends cancelled.
+            return self.recovery.stop_adopted(run_id, reason)
         execution.cancel(reason)
         return True
 
@@ -164,8 +178,9 @@ class Runner:
         return execution is not None and execution.touch()
 
     async def stop(self) -> None:
-        """Stop dispatching, terminate every live child and finalize its run as
-        cancelled (``run service stopped``), mark the node stopped. Idempotent."""
+        """Stop dispatching, terminate every live child (adopted ones too) and finalize
+        its run as cancelled (``run service stopped``), mark the node stopped.
+        Idempotent."""
         if self._stopping:
             return
         self._stopping = True
@@ -174,6 +189,8 @@ class Runner:
         for execution in executions:
             execution.cancel(STOP_REASON)
         tasks = [e.task for e in executions if e.task is not None]
+        adopted = asyncio.create_task(self.recovery.stop_all(STOP_REASON))
+        tasks.append(adopted)
         if tasks:
             _, pending = await asyncio.wait(tasks, timeout=STOP_TIMEOUT_SECONDS)
             if pending:
@@ -267,6 +284,9 @@ class Runner:
         execution = self._executions.get(str(payload))
         if execution is not None:
             execution.cancel(CANCELLED_ELSEWHERE)
+        else:
+            # Already terminal: the stop only kills what is left, its finalize is a no-op.
+            self.recovery.stop_adopted(str(payload), CANCELLED_ELSEWHERE)
 
     def _on_notify(self, _conn: object, _pid: int, _channel: str, _payload: object) -> None:
         self._kick.set()
@@ -295,7 +315,7 @@ class Runner:
 
     async def _dispatch_once(self) -> bool:
         """One pass; True when it filled every free slot (there may be more to claim)."""
-        capacity = self.settings.max_processes - len(self._executions)
+        capacity = self.settings.max_processes - len(self._executions) - len(self.recovery.adopted)
         if capacity <= 0 or self._stopping:
             return False
         scope = None if self.companies is None else sorted(self.companies)
