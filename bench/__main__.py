@@ -1,11 +1,15 @@
 """``python -m bench``: the issue service's checkout/release cycle at 1 and 16 clients,
 directly and through the gateway, next to a bare gRPC round trip and raw-SQL ceilings
-measured in the same run, plus the gateway's own overhead per call at one client.
+measured in the same run, plus the gateway's own overhead per call at one client; then
+the run service (``bench.run_cycle``): wake -> child started latency next to a bare
+spawn of the same program, sustained runs per second, and the ReapOrphanedRuns and
+ReconcileStrandedIssues passes over 100,000 finished runs and 10,000 issues.
 
 Uses an embedded PostgreSQL in a temporary directory unless PAPERCLIP_BENCH_DATABASE_URL
 names a server (a fresh database is created on it and dropped afterwards). The issue
 service, the run service and the gateway run as processes, as ``make run`` starts them.
-Prints a table and writes ``bench/results/issue_cycle.json``.
+Prints tables and writes ``bench/results/issue_cycle.json`` (the run service's figures
+under its ``runs`` key).
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ import asyncpg
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from bench import run_cycle
 from bench.gateway_cycle import (
     aims,
     gateway_cycle,
@@ -125,6 +130,9 @@ async def measure(database_url: str, address: str, gateway: str) -> list[Result]
         for clients in CLIENT_COUNTS:
             async with pool.acquire() as conn:
                 seats = await seed(conn, clients)  # type: ignore[arg-type]
+                # The seats' runs are 'running' without a supervisor: the run service's
+                # recovery would end them process_lost (and their tokens with them).
+                await run_cycle.hold_runs(conn, [s.run_id for s in seats])  # type: ignore[arg-type]
             workloads: list[tuple[str, Operation]] = [
                 ("bare_grpc_round_trip", bare_round_trip(channel)),
             ]
@@ -194,7 +202,7 @@ async def _drop(server_url: str, url: str) -> None:
         await conn.close()
 
 
-def _run(home: Path, external: str | None) -> list[Result]:
+def _run(home: Path, external: str | None) -> tuple[list[Result], dict[str, Any]]:
     """Start the database and the processes, measure, stop everything (in reverse)."""
     with ExitStack() as stack:
         if external:
@@ -213,7 +221,12 @@ def _run(home: Path, external: str | None) -> list[Result]:
                 {"PAPERCLIP_ISSUE_SERVICE_ADDR": "127.0.0.1:0"},
             )
         )
-        runs = stack.enter_context(
+        # The checkout workloads' run service does not reach the issue service (as
+        # before): the wakes its outbox consumer makes of the bench's checkouts would run
+        # and take the seats' issue locks. It is stopped before the run-service workloads,
+        # which get their own, wired to the issue service.
+        first_runs = stack.enter_context(ExitStack())
+        runs = first_runs.enter_context(
             service_process(
                 "run_service", database_url, home, {"PAPERCLIP_RUN_SERVICE_ADDR": "127.0.0.1:0"}
             )
@@ -236,7 +249,23 @@ def _run(home: Path, external: str | None) -> list[Result]:
             f"({os.cpu_count()} cores, database {'external' if external else 'embedded'}; "
             "client, services, gateway and database share the machine)"
         )
-        return asyncio.run(measure(database_url, address, gateway))
+        results = asyncio.run(measure(database_url, address, gateway))
+        first_runs.close()
+        runs = stack.enter_context(
+            service_process(
+                "run_service",
+                database_url,
+                home,
+                {
+                    "PAPERCLIP_RUN_SERVICE_ADDR": "127.0.0.1:0",
+                    # Issue runs take the issue's execution lock there; runs release locks.
+                    "PAPERCLIP_ISSUE_SERVICE_ADDR": address,
+                },
+            )
+        )
+        print("\nrun service: wake -> started, runs per second, recovery sweeps", flush=True)
+        runs_figures = asyncio.run(run_cycle.measure_runs(database_url, runs, address, home, KEY))
+        return results, runs_figures
 
 
 def _table(results: list[Result]) -> str:
@@ -251,9 +280,13 @@ def _table(results: list[Result]) -> str:
 def main() -> int:
     external = os.environ.get("PAPERCLIP_BENCH_DATABASE_URL")
     with tempfile.TemporaryDirectory(prefix="paperclip-bench-") as tmp:
-        results = _run(Path(tmp), external)
+        results, runs_figures = _run(Path(tmp), external)
     figures = ratios(results)
-    summary = {"results": [r.as_dict() for r in results], "ratios": figures}
+    summary = {
+        "results": [r.as_dict() for r in results],
+        "ratios": figures,
+        "runs": runs_figures,
+    }
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "issue_cycle.json").write_text(json.dumps(summary, indent=2))
     print()
@@ -261,6 +294,10 @@ def main() -> int:
     print()
     print(json.dumps(figures, indent=2))
     print("\n".join(aims(figures)))
+    print()
+    print(run_cycle.table(runs_figures))
+    print(json.dumps(runs_figures["figures"], indent=2))
+    print("\n".join(run_cycle.aims(runs_figures)))
     print(f"written to {RESULTS / 'issue_cycle.json'}")
     return 0
 
