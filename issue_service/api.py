@@ -5,7 +5,16 @@ from __future__ import annotations
 from common.db import Database
 from common.interceptors import Context
 from common.request_context import current_actor
-from issue_service import activity, checkout, comments, companies, escalation, issues, locks
+from issue_service import (
+    activity,
+    checkout,
+    comments,
+    companies,
+    escalation,
+    issues,
+    locks,
+    reopen,
+)
 from paperclip.issues.v1 import (
     issue_locks_pb2,
     issue_locks_pb2_grpc,
@@ -208,4 +217,16 @@ class IssueLockApi(issue_locks_pb2_grpc.IssueLockServiceServicer):
         )
         return issue_locks_pb2.EscalateStrandedIssueResponse(
             issue=issue, comment=comment, escalated=escalated
+        )
+
+    async def ReopenIssue(
+        self, request: issue_locks_pb2.ReopenIssueRequest, context: Context
+    ) -> issue_locks_pb2.ReopenIssueResponse:
+        issue, reopened_from = await reopen.reopen_issue(
+            self.db, current_actor(), issue_id=request.issue_id, source=request.source
+        )
+        return issue_locks_pb2.ReopenIssueResponse(
+            issue=issue,
+            reopened=reopened_from is not None,
+            reopened_from=reopened_from.value if reopened_from is not None else "",
         )

@@ -8,26 +8,55 @@ the lifecycle terminal event (message ``run <status>``, payload ``{"terminal": t
 agent's runtime state (``INSERT ... ON CONFLICT``, race-free).
 
 :func:`after_terminal` runs *after* that commit (ARCHITECTURE, "Run ends"):
-``ReleaseRunLocks`` on the issue service (retried until acknowledged), then the oldest
-deferred wake of the run's issue is promoted to a queued run (``wakes.promote_deferred``;
-the NOTIFY trigger on the new queued run wakes every dispatcher).
+
+1. ``ReleaseRunLocks`` on the issue service (retried until acknowledged);
+2. the **comment policy** (reference §5 "Follow-ups" 2, :func:`apply_comment_policy`):
+   a succeeded issue run woken by ``issue_assigned`` or ``execution_*`` that wrote no
+   comment on its issue gets exactly one retry (reason ``missing_issue_comment``,
+   ``retry_of_run_id`` = the run); a retry that again wrote none gets nothing. The
+   outcome is recorded in the run's context as ``commentPolicy``;
+3. the oldest deferred wake of the run's issue is promoted to a queued run
+   (``wakes.promote_deferred``; the NOTIFY trigger on the new queued run wakes every
+   dispatcher). A queued retry of step 2 holds the issue first: the wake then waits
+   for the retry to end. When the wake's comments came from a board user and the issue
+   was closed meanwhile, the issue is reopened (``ReopenIssue``) *before* the run is
+   queued, so that the promoted run finds it open (``wakes.reopen_wanted``).
+
+Every step is safe to repeat: the policy's retry wake has an idempotency key and a
+recorded outcome is never decided again.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass
 from typing import Any
 
+from common.actor import service_actor
 from common.db import Database
-from common.sql import sql
+from common.errors import PaperclipError
+from common.sql import Row, Tx, sql
 from run_service import run_store, wakes
+from run_service import wake_rules as rules
 from run_service.issue_client import IssueClient
 from run_service.supervisor import Outcome
 
 logger = logging.getLogger(__name__)
 
 _WAKE_STATUS = {"succeeded": "completed", "cancelled": "cancelled"}  # else: failed
+
+#: Comment policy (reference §5 "Follow-ups" 2): the wake reasons it applies to, the
+#: reason of its one retry, and the outcomes recorded as ``context.commentPolicy``.
+POLICY_REASONS = frozenset({"issue_assigned"})
+POLICY_REASON_PREFIX = "execution_"
+MISSING_COMMENT = "missing_issue_comment"
+SATISFIED = "satisfied"
+RETRY_QUEUED = "retry_queued"
+RETRY_EXHAUSTED = "retry_exhausted"
+#: The retry wake was refused (agent paused, wakes on demand off...): no retry.
+RETRY_SKIPPED = "retry_skipped"
+REOPEN_SOURCE = "deferred_comment"
 
 _TERMINAL_UPDATE = sql(
     """
@@ -45,6 +74,34 @@ _FINISH_WAKE = sql(
     """
     UPDATE runs.wakeup_requests SET status = :status, finished_at = now()
     WHERE status IN ('queued', 'claimed') AND (run_id = :run OR id = :wake)
+    """
+)
+_POLICY_RUN = sql(
+    """
+    SELECT id, company_id, agent_id, issue_id, status, wake_reason, retry_reason, context
+    FROM runs.heartbeat_runs WHERE id = :id FOR UPDATE
+    """
+)
+_RUN_COMMENT = sql(
+    """
+    SELECT id FROM issues.issue_comments
+    WHERE issue_id = :issue AND created_by_run_id = :run
+    ORDER BY created_at, id LIMIT 1
+    """
+)
+_MARK_RETRY = sql(
+    """
+    UPDATE runs.heartbeat_runs
+    SET retry_of_run_id = :of, retry_reason = :why, updated_at = now()
+    WHERE id = :id AND retry_of_run_id IS NULL
+    """
+)
+_RECORD_POLICY = sql(
+    """
+    UPDATE runs.heartbeat_runs
+    SET context = context || jsonb_build_object('commentPolicy', CAST(:outcome AS jsonb)),
+        updated_at = now()
+    WHERE id = :id
     """
 )
 _RUNTIME_STATE = sql(
@@ -149,11 +206,75 @@ async def finalize_run(db: Database, run_id: str, result: RunResult) -> bool:
     return True
 
 
+def _policy_applies(reason: object) -> bool:
+    return isinstance(reason, str) and (
+        reason in POLICY_REASONS or reason.startswith(POLICY_REASON_PREFIX)
+    )
+
+
+async def apply_comment_policy(db: Database, run_id: str) -> dict[str, Any] | None:
+    """The comment policy for a terminal run (see the module docstring): the outcome
+    recorded in its context (``{"outcome": ..., ...}``), or None when it does not apply
+    (not succeeded, no issue, another wake reason). Idempotent: an outcome already
+    recorded is returned as it is."""
+    async with db.unit_of_work() as tx:
+        run = await tx.fetchrow(_POLICY_RUN, {"id": run_id})
+        if run is None or run["status"] != "succeeded" or run["issue_id"] is None:
+            return None
+        context = rules.as_json(run["context"])
+        recorded = context.get("commentPolicy")
+        if isinstance(recorded, dict):
+            return recorded
+        is_retry = MISSING_COMMENT in (run["retry_reason"], run["wake_reason"])
+        if not is_retry and not (
+            _policy_applies(run["wake_reason"]) or _policy_applies(context.get("wakeReason"))
+        ):
+            return None
+        issue_id = str(run["issue_id"])
+        comment = await tx.fetchval(_RUN_COMMENT, {"issue": issue_id, "run": run_id})
+        if comment is not None:
+            outcome: dict[str, Any] = {"outcome": SATISFIED, "commentId": str(comment)}
+        elif is_retry:
+            outcome = {"outcome": RETRY_EXHAUSTED}
+        else:
+            outcome = await _queue_comment_retry(tx, run)
+        await tx.execute(_RECORD_POLICY, {"id": run_id, "outcome": json.dumps(outcome)})
+    logger.info("comment policy", extra={"run_id": run_id, **outcome})
+    return outcome
+
+
+async def _queue_comment_retry(tx: Tx, run: Row) -> dict[str, Any]:
+    """The one ``missing_issue_comment`` retry of ``run``, as a wake of its agent on its
+    issue (it coalesces, defers or is skipped like any wake); the policy outcome."""
+    run_id, issue_id = str(run["id"]), str(run["issue_id"])
+    agent = await tx.fetchrow(rules.AGENT, {"id": run["agent_id"]})
+    if agent is None:
+        return {"outcome": RETRY_SKIPPED, "skipReason": "agent_not_found"}
+    wake, retry = await wakes.enqueue_wake(
+        tx,
+        agent=agent,
+        source="automation",
+        reason=MISSING_COMMENT,
+        issue_id=issue_id,
+        payload={"issueId": issue_id, "retryOfRunId": run_id, "retryReason": MISSING_COMMENT},
+        idempotency_key=f"{MISSING_COMMENT}:{run_id}",
+        requested_by=service_actor("run_service"),
+    )
+    if wake["status"] == "skipped":
+        return {"outcome": RETRY_SKIPPED, "skipReason": wake["skip_reason"]}
+    outcome: dict[str, Any] = {"outcome": RETRY_QUEUED, "wakeupRequestId": str(wake["id"])}
+    if retry is not None:
+        await tx.execute(_MARK_RETRY, {"id": retry["id"], "of": run_id, "why": MISSING_COMMENT})
+        outcome["retryRunId"] = str(retry["id"])
+    return outcome
+
+
 async def after_terminal(
     db: Database, issues: IssueClient, run_id: str, issue_id: str | None
 ) -> str | None:
     """After the terminal commit: release the run's issue locks (retried until
-    acknowledged), then promote the oldest deferred wake of its issue. The id of the run
+    acknowledged), apply the comment policy, then promote the oldest deferred wake of
+    its issue (reopening the issue first when the wake asks for it). The id of the run
     queued by the promotion, if any."""
     released = await issues.release_run_locks(run_id)
     if released is None:
@@ -163,6 +284,11 @@ async def after_terminal(
     if issue_id is None:
         return None
     try:
+        await apply_comment_policy(db, run_id)
+    except Exception:
+        logger.exception("comment policy failed", extra={"run_id": run_id, "issue_id": issue_id})
+    try:
+        await _reopen_for_promotion(db, issues, run_id, issue_id)
         promoted = await wakes.promote_deferred(db, issue_id)
     except Exception:
         logger.exception(
@@ -175,3 +301,25 @@ async def after_terminal(
             extra={"run_id": run_id, "issue_id": issue_id, "promoted_run_id": promoted},
         )
     return promoted
+
+
+async def _reopen_for_promotion(
+    db: Database, issues: IssueClient, run_id: str, issue_id: str
+) -> None:
+    """Reopen the issue when the wake about to be promoted asks for it. A failed call is
+    logged and the wake promoted anyway (its run then finds the issue closed)."""
+    wake = await wakes.next_deferred(db, issue_id)
+    if wake is None or not await wakes.reopen_wanted(db, wake, run_id):
+        return
+    try:
+        reopened_from = await issues.reopen_issue(issue_id=issue_id, source=REOPEN_SOURCE)
+    except PaperclipError as exc:
+        logger.warning(
+            "reopening the issue for a deferred comment wake failed",
+            extra={"run_id": run_id, "issue_id": issue_id, "reason": exc.reason},
+        )
+        return
+    logger.info(
+        "issue reopened for a deferred comment wake",
+        extra={"run_id": run_id, "issue_id": issue_id, "reopened_from": reopened_from},
+    )

@@ -137,6 +137,20 @@ class IssueClient:
             raise from_rpc_error(exc) from exc
         return reply.issue
 
+    async def reopen_issue(self, *, issue_id: str, source: str) -> str | None:
+        """Move a done or cancelled issue back to todo (compare-and-set, idempotent);
+        the status it was reopened from, or None when it was open already."""
+        locks, _ = self._stubs()
+        try:
+            reply = await locks.ReopenIssue(
+                issue_locks_pb2.ReopenIssueRequest(issue_id=issue_id, source=source),
+                metadata=self._metadata(),
+                timeout=CALL_TIMEOUT_SECONDS,
+            )
+        except grpc.aio.AioRpcError as exc:
+            raise from_rpc_error(exc) from exc
+        return reply.reopened_from if reply.reopened else None
+
     async def release_run_locks(self, run_id: str) -> list[str] | None:
         """Clear every lock the (terminal) run holds; the issues it touched.
 

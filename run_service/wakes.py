@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import uuid
+from collections.abc import Mapping
 from typing import Any
 
 import asyncpg
@@ -30,13 +31,35 @@ from common.actor import Actor
 from common.authz import require_company_access
 from common.db import Database
 from common.errors import Aborted, NotFound, PermissionDenied
-from common.sql import Row, Tx
+from common.sql import Row, Tx, sql
 from paperclip.runs.v1 import runs_pb2
 from run_service import wake_rules as rules
-from run_service.run_store import run_to_proto, wakeup_to_proto
+from run_service.run_store import WAKEUP_COLUMNS, run_to_proto, wakeup_to_proto
 
 ONE_ACTIVE_RUN_INDEX = "heartbeat_runs_one_active_per_agent_issue"
 _ATTEMPTS = 5
+#: The wake reason of a comment that reopened its issue (outbox ``issue.reopened``).
+REOPENED_VIA_COMMENT = "issue_reopened_via_comment"
+#: Issue statuses a promoted comment wake may reopen (reference §5, "Lock release").
+CLOSED_STATUSES = frozenset({"done", "cancelled"})
+
+_NEXT_DEFERRED = sql(
+    f"""
+    SELECT {WAKEUP_COLUMNS} FROM runs.wakeup_requests w
+    WHERE w.issue_id = :issue AND w.status = 'deferred'
+      AND NOT EXISTS (SELECT 1 FROM runs.heartbeat_runs r
+                      WHERE r.issue_id = :issue AND r.status IN ('queued', 'running'))
+    ORDER BY w.requested_at, w.id
+    LIMIT 1
+    """
+)
+_ISSUE_STATUS = sql("SELECT status FROM issues.issues WHERE id = :issue")
+_COMMENT_AUTHORS = sql(
+    """
+    SELECT author_type, created_by_run_id FROM issues.issue_comments
+    WHERE issue_id = :issue AND id = ANY(CAST(:ids AS uuid[]))
+    """
+)
 
 
 async def _lock(tx: Tx, key: str) -> None:
@@ -320,3 +343,34 @@ async def promote_deferred(db: Database, issue_id: str) -> str | None:
                 return None
             await tx.execute(rules.PROMOTE_DEFERRED, {"id": wake["id"], "run": run["id"]})
             return str(run["id"])
+
+
+async def next_deferred(db: Database, issue_id: str) -> Row | None:
+    """The deferred wake :func:`promote_deferred` would promote next (the oldest), or
+    None when there is none or the issue has an active run. A read, no locks."""
+    async with db.unit_of_work() as tx:
+        return await tx.fetchrow(_NEXT_DEFERRED, {"issue": issue_id})
+
+
+async def reopen_wanted(db: Database, wake: Row | Mapping[str, Any], finishing_run_id: str) -> bool:
+    """Whether promoting ``wake`` must first reopen its issue (reference §5, V2 rule).
+
+    Only a comment wake on a done or cancelled issue, and only when a board user asked
+    for more work: one of its comments was written by a user, or it is an
+    ``issue_reopened_via_comment`` wake. Never when every comment of the wake came from
+    the run that just finished (an agent's own closing words ask for nothing). A wake
+    requested by an agent (a mention in an agent's comment) leaves the issue closed."""
+    context = rules.as_json(wake["payload"])
+    ids = [i for i in (_uuid_or_none(c) for c in rules.comment_ids(context)) if i is not None]
+    if not ids:
+        return False
+    issue_id = str(wake["issue_id"])
+    async with db.unit_of_work() as tx:
+        status = await tx.fetchval(_ISSUE_STATUS, {"issue": issue_id})
+        if status not in CLOSED_STATUSES:
+            return False
+        authors = await tx.fetch(_COMMENT_AUTHORS, {"issue": issue_id, "ids": ids})
+    if authors and all(str(a["created_by_run_id"]) == finishing_run_id for a in authors):
+        return False
+    explicit = REOPENED_VIA_COMMENT in (wake["reason"], context.get("wakeReason"))
+    return explicit or any(a["author_type"] == "user" for a in authors)
