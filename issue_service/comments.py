@@ -11,7 +11,6 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import UTC, datetime
 
 from common.actor import Actor
 from common.audit import record_activity
@@ -30,7 +29,7 @@ from issue_service.locks import lock_and_clear_terminal
 from issue_service.mentions import resolve_mentions
 from issue_service.model import Status
 from issue_service.ownership import enforce_agent_write
-from issue_service.status_rules import status_stamps
+from issue_service.status_moves import move_status
 from paperclip.issues.v1 import issues_pb2
 
 SNIPPET = 120
@@ -155,25 +154,16 @@ async def add_comment(
         row = await enforce_agent_write(tx, actor, locked.row, allow_non_assignee=True)
         reopened_from = await _reopen_target(tx, actor, row, flags)
         if reopened_from is not None:
-            row = await store.update_issue_row(
+            # The wake is the issue.reopened event written with the comment.
+            row = await move_status(
                 tx,
-                issue,
-                status_stamps(Status.TODO, started_at=row["started_at"], now=datetime.now(UTC)),
-            )
-            record_activity(
-                tx,
-                actor=actor,
-                company_id=company,
-                action="issue.updated",
-                entity_type="issue",
-                entity_id=issue,
+                actor,
+                row,
+                Status.TODO,
                 details={
-                    "status": "todo",
                     "reopened": True,
                     "reopenedFrom": reopened_from.value,
                     "source": "comment",
-                    "identifier": row["identifier"],
-                    "_previous": {"status": reopened_from.value},
                 },
             )
         comment = await insert_comment(tx, actor, row, text_body)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-from datetime import UTC, datetime
 
 from common.actor import SYSTEM_ACTOR, Actor
 from common.audit import record_activity
@@ -13,9 +12,8 @@ from common.errors import NotFound
 from common.validation import MAX_BODY, parse_uuid, require_text
 from issue_service import store
 from issue_service.comments import comment_to_proto, insert_comment
-from issue_service.events import EventType, emit
 from issue_service.model import Status
-from issue_service.status_rules import status_stamps
+from issue_service.status_moves import move_status
 from paperclip.issues.v1 import issues_pb2
 
 
@@ -39,33 +37,13 @@ async def escalate_stranded_issue(
         company = str(row["company_id"])
         previous = row["status"]
         if previous != Status.BLOCKED:
-            row = await store.update_issue_row(
+            row = await move_status(
                 tx,
-                issue,
-                status_stamps(Status.BLOCKED, started_at=row["started_at"], now=datetime.now(UTC)),
-            )
-            record_activity(
-                tx,
-                actor=SYSTEM_ACTOR,
-                company_id=company,
-                action="issue.updated",
-                entity_type="issue",
-                entity_id=issue,
-                details={
-                    "status": "blocked",
-                    "source": "stranded_issue",
-                    "identifier": row["identifier"],
-                    "_previous": {"status": previous},
-                },
-            )
-            emit(
-                tx,
-                actor=SYSTEM_ACTOR,
-                company_id=company,
-                issue_id=issue,
-                type=EventType.STATUS_CHANGED,
-                target_agent_id=store.opt_str(row["assignee_agent_id"]),
-                payload={"from": previous, "to": "blocked", "source": "stranded_issue"},
+                SYSTEM_ACTOR,
+                row,
+                Status.BLOCKED,
+                details={"source": "stranded_issue"},
+                event_payload={"source": "stranded_issue"},
             )
         record_activity(
             tx,

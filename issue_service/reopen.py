@@ -14,18 +14,14 @@ event. No ``issue.reopened`` event: the promoted run *is* the wake it would caus
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
-
 from common.actor import Actor
-from common.audit import record_activity
 from common.authz import require_service
 from common.db import Database
 from common.errors import NotFound
 from common.validation import parse_uuid, require_text
 from issue_service import store
-from issue_service.events import EventType, emit
 from issue_service.model import Status
-from issue_service.status_rules import status_stamps
+from issue_service.status_moves import move_status
 from paperclip.issues.v1 import issues_pb2
 
 DEFAULT_SOURCE = "deferred_comment"
@@ -48,38 +44,13 @@ async def reopen_issue(
         previous = Status(row["status"])
         if previous not in REOPENABLE:
             return store.issue_to_proto(row), None
-        updated = await store.update_issue_row(
+        updated = await move_status(
             tx,
-            issue,
-            status_stamps(Status.TODO, started_at=row["started_at"], now=datetime.now(UTC)),
-        )
-        company = str(row["company_id"])
-        record_activity(
-            tx,
-            actor=actor,
-            company_id=company,
-            action="issue.updated",
-            entity_type="issue",
-            entity_id=issue,
-            details={
-                "status": Status.TODO.value,
-                "reopened": True,
-                "reopenedFrom": previous.value,
-                "source": why,
-                "identifier": row["identifier"],
-                "_previous": {"status": previous.value},
-            },
-        )
-        emit(
-            tx,
-            actor=actor,
-            company_id=company,
-            issue_id=issue,
-            type=EventType.STATUS_CHANGED,
-            target_agent_id=store.opt_str(updated["assignee_agent_id"]),
-            payload={
-                "from": previous.value,
-                "to": Status.TODO.value,
+            actor,
+            row,
+            Status.TODO,
+            details={"reopened": True, "reopenedFrom": previous.value, "source": why},
+            event_payload={
                 "executionRunId": store.opt_str(row["execution_run_id"]),
                 "source": why,
             },
