@@ -19,6 +19,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from common.db import Database
 from common.errors import PaperclipError
 from gateway.app import Gateway, start_gateway
+from gateway.client import PaperclipClient
 from gateway.routes import PUBLIC_SERVICES
 from paperclip.issues.v1 import issues_pb2, issues_pb2_grpc
 from paperclip.runs.v1 import agents_pb2
@@ -215,8 +216,6 @@ async def test_calls_resume_after_a_gateway_restart(
     metadata = (("authorization", f"Bearer {gw.admin_token}"),)
     closers: list[Callable[[], Any]] = []
     if client == "paperclip-client":
-        from gateway.client import PaperclipClient  # noqa: PLC0415  (another engineer's)
-
         paperclip = PaperclipClient(address, gw.admin_token)
         closers.append(paperclip.close)
         loop = _Loop(lambda: paperclip.issues.GetCompany(request))
