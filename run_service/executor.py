@@ -6,6 +6,8 @@ The steps, for a run the dispatcher has just claimed (``running``, no process ye
    live run holds it (``ISSUE_EXECUTION_LOCKED``) the run goes back to ``queued`` (no
    start time, no node) and does not start; the dispatcher skips it until the holder
    ends (no spinning). An unreachable issue service requeues it too.
+   A graceful stop of the node (:meth:`Execution.stop`) before the spawn requeues the
+   run the same way (no harness checkout is attempted once the stop has begun).
 2. **Harness checkout**: if the issue is assigned to this agent and in todo / backlog /
    blocked (and the wake is not a mention), ``CheckoutIssue`` as the agent inside this
    run. A conflict is not fatal: it is recorded as a lifecycle event.
@@ -28,7 +30,7 @@ import asyncio
 import codecs
 import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -94,6 +96,8 @@ class Execution:
         self.run_id = claim.run_id
         self.process: SupervisedProcess | None = None
         self.cancel_reason: str | None = None
+        #: Set by a graceful stop of the node: before spawn the run goes back to queued.
+        self.stopping = False
         self.task: asyncio.Task[None] | None = None
         self._terminating: asyncio.Task[Any] | None = None
 
@@ -103,6 +107,12 @@ class Execution:
             self.cancel_reason = reason
         if self.process is not None and self._terminating is None:
             self._terminating = asyncio.create_task(self.process.terminate(reason))
+
+    def stop(self, reason: str) -> None:
+        """Graceful stop of the node: a run not spawned yet is requeued (queued, no start
+        time, no node) instead of starting; a spawned one is cancelled with ``reason``."""
+        self.stopping = True
+        self.cancel(reason)
 
     def touch(self) -> bool:
         """Renew the idle timer (``ReportRunActivity``); False before spawn."""
@@ -120,6 +130,9 @@ class ExecutorContext:
     settings: Settings
     issues: IssueClient
     node_id: str
+    #: Test seam: awaited with the run id right before the spawn (after the issue steps),
+    #: to hold a claimed run between claim and spawn. None in production.
+    before_spawn: Callable[[str], Awaitable[None]] | None = None
 
 
 def build_env(
@@ -276,10 +289,18 @@ async def _execute(ctx: ExecutorContext, execution: Execution) -> bool:
     wake_reason = run["wake_reason"] or ""
     pre_events: list[tuple[str, str, Mapping[str, Any] | None]] = []
 
+    if execution.stopping:  # claimed by the last pass of a stopping node
+        await _requeue(ctx, run_id, "run service stopping")
+        return False
     if issue_id is not None:
         step = await _take_issue(ctx, execution, issue_id, wake_reason, pre_events)
         if step is not None:
             return step
+    if ctx.before_spawn is not None:
+        await ctx.before_spawn(run_id)
+    if execution.stopping:  # graceful stop before the spawn: back to the queue
+        await _requeue(ctx, run_id, "run service stopping")
+        return False
 
     if execution.cancel_reason is not None:
         await _finish(
@@ -371,7 +392,8 @@ async def _take_issue(
         await _requeue(ctx, run_id, "issue service unavailable")
         return False
     if (
-        issue.assignee_agent_id == agent.id
+        not execution.stopping
+        and issue.assignee_agent_id == agent.id
         and issue.status in CHECKOUT_STATUSES
         and not wake_reason.startswith(NO_CHECKOUT_REASON_PREFIXES)
     ):

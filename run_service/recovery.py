@@ -47,6 +47,19 @@ child), so the run ends ``failed`` / ``adapter_failed`` with "Process exited whi
 after a restart; exit status unknown" (reconciliation requeues a continuation if the
 issue is left open), then locks are released and a deferred wake promoted.
 
+**Limits of an adopted run.** The pid poller also enforces the run's wall-clock and idle
+timeouts, from the limits snapshot on its row (``timeout_seconds``,
+``idle_timeout_seconds``; 0 or NULL: no limit), as the local supervisor would have:
+
+- wall clock: ``started_at + timeout_seconds`` has passed -> ``timed_out`` / ``timeout``;
+- idle: ``now - greatest(last_activity_at, last_output_at, adoption time)`` exceeds
+  ``idle_timeout_seconds`` -> ``timed_out`` / ``idle_timeout``. The agent's output goes to
+  pipes of the crashed supervisor and cannot be observed after adoption, so only
+  ``ReportRunActivity`` (which moves ``last_activity_at``) keeps an adopted run alive.
+
+Either way its recorded tree is killed first (TERM, ``grace_seconds``, KILL, create-time
+checked), then the terminal write, ``ReleaseRunLocks`` and promotion, as for any end.
+
 **Scheduling.** The runner runs a pass right after registering (in the background: the
 server already listens; dispatch is not held back), then every ``INTERVAL_SECONDS``.
 Periodic and RPC passes take a transaction-level advisory lock so one replica sweeps at a
@@ -64,6 +77,7 @@ import socket
 import uuid
 from collections.abc import Coroutine
 from dataclasses import dataclass, field
+from datetime import datetime, timedelta
 from typing import Any, Protocol
 
 import asyncpg
@@ -142,7 +156,16 @@ _MARK_DETACHED = sql(
     UPDATE runs.heartbeat_runs
     SET error_code = 'process_detached', error = :error, updated_at = now()
     WHERE id = :id AND status = 'running' AND supervisor_node_id = :me
-    RETURNING id
+    RETURNING now() AS adopted_at
+    """
+)
+#: What the poller needs to enforce the limits of adopted runs (database clock).
+_ADOPTED_LIMITS = sql(
+    """
+    SELECT id, now() AS now, started_at, timeout_seconds, idle_timeout_seconds,
+           last_activity_at, last_output_at
+    FROM runs.heartbeat_runs
+    WHERE id = ANY(CAST(:ids AS uuid[])) AND status = 'running'
     """
 )
 _LOST = sql(
@@ -219,7 +242,10 @@ class AdoptedRun:
     create_time: float
     issue_id: str | None
     grace: float
-    #: Set once this node stops the run itself (cancel, shutdown): the poller leaves it.
+    #: When this node adopted it (database clock): the idle timer starts there at most.
+    adopted_at: datetime
+    #: Set once this node stops the run itself (cancel, shutdown, a limit): the poller
+    #: leaves it.
     stop_reason: str | None = None
     task: asyncio.Task[None] | None = field(default=None, repr=False)
 
@@ -399,7 +425,9 @@ class NodeRecovery:
     async def _adopt(self, tx: Tx, run: Row) -> None:
         run_id, pid = str(run["id"]), int(run["process_pid"])
         error = f"Lost in-memory process handle, but child pid {pid} is still alive"
-        await tx.execute(_MARK_DETACHED, {"id": run_id, "me": self._host.node_id, "error": error})
+        adopted_at = await tx.fetchval(
+            _MARK_DETACHED, {"id": run_id, "me": self._host.node_id, "error": error}
+        )
         await run_store.append_events(
             tx,
             run_id,
@@ -423,6 +451,7 @@ class NodeRecovery:
             create_time=run["process_started_at"].timestamp(),
             issue_id=_opt(run["issue_id"]),
             grace=float(run["grace_seconds"] or DEFAULT_GRACE_SECONDS),
+            adopted_at=adopted_at,
         )
         logger.warning("adopted a running agent process", extra={"run_id": run_id, "pid": pid})
 
@@ -513,15 +542,32 @@ class NodeRecovery:
                 logger.exception("polling adopted runs failed")
 
     async def poll_adopted(self) -> list[str]:
-        """Finalize adopted runs whose process has ended; their ids."""
+        """Finalize adopted runs whose process has ended, and stop (in the background)
+        those past their wall-clock or idle limit (see the module docstring); their ids."""
         ended = []
+        alive: list[AdoptedRun] = []
         for adopted in list(self.adopted.values()):
             if adopted.stop_reason is not None:
                 continue
             if process_alive(adopted.pid, adopted.create_time):
+                alive.append(adopted)
                 continue
             ended.append(adopted.run_id)
             await self._end_adopted(adopted, None)
+        if alive:
+            async with self._host.db.unit_of_work() as tx:
+                rows = await tx.fetch(_ADOPTED_LIMITS, {"ids": [a.run_id for a in alive]})
+            by_id = {str(row["id"]): row for row in rows}
+            for adopted in alive:
+                row = by_id.get(adopted.run_id)
+                result = None if row is None else _limit_reached(row, adopted.adopted_at)
+                if result is not None and adopted.stop_reason is None:
+                    logger.warning(
+                        "adopted run exceeded its limit, stopping it",
+                        extra={"run_id": adopted.run_id, "error_code": result.error_code},
+                    )
+                    self._stop(adopted, result)
+                    ended.append(adopted.run_id)
         return ended
 
     def stop_adopted(self, run_id: str, reason: str) -> bool:
@@ -531,9 +577,13 @@ class NodeRecovery:
         if adopted is None:
             return False
         if adopted.stop_reason is None:
-            adopted.stop_reason = reason
-            adopted.task = asyncio.create_task(self._end_adopted(adopted, reason))
+            self._stop(adopted, finalize.RunResult("cancelled", "cancelled", reason))
         return True
+
+    def _stop(self, adopted: AdoptedRun, result: finalize.RunResult) -> None:
+        """Kill the tree and end the run with ``result``, in the background."""
+        adopted.stop_reason = result.error or result.status
+        adopted.task = asyncio.create_task(self._end_adopted(adopted, result))
 
     async def stop_all(self, reason: str) -> None:
         """Shutdown: stop every adopted run (see :meth:`stop_adopted`) and wait."""
@@ -549,15 +599,14 @@ class NodeRecovery:
         if pending:
             await asyncio.wait(pending, timeout=5.0)
 
-    async def _end_adopted(self, adopted: AdoptedRun, cancel_reason: str | None) -> None:
-        """Kill what is left of the tree, then the terminal write and the after steps."""
+    async def _end_adopted(self, adopted: AdoptedRun, stop: finalize.RunResult | None) -> None:
+        """Kill what is left of the tree, then the terminal write and the after steps.
+        ``stop``: how the run ends when this node stops it (its tree is killed first);
+        None: its process exited on its own."""
         try:
-            if cancel_reason is not None or group_members(adopted.pgid, adopted.create_time):
+            if stop is not None or group_members(adopted.pgid, adopted.create_time):
                 await kill_tree(adopted.pid, adopted.pgid, adopted.create_time, adopted.grace)
-            if cancel_reason is not None:
-                result = finalize.RunResult("cancelled", "cancelled", cancel_reason)
-            else:
-                result = finalize.RunResult("failed", "adapter_failed", ADOPTED_EXIT_ERROR)
+            result = stop or finalize.RunResult("failed", "adapter_failed", ADOPTED_EXIT_ERROR)
             db = self._host.db
             ended = await finalize.finalize_run(db, adopted.run_id, result)
             self.adopted.pop(adopted.run_id, None)  # its process slot is free
@@ -618,6 +667,27 @@ async def _insert_retry(tx: Tx, run: Row) -> str | None:
         tx, str(retry_id), [("lifecycle", RETRY_EVENT, {"retryOfRunId": str(run["id"])})]
     )
     return str(retry_id)
+
+
+def _limit_reached(run: Row, adopted_at: datetime) -> finalize.RunResult | None:
+    """The ``timed_out`` result of an adopted run past its wall-clock or idle limit (its
+    row's snapshot; database clock), or None."""
+    now: datetime = run["now"]
+    timeout = int(run["timeout_seconds"] or 0)
+    started: datetime | None = run["started_at"]
+    if timeout > 0 and started is not None and now >= started + timedelta(seconds=timeout):
+        return finalize.RunResult("timed_out", "timeout", f"timed out after {timeout} s")
+    idle = int(run["idle_timeout_seconds"] or 0)
+    if idle > 0:
+        marks = (run["last_activity_at"], run["last_output_at"], adopted_at)
+        last = max((mark for mark in marks if mark is not None), default=now)
+        if (now - last).total_seconds() > idle:
+            return finalize.RunResult(
+                "timed_out",
+                "idle_timeout",
+                f"no activity for {idle} s (output of an adopted run cannot be observed)",
+            )
+    return None
 
 
 def _lost_message(

@@ -23,15 +23,22 @@ of ``run()``: cancelling ``run()`` stops dispatching only.
    pids are polled and count against ``max_processes``.
 
 ``stop()`` -- **shutdown policy** (decided): a *graceful* stop (SIGTERM: ``make run``'s
-Ctrl-C, an orchestrator's stop) terminates every live child's process tree (SIGTERM,
-grace, SIGKILL), adopted ones included, and finalizes its run as ``cancelled`` with
-error ``run service stopped``; then the node row is marked stopped (lease expired). A
-graceful stop cannot know whether this node will ever start again, and an agent left
-without a supervisor has no timeout, no output capture and a token that stays valid: so
-nothing is left running (user-asks row 6: kill the tree on shutdown). Adoption
-(``process_detached``) is for what a graceful stop cannot cover: a crash of the run
-service (SIGKILL, OOM, power loss of the service only). Agents run in their own sessions,
-so they survive such a crash, and the next start of a node on this host adopts them.
+Ctrl-C, an orchestrator's stop) first stops dispatching (the pass in flight, if any, ends
+and no other starts), then terminates every live child's process tree (SIGTERM, grace,
+SIGKILL), adopted ones included, and finalizes its run as ``cancelled`` with error
+``run service stopped``. A run this node claimed but has not spawned yet (issue lock,
+checkout, or a requeue path) goes back to ``queued`` instead (no start time, no node, its
+wake queued again: :func:`run_service.dispatch.requeue`), so another node or the next
+start dispatches it: no ``process_lost``, no retry. Any run still ``running`` on this node
+without a recorded process at the end (an execution that did not finish in time, a claim
+of a pass cut off by cancelling ``run()``) is requeued the same way. Then the node row is
+marked stopped (lease expired). A graceful stop cannot know whether this node will ever
+start again, and an agent left without a supervisor has no timeout, no output capture and
+a token that stays valid: so nothing is left running (user-asks row 6: kill the tree on
+shutdown). Adoption (``process_detached``) is for what a graceful stop cannot cover: a
+crash of the run service (SIGKILL, OOM, power loss of the service only). Agents run in
+their own sessions, so they survive such a crash, and the next start of a node on this
+host adopts them.
 """
 
 from __future__ import annotations
@@ -41,7 +48,7 @@ import contextlib
 import logging
 import os
 import socket
-from collections.abc import Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from datetime import UTC, datetime
 from typing import Any
 
@@ -70,6 +77,8 @@ LISTEN_PROBE_SECONDS = 30.0
 STOP_REASON = "run service stopped"
 #: How long stop() waits for the executions to end (after their trees got grace + kill).
 STOP_TIMEOUT_SECONDS = 30.0
+#: How long stop() waits for a dispatch pass in flight before cancelling it.
+DISPATCH_STOP_SECONDS = 10.0
 BOOT_ID_FILE = "/proc/sys/kernel/random/boot_id"
 
 _REGISTER = sql(
@@ -86,6 +95,13 @@ _RENEW = sql(
     UPDATE runs.supervisor_nodes
     SET renewed_at = now(), lease_expires_at = now() + make_interval(secs => {LEASE_SECONDS})
     WHERE id = :id AND stopped_at IS NULL
+    """
+)
+#: This node's claimed runs that never recorded a process (requeued on a graceful stop).
+_UNSPAWNED = sql(
+    """
+    SELECT id FROM runs.heartbeat_runs
+    WHERE supervisor_node_id = :id AND status = 'running' AND process_pid IS NULL
     """
 )
 _STOPPED = sql(
@@ -125,6 +141,9 @@ class Runner:
         self._registered = asyncio.Event()
         self._stopping = False
         self._listener: asyncpg.Connection | None = None
+        self._dispatcher: asyncio.Task[None] | None = None
+        #: Test seam (see :attr:`ExecutorContext.before_spawn`); None in production.
+        self.before_spawn: Callable[[str], Awaitable[None]] | None = None
         self._background: set[asyncio.Task[object]] = set()
         #: Recovery passes and the runs this node adopted (process_detached).
         self.recovery = NodeRecovery(self)
@@ -144,8 +163,9 @@ class Runner:
             asyncio.create_task(self._listen_loop(), name="runner-listen"),
             asyncio.create_task(self.recovery.run_forever(), name="runner-recovery"),
         ]
+        self._dispatcher = asyncio.create_task(self._dispatch_loop(), name="runner-dispatch")
         try:
-            await self._dispatch_loop()
+            await self._dispatcher
         finally:
             for task in tasks:
                 task.cancel()
@@ -171,6 +191,11 @@ class Runner:
         execution.cancel(reason)
         return True
 
+    @property
+    def stopping(self) -> bool:
+        """Whether :meth:`stop` has begun."""
+        return self._stopping
+
     def touch(self, run_id: str) -> bool:
         """Renew the idle timer of a local run (``ReportRunActivity``); False when this
         node does not supervise a spawned process for it."""
@@ -179,15 +204,18 @@ class Runner:
 
     async def stop(self) -> None:
         """Stop dispatching, terminate every live child (adopted ones too) and finalize
-        its run as cancelled (``run service stopped``), mark the node stopped.
-        Idempotent."""
+        its run as cancelled (``run service stopped``), requeue the runs claimed but not
+        spawned, mark the node stopped. Idempotent."""
         if self._stopping:
             return
         self._stopping = True
         self._kick.set()
+        for execution in list(self._executions.values()):
+            execution.stop(STOP_REASON)
+        await self._stop_dispatching()
         executions = list(self._executions.values())
-        for execution in executions:
-            execution.cancel(STOP_REASON)
+        for execution in executions:  # again: the claims of a pass that was in flight
+            execution.stop(STOP_REASON)
         tasks = [e.task for e in executions if e.task is not None]
         adopted = asyncio.create_task(self.recovery.stop_all(STOP_REASON))
         tasks.append(adopted)
@@ -199,6 +227,7 @@ class Runner:
                 _, pending = await asyncio.wait(pending, timeout=5.0)
                 for task in pending:
                     task.cancel()
+        await self._requeue_unspawned()
         self.issues.closing()
         if self.node_id:
             try:
@@ -208,6 +237,32 @@ class Runner:
                 logger.exception("marking the node stopped failed")
         await self._close_listener()
         await self.issues.close()
+
+    async def _stop_dispatching(self) -> None:
+        """Let the dispatch pass in flight end (its claims become executions), bounded;
+        ``_stopping`` keeps any other from starting."""
+        task = self._dispatcher
+        if task is None or task.done():
+            return
+        _, pending = await asyncio.wait({task}, timeout=DISPATCH_STOP_SECONDS)
+        if pending:
+            task.cancel()  # a claim it committed is requeued by _requeue_unspawned
+            await asyncio.gather(task, return_exceptions=True)
+
+    async def _requeue_unspawned(self) -> None:
+        """Put back in the queue every run still ``running`` on this node with no process
+        recorded (claimed, never spawned); ``dispatch.requeue`` re-checks both."""
+        if not self.node_id:
+            return
+        try:
+            async with self.db.unit_of_work() as tx:
+                rows = await tx.fetch(_UNSPAWNED, {"id": self.node_id})
+            for row in rows:
+                run_id = str(row["id"])
+                if await dispatch.requeue(self.db, run_id):
+                    logger.info("claimed run requeued on stop", extra={"run_id": run_id})
+        except Exception:
+            logger.exception("requeueing claimed runs on stop failed")
 
     # -- node lease -----------------------------------------------------------------
 
@@ -329,12 +384,13 @@ class Runner:
             settings=self.settings,
             issues=self.issues,
             node_id=self.node_id,
+            before_spawn=self.before_spawn,
         )
         for claim in result.claims:
             execution = Execution(claim)
             self._executions[claim.run_id] = execution
             if self._stopping:
-                execution.cancel(STOP_REASON)
+                execution.stop(STOP_REASON)
             execution.task = asyncio.create_task(
                 self._execute(context, execution), name=f"run-{claim.run_id}"
             )

@@ -318,6 +318,123 @@ async def test_adopted_run_that_exits_is_finalized_by_the_pid_poller(
     assert len(await runs_of(db, agent)) == 1  # an adopted exit is not a process loss
 
 
+# --- limits of adopted runs -------------------------------------------------------------
+
+
+async def set_limits(
+    db: Database, run_id: str, *, wall_clock: int, idle: int, started_ago: int = 0
+) -> None:
+    """The run's limits snapshot, and its start ``started_ago`` seconds back."""
+    async with db.unit_of_work() as tx:
+        await tx.execute(
+            sql(
+                """
+                UPDATE runs.heartbeat_runs
+                SET timeout_seconds = :timeout, idle_timeout_seconds = :idle,
+                    started_at = now() - CAST(:ago AS integer) * interval '1 second'
+                WHERE id = :id
+                """
+            ),
+            {"id": run_id, "timeout": wall_clock, "idle": idle, "ago": started_ago},
+        )
+
+
+async def test_adopted_run_past_its_wall_clock_is_killed_and_timed_out(
+    runner: Runner,
+    db: Database,
+    suite: Suite,
+    world: tuple[Clients, str],
+    procs: list[subprocess.Popen[bytes]],
+) -> None:
+    clients, company = world
+    agent = await paused_agent(db, clients, company)
+    node = await dead_node(db)
+    pid, created = spawn_sleeper(procs, 30)
+    run_id, issue_id = await issue_run(
+        db,
+        suite,
+        clients=clients,
+        company=company,
+        agent=agent,
+        node=node,
+        pid=pid,
+        created=created,
+    )
+    await set_limits(db, run_id, wall_clock=60, idle=0, started_ago=3600)
+    assert list((await reap(suite)).detached_run_ids) == [run_id]
+
+    row = await wait_for(db, run_id, within=6)
+    assert (row["status"], row["error_code"], row["error"]) == (
+        "timed_out",
+        "timeout",
+        "timed out after 60 s",
+    )
+    assert procs[0].wait(timeout=3) is not None
+    assert run_id not in runner.live_runs
+    assert (await run_events(db, run_id))[-1]["message"] == "run timed_out"
+
+    async def released() -> bool:
+        return (await issue_row(db, issue_id))["execution_run_id"] is None
+
+    await eventually(released)
+    assert len(await runs_of(db, agent)) == 1  # a timeout is not a process loss: no retry
+
+
+async def test_adopted_run_without_activity_hits_its_idle_timeout(
+    runner: Runner,
+    db: Database,
+    suite: Suite,
+    world: tuple[Clients, str],
+    procs: list[subprocess.Popen[bytes]],
+) -> None:
+    clients, company = world
+    agent = await paused_agent(db, clients, company)
+    node = await dead_node(db)
+    pid, created = spawn_sleeper(procs, 30)
+    run_id = await running_run(
+        db, company=company, agent=agent, node=node, pid=pid, created=created
+    )
+    await set_limits(db, run_id, wall_clock=0, idle=1)
+    assert list((await reap(suite)).detached_run_ids) == [run_id]
+
+    row = await wait_for(db, run_id, within=6)
+    assert (row["status"], row["error_code"]) == ("timed_out", "idle_timeout")
+    assert procs[0].wait(timeout=3) is not None
+    assert run_id not in runner.live_runs
+
+
+async def test_reported_activity_keeps_an_adopted_run_alive(
+    runner: Runner,
+    db: Database,
+    suite: Suite,
+    world: tuple[Clients, str],
+    procs: list[subprocess.Popen[bytes]],
+) -> None:
+    clients, company = world
+    agent = await paused_agent(db, clients, company)
+    node = await dead_node(db)
+    pid, created = spawn_sleeper(procs, 30)
+    run_id = await running_run(
+        db, company=company, agent=agent, node=node, pid=pid, created=created
+    )
+    await set_limits(db, run_id, wall_clock=0, idle=2)
+    assert list((await reap(suite)).detached_run_ids) == [run_id]
+
+    # Twice the idle limit, reporting activity every half second: never stopped.
+    agent_runs = suite.clients(service()).runs
+    deadline = time.monotonic() + 4
+    while time.monotonic() < deadline:
+        await agent_runs.ReportRunActivity(runs_pb2.ReportRunActivityRequest(run_id=run_id))
+        await asyncio.sleep(0.5)
+        assert (await run_row(db, run_id))["status"] == "running"
+        assert procs[0].poll() is None and run_id in runner.live_runs
+
+    # Silent from now on: the idle limit applies again.
+    row = await wait_for(db, run_id, within=6)
+    assert (row["status"], row["error_code"]) == ("timed_out", "idle_timeout")
+    assert procs[0].wait(timeout=3) is not None
+
+
 # --- A2 / A3 / A4 / B21: lost -------------------------------------------------------------
 
 

@@ -498,3 +498,71 @@ async def test_stop_terminates_live_children_and_cancels_their_runs(
         await asyncio.gather(task, return_exceptions=True)
         await node.stop()
         await node_db.dispose()
+
+
+async def test_stop_requeues_a_claimed_run_that_never_spawned(
+    services: Services, runner: Runner, database_url: str, suite: Suite
+) -> None:
+    company = (await new_company(suite.clients(admin()))).id
+    clients = suite.clients(board(company, Role.ADMIN, user_id="owner"))
+    agent = await create_agent(clients, company, agent_command("succeed.py"))
+    issue = await clients.issues.CreateIssue(
+        issues_pb2.CreateIssueRequest(company_id=company, title="claimed when the node stops")
+    )
+    node_db = Database(database_url, pool_size=5, max_overflow=5, name="stopping-claim-node")
+    node = Runner(node_db, services.settings, companies={company})
+    held, release = asyncio.Event(), asyncio.Event()
+
+    async def hold_before_spawn(_run_id: str) -> None:
+        # Claimed, issue lock taken, not spawned: parked here until released.
+        held.set()
+        await release.wait()
+
+    node.before_spawn = hold_before_spawn
+    task = asyncio.create_task(node.run())
+    try:
+        run_id = await queue_run(suite.db, company_id=company, agent_id=agent, issue_id=issue.id)
+        await asyncio.wait_for(held.wait(), 10)
+        claimed = await run_row(suite.db, run_id)
+        assert (claimed["status"], str(claimed["supervisor_node_id"])) == ("running", node.node_id)
+        assert claimed["process_pid"] is None
+
+        # run() is still dispatching: stop() ends the dispatch loop itself.
+        stopping = asyncio.create_task(node.stop())
+        await asyncio.sleep(0.1)
+        assert node.stopping
+        release.set()
+        await asyncio.wait_for(stopping, 10)
+        await asyncio.wait_for(task, 5)
+        row = await run_row(suite.db, run_id)
+        assert (row["status"], row["started_at"], row["supervisor_node_id"]) == (
+            "queued",
+            None,
+            None,
+        )
+        assert (row["process_pid"], row["error_code"], row["finished_at"]) == (None, None, None)
+        async with suite.db.unit_of_work() as tx:
+            wake = await tx.fetchval(
+                sql("SELECT status FROM runs.wakeup_requests WHERE run_id = :r"), {"r": run_id}
+            )
+            runs = await tx.fetchval(
+                sql("SELECT count(*) FROM runs.heartbeat_runs WHERE agent_id = :a"), {"a": agent}
+            )
+        assert (wake, runs) == ("queued", 1)  # no process_lost, no retry
+        assert [e["message"] for e in await run_events(suite.db, run_id)] == []
+
+        # Another node simply dispatches it.
+        assert runner.companies is not None
+        runner.companies.add(company)
+        done = await wait_for(suite.db, run_id)
+        assert (done["status"], str(done["supervisor_node_id"])) == ("succeeded", runner.node_id)
+        events = await run_events(suite.db, run_id)
+        assert [e["message"] for e in events].count("run started") == 1
+    finally:
+        release.set()
+        if runner.companies is not None:
+            runner.companies.discard(company)
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        await node.stop()
+        await node_db.dispose()
