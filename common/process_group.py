@@ -23,6 +23,7 @@ from pathlib import Path
 logger = logging.getLogger(__name__)
 
 _PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
+PARENT_PID_ENV = "PAPERCLIP_PARENT_PID"
 _POLL_S = 0.05
 
 
@@ -57,11 +58,14 @@ def spawn(spec: ProcessSpec, env: Mapping[str, str], ready_file: Path) -> Child:
     ready_file.unlink(missing_ok=True)  # a file left by an earlier run is not a signal
     process = subprocess.Popen(
         [sys.executable, "-m", spec.module],
-        env={**env, "PAPERCLIP_READY_FILE": str(ready_file)},
+        env={
+            **env,
+            "PAPERCLIP_READY_FILE": str(ready_file),
+            # The child arranges to die with us itself (die_with_parent): no Python code
+            # runs between fork and exec, which is unsafe in a process with threads.
+            PARENT_PID_ENV: str(os.getpid()),
+        },
         process_group=0,
-        # preexec_fn is unsafe only with threads; the launcher has none (asyncio.run of
-        # the migrations joined its executor before any child is spawned).
-        preexec_fn=_die_with_parent(os.getpid()),  # noqa: PLW1509
     )
     logger.info("started", extra={"child": spec.module, "pid": process.pid})
     return Child(spec, process, ready_file)
@@ -128,13 +132,13 @@ def describe_exit(returncode: int | None) -> str:
     return f"exited with status {returncode}"
 
 
-def _die_with_parent(parent_pid: int) -> Callable[[], None]:
-    """A ``preexec_fn`` asking the kernel to SIGTERM the child when the launcher dies."""
-    libc = ctypes.CDLL(None, use_errno=True)  # loaded before fork: preexec stays minimal
-
-    def preexec() -> None:
-        libc.prctl(_PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
-        if os.getppid() != parent_pid:  # the launcher died before prctl took effect
-            os.kill(os.getpid(), signal.SIGTERM)
-
-    return preexec
+def die_with_parent(env: Mapping[str, str] | None = None) -> None:
+    """In a service the launcher started: have the kernel SIGTERM this process when the
+    launcher dies (PR_SET_PDEATHSIG), and stop at once if it already has."""
+    raw = (os.environ if env is None else env).get(PARENT_PID_ENV)
+    if not raw:
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(_PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
+    if os.getppid() != int(raw):  # the launcher died before prctl took effect
+        os.kill(os.getpid(), signal.SIGTERM)

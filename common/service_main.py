@@ -13,6 +13,7 @@ from common.config import Settings, load_settings
 from common.db import Database
 from common.embedded_pg import normalize_database_url
 from common.log import configure_logging
+from common.process_group import die_with_parent
 from common.server import ServiceSpec, serve_until_signalled, start_server
 
 Job = Coroutine[Any, Any, None]
@@ -67,6 +68,7 @@ async def _main(
 
 def run(service: str, address_of: Callable[[Settings], str], factory: WiringFactory) -> None:
     """Configure logging, then serve what ``factory`` wires until signalled."""
+    die_with_parent()
     settings = load_settings()
     configure_logging(service, settings.log_level)
     asyncio.run(_main(service, address_of(settings), settings, factory))

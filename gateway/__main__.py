@@ -8,6 +8,7 @@ from common.config import Settings, load_settings
 from common.db import Database
 from common.embedded_pg import normalize_database_url
 from common.log import configure_logging
+from common.process_group import die_with_parent
 from common.server import serve_until_signalled
 from gateway.app import backend_addresses, start_gateway
 
@@ -39,6 +40,7 @@ async def _main(settings: Settings) -> None:
 
 
 if __name__ == "__main__":
+    die_with_parent()
     settings = load_settings()
     configure_logging("gateway", settings.log_level)
     asyncio.run(_main(settings))
