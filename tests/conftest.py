@@ -6,29 +6,21 @@ from __future__ import annotations
 import asyncio
 import os
 import tempfile
-import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-import asyncpg
 import pytest
 
 from common.config import Settings, load_settings
 from common.db import Database
-from common.embedded_pg import EmbeddedPostgres, asyncpg_dsn, normalize_database_url
-from common.migrate import migrate
+from common.embedded_pg import EmbeddedPostgres, normalize_database_url
 from common.server import RunningServer, start_server
 from issue_service.app import service_specs as issue_specs
 from run_service.app import service_specs as run_specs
 from run_service.runner import Runner
+from tests.databases import fresh_database
 from tests.harness import INTERNAL_KEY, Suite
-
-
-def _with_database(url: str, name: str) -> str:
-    base, _, query = url.partition("?")
-    server = base.rsplit("/", 1)[0]
-    return f"{server}/{name}" + (f"?{query}" if query else "")
 
 
 @pytest.fixture(scope="session")
@@ -49,20 +41,8 @@ def server_url() -> Iterator[str]:
 @pytest.fixture(scope="session")
 async def database_url(server_url: str) -> AsyncIterator[str]:
     """A fresh database, migrated, dropped at the end of the session."""
-    name = f"paperclip_test_{uuid.uuid4().hex[:12]}"
-    admin = await asyncpg.connect(asyncpg_dsn(server_url))
-    try:
-        await admin.execute(f'CREATE DATABASE "{name}"')
-    finally:
-        await admin.close()
-    url = _with_database(server_url, name)
-    await migrate(url)
-    yield url
-    admin = await asyncpg.connect(asyncpg_dsn(server_url))
-    try:
-        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-    finally:
-        await admin.close()
+    async with fresh_database(server_url, "paperclip_test") as url:
+        yield url
 
 
 @pytest.fixture(scope="session")

@@ -18,27 +18,24 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import signal
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
-import asyncpg
 import psutil
 import pytest
 
-from common import process_group
 from common.db import Database
-from common.embedded_pg import asyncpg_dsn
-from common.migrate import migrate
-from common.sql import Row, sql
+from common.sql import Row
 from paperclip.issues.v1 import issues_pb2
 from paperclip.runs.v1 import run_messages_pb2 as pb
 from paperclip.runs.v1 import runs_pb2
-from tests.conftest import _with_database
-from tests.harness import INTERNAL_KEY, Clients, Suite, admin, new_company
+from tests.databases import fresh_database
+from tests.e2e import service_processes
+from tests.e2e.service_processes import ServiceProcesses, rows
+from tests.harness import Clients, Suite, admin, new_company
 from tests.run_service.test_runner import agent_command, create_agent, queue_run
 
 pytestmark = pytest.mark.e2e
@@ -52,89 +49,31 @@ MARKER = f"crash-test-{uuid.uuid4().hex[:10]}"
 @pytest.fixture(scope="module")
 async def crash_db_url(server_url: str) -> AsyncIterator[str]:
     """A database of this test alone: the run service here dispatches every company."""
-    name = f"paperclip_crash_{uuid.uuid4().hex[:12]}"
-    admin_conn = await asyncpg.connect(asyncpg_dsn(server_url))
-    try:
-        await admin_conn.execute(f'CREATE DATABASE "{name}"')
-    finally:
-        await admin_conn.close()
-    url = _with_database(server_url, name)
-    await migrate(url)
-    yield url
-    admin_conn = await asyncpg.connect(asyncpg_dsn(server_url))
-    try:
-        await admin_conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-    finally:
-        await admin_conn.close()
+    async with fresh_database(server_url, "paperclip_crash") as url:
+        yield url
 
 
 def agent_processes() -> list[psutil.Process]:
     """The agent processes of this test (their command line carries MARKER)."""
-    found = []
-    for proc in psutil.process_iter(["cmdline", "status"]):
-        cmdline = proc.info["cmdline"] or []
-        if MARKER in cmdline and proc.info["status"] != psutil.STATUS_ZOMBIE:
-            found.append(proc)
-    return found
+    return service_processes.agent_processes(MARKER)
 
 
 @pytest.fixture
 def leftovers() -> Iterator[None]:
     """Kill this test's agent processes, whatever happens."""
     yield
-    for proc in agent_processes():
-        with contextlib.suppress(psutil.Error):
-            proc.kill()
-
-
-class Services:
-    """The issue service and run service processes."""
-
-    def __init__(self, url: str, home: Path) -> None:
-        inherited = {k: v for k, v in os.environ.items() if not k.startswith("PAPERCLIP_")}
-        self.env = {
-            **inherited,
-            "PAPERCLIP_HOME": str(home),
-            "PAPERCLIP_DATABASE_URL": url,
-            "PAPERCLIP_INTERNAL_KEY": INTERNAL_KEY.decode(),
-            "PAPERCLIP_JWT_SECRET": "crash-test-jwt-secret-0123456789abcdef",
-            "PAPERCLIP_GATEWAY_ADDR": "127.0.0.1:1",
-            "PAPERCLIP_ISSUE_SERVICE_ADDR": "127.0.0.1:0",
-            "PAPERCLIP_RUN_SERVICE_ADDR": "127.0.0.1:0",
-            "PAPERCLIP_DISPATCH_POLL_MS": "200",
-            "PAPERCLIP_LOG_LEVEL": "WARNING",
-        }
-        self.home = home
-        self.children: list[process_group.Child] = []
-        self.starts = 0
-
-    def start(self, module: str, addr_env: str) -> process_group.Child:
-        self.starts += 1
-        spec = process_group.ProcessSpec(module, addr_env)
-        child = process_group.spawn(spec, self.env, self.home / f"{module}-{self.starts}.json")
-        self.children.append(child)
-        addr = process_group.wait_ready(child, timeout=60, stop_requested=lambda: False)
-        if module == "issue_service":
-            self.env["PAPERCLIP_ISSUE_SERVICE_ADDR"] = addr
-        return child
-
-    def stop(self) -> None:
-        live = [c for c in self.children if c.process.poll() is None]
-        process_group.stop_all(live, grace=10)
+    service_processes.kill_agents(MARKER)
 
 
 @pytest.fixture
-def services(crash_db_url: str, tmp_path: Path) -> Iterator[Services]:
-    running = Services(crash_db_url, tmp_path)
+def services(crash_db_url: str, tmp_path: Path) -> Iterator[ServiceProcesses]:
+    running = ServiceProcesses(
+        crash_db_url, tmp_path, jwt_secret="crash-test-jwt-secret-0123456789abcdef"
+    )
     try:
         yield running
     finally:
         running.stop()
-
-
-async def rows(db: Database, query: str, **params: object) -> list[Row]:
-    async with db.unit_of_work() as tx:
-        return await tx.fetch(sql(query), params)
 
 
 async def wait_until(check: object, *, within: float, what: str) -> None:
@@ -148,7 +87,7 @@ async def wait_until(check: object, *, within: float, what: str) -> None:
 
 
 async def test_sigkill_run_service_then_restart_adopts_or_retries_every_run(
-    crash_db_url: str, services: Services, leftovers: None
+    crash_db_url: str, services: ServiceProcesses, leftovers: None
 ) -> None:
     db = Database(crash_db_url, pool_size=5, max_overflow=5, name="crash-test")
     try:
@@ -157,7 +96,7 @@ async def test_sigkill_run_service_then_restart_adopts_or_retries_every_run(
         await db.dispose()
 
 
-async def _scenario(db: Database, services: Services) -> None:
+async def _scenario(db: Database, services: ServiceProcesses) -> None:
     issue_child = services.start("issue_service", "PAPERCLIP_ISSUE_SERVICE_ADDR")
     run_child = services.start("run_service", "PAPERCLIP_RUN_SERVICE_ADDR")
     suite = Suite(issue_addr=issue_child.addr, run_addr=run_child.addr, db=db)

@@ -14,8 +14,6 @@ exactly once, both nodes ran some, and after SIGTERM no agent process is left.
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import os
 import signal
 import subprocess
 import time
@@ -23,17 +21,16 @@ import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
-import asyncpg
 import psutil
 import pytest
 
 from common import process_group
 from common.db import Database
-from common.embedded_pg import asyncpg_dsn
-from common.migrate import migrate
-from common.sql import Row, sql
-from tests.conftest import _with_database
-from tests.harness import INTERNAL_KEY, Suite, admin, new_company
+from common.sql import sql
+from tests.databases import fresh_database
+from tests.e2e import service_processes
+from tests.e2e.service_processes import ServiceProcesses, rows
+from tests.harness import Suite, admin, new_company
 from tests.run_service.test_runner import agent_command, create_agent
 
 pytestmark = pytest.mark.e2e
@@ -53,93 +50,38 @@ MARKER = f"two-nodes-{uuid.uuid4().hex[:10]}"
 @pytest.fixture(scope="module")
 async def two_nodes_db_url(server_url: str) -> AsyncIterator[str]:
     """A database of this test alone: its run services dispatch every company."""
-    name = f"paperclip_two_nodes_{uuid.uuid4().hex[:12]}"
-    admin_conn = await asyncpg.connect(asyncpg_dsn(server_url))
-    try:
-        await admin_conn.execute(f'CREATE DATABASE "{name}"')
-    finally:
-        await admin_conn.close()
-    url = _with_database(server_url, name)
-    await migrate(url)
-    yield url
-    admin_conn = await asyncpg.connect(asyncpg_dsn(server_url))
-    try:
-        await admin_conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-    finally:
-        await admin_conn.close()
+    async with fresh_database(server_url, "paperclip_two_nodes") as url:
+        yield url
 
 
 def agent_processes() -> list[psutil.Process]:
     """The agent processes of this test (their command line carries MARKER)."""
-    found = []
-    for proc in psutil.process_iter(["cmdline", "status"]):
-        cmdline = proc.info["cmdline"] or []
-        if MARKER in cmdline and proc.info["status"] != psutil.STATUS_ZOMBIE:
-            found.append(proc)
-    return found
+    return service_processes.agent_processes(MARKER)
 
 
 @pytest.fixture
 def leftovers() -> Iterator[None]:
     """Kill this test's agent processes, whatever happens."""
     yield
-    for proc in agent_processes():
-        with contextlib.suppress(psutil.Error):
-            proc.kill()
-
-
-class Processes:
-    """The issue service and run service processes of the test."""
-
-    def __init__(self, url: str, home: Path) -> None:
-        inherited = {k: v for k, v in os.environ.items() if not k.startswith("PAPERCLIP_")}
-        self.env = {
-            **inherited,
-            "PAPERCLIP_HOME": str(home),
-            "PAPERCLIP_DATABASE_URL": url,
-            "PAPERCLIP_INTERNAL_KEY": INTERNAL_KEY.decode(),
-            "PAPERCLIP_JWT_SECRET": "two-nodes-test-jwt-secret-0123456789abcdef",
-            "PAPERCLIP_GATEWAY_ADDR": "127.0.0.1:1",
-            "PAPERCLIP_ISSUE_SERVICE_ADDR": "127.0.0.1:0",
-            "PAPERCLIP_RUN_SERVICE_ADDR": "127.0.0.1:0",
-            "PAPERCLIP_DISPATCH_POLL_MS": "200",
-            "PAPERCLIP_MAX_PROCESSES": str(NODE_PROCESSES),
-            "PAPERCLIP_LOG_LEVEL": "WARNING",
-        }
-        self.home = home
-        self.children: list[process_group.Child] = []
-
-    def start(self, module: str, addr_env: str) -> process_group.Child:
-        spec = process_group.ProcessSpec(module, addr_env)
-        ready = self.home / f"{module}-{len(self.children)}.json"
-        child = process_group.spawn(spec, self.env, ready)
-        self.children.append(child)
-        addr = process_group.wait_ready(child, timeout=60, stop_requested=lambda: False)
-        if module == "issue_service":
-            self.env["PAPERCLIP_ISSUE_SERVICE_ADDR"] = addr
-        return child
-
-    def stop(self) -> None:
-        live = [c for c in self.children if c.process.poll() is None]
-        process_group.stop_all(live, grace=10)
+    service_processes.kill_agents(MARKER)
 
 
 @pytest.fixture
-def processes(two_nodes_db_url: str, tmp_path: Path) -> Iterator[Processes]:
-    running = Processes(two_nodes_db_url, tmp_path)
+def processes(two_nodes_db_url: str, tmp_path: Path) -> Iterator[ServiceProcesses]:
+    running = ServiceProcesses(
+        two_nodes_db_url,
+        tmp_path,
+        jwt_secret="two-nodes-test-jwt-secret-0123456789abcdef",
+        PAPERCLIP_MAX_PROCESSES=str(NODE_PROCESSES),
+    )
     try:
         yield running
     finally:
         running.stop()
 
 
-async def rows(db: Database, query: str, **params: object) -> list[Row]:
-    async with db.unit_of_work() as tx:
-        return await tx.fetch(sql(query), params)
-
-
 async def test_two_run_services_never_exceed_the_agent_limit_and_run_each_run_once(
-    two_nodes_db_url: str, processes: Processes, leftovers: None
+    two_nodes_db_url: str, processes: ServiceProcesses, leftovers: None
 ) -> None:
     db = Database(two_nodes_db_url, pool_size=5, max_overflow=5, name="two-nodes-test")
     try:
@@ -148,7 +90,7 @@ async def test_two_run_services_never_exceed_the_agent_limit_and_run_each_run_on
         await db.dispose()
 
 
-async def _scenario(db: Database, processes: Processes) -> None:
+async def _scenario(db: Database, processes: ServiceProcesses) -> None:
     issue_child = processes.start("issue_service", "PAPERCLIP_ISSUE_SERVICE_ADDR")
     nodes = [processes.start("run_service", "PAPERCLIP_RUN_SERVICE_ADDR") for _ in range(2)]
     node_ids = await _registered_nodes(db, [n.process.pid for n in nodes])
