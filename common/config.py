@@ -42,6 +42,12 @@ class Settings:
     metrics_addr: str | None
     max_processes: int
     dispatch_poll_seconds: float
+    #: How often the workspace service expires unrenewed leases and releases the
+    #: leases of ended runs.
+    lease_sweep_seconds: float
+    #: How often the workspace service stops the services of closed issues' workspaces
+    #: when no notification arrives.
+    workspace_reap_seconds: float
 
     @property
     def embedded(self) -> bool:
@@ -116,4 +122,8 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         dispatch_poll_seconds=_int(env, "PAPERCLIP_DISPATCH_POLL_MS", 1000, low=50, high=60_000)
         / 1000,
         lock_sweep_seconds=float(_int(env, "PAPERCLIP_LOCK_SWEEP_SECONDS", 30, low=1, high=3600)),
+        lease_sweep_seconds=float(_int(env, "PAPERCLIP_LEASE_SWEEP_SECONDS", 15, low=1, high=3600)),
+        workspace_reap_seconds=float(
+            _int(env, "PAPERCLIP_WORKSPACE_REAP_SECONDS", 30, low=1, high=3600)
+        ),
     )

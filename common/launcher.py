@@ -43,6 +43,7 @@ logger = logging.getLogger("common.launcher")
 #: The suite, in start order: each service is given the addresses of those before it.
 SERVICES: tuple[ProcessSpec, ...] = (
     ProcessSpec("issue_service", "PAPERCLIP_ISSUE_SERVICE_ADDR"),
+    ProcessSpec("workspace_service", "PAPERCLIP_WORKSPACE_SERVICE_ADDR"),
     ProcessSpec("run_service", "PAPERCLIP_RUN_SERVICE_ADDR"),
     ProcessSpec("gateway", "PAPERCLIP_GATEWAY_ADDR"),
 )

@@ -40,6 +40,7 @@ def backend_addresses(settings: Settings) -> dict[str, str]:
     addresses = {
         "issue_service": settings.issue_service_addr,
         "run_service": settings.run_service_addr,
+        "workspace_service": settings.workspace_service_addr,
     }
     for name, address in addresses.items():
         if address.endswith(":0"):

@@ -30,9 +30,11 @@ from google.protobuf.descriptor import MethodDescriptor, ServiceDescriptor
 
 from common.config import ConfigError
 from common.errors import PaperclipError, from_rpc_error
+from gateway.routes import LONG_RUNNING_METHODS
 from paperclip.gateway.v1 import auth_pb2, auth_pb2_grpc
 from paperclip.issues.v1 import issues_pb2, issues_pb2_grpc
 from paperclip.runs.v1 import runs_pb2, runs_pb2_grpc
+from paperclip.workspaces.v1 import workspaces_pb2, workspaces_pb2_grpc
 
 API_URL_ENV = "PAPERCLIP_API_URL"
 TOKEN_ENV = "PAPERCLIP_AGENT_TOKEN"
@@ -42,7 +44,8 @@ REQUEST_ID_HEADER = "x-request-id"
 #: Ceiling for any unary call: well above a healthy call, low enough that a stuck
 #: gateway surfaces as DEADLINE_EXCEEDED instead of a hung agent.
 DEFAULT_TIMEOUT_SECONDS = 30.0
-#: Ceiling for server-streaming calls (WatchRun): a watch lives as long as the run.
+#: Ceiling for server-streaming calls (WatchRun: a watch lives as long as the run) and
+#: for the workspace calls that run commands (``routes.LONG_RUNNING_METHODS``).
 STREAM_TIMEOUT_SECONDS = 3600.0
 
 #: The services the gateway serves publicly; their methods get a service-config entry.
@@ -50,6 +53,7 @@ PUBLIC_SERVICES: tuple[ServiceDescriptor, ...] = (
     issues_pb2.DESCRIPTOR.services_by_name["IssueService"],
     runs_pb2.DESCRIPTOR.services_by_name["RunService"],
     auth_pb2.DESCRIPTOR.services_by_name["AuthService"],
+    workspaces_pb2.DESCRIPTOR.services_by_name["WorkspaceService"],
 )
 
 #: Calls that may safely be sent twice, and so are retried on UNAVAILABLE. Everything
@@ -75,6 +79,15 @@ IDEMPOTENT_METHODS: frozenset[str] = frozenset(
         # Read-only; gRPC retries a stream only before its first response arrives.
         "paperclip.runs.v1.RunService/WatchRun",
         "paperclip.gateway.v1.AuthService/WhoAmI",
+        "paperclip.workspaces.v1.WorkspaceService/GetExecutionWorkspace",
+        "paperclip.workspaces.v1.WorkspaceService/ListExecutionWorkspaces",
+        "paperclip.workspaces.v1.WorkspaceService/GetCloseReadiness",
+        "paperclip.workspaces.v1.WorkspaceService/ListRuntimeServices",
+        "paperclip.workspaces.v1.WorkspaceService/ListWorkspaceOperations",
+        "paperclip.workspaces.v1.WorkspaceService/GetWorkspaceOperation",
+        # Renewing twice only pushes the same expiry; releasing an ended lease returns it.
+        "paperclip.workspaces.v1.WorkspaceService/RenewEnvironmentLease",
+        "paperclip.workspaces.v1.WorkspaceService/ReleaseEnvironmentLease",
     }
 )
 
@@ -121,7 +134,11 @@ def build_service_config(timeouts: Mapping[str, float] | None = None) -> str:
     seconds: dict[str, float] = {}
     for service in PUBLIC_SERVICES:
         for method in service.methods:
-            long_lived = method.server_streaming or method.client_streaming
+            long_lived = (
+                method.server_streaming
+                or method.client_streaming
+                or f"/{method_path(method)}" in LONG_RUNNING_METHODS
+            )
             seconds[method_path(method)] = (
                 STREAM_TIMEOUT_SECONDS if long_lived else DEFAULT_TIMEOUT_SECONDS
             )
@@ -298,6 +315,7 @@ class PaperclipClient:
         self.issues = issues_pb2_grpc.IssueServiceStub(self.channel)
         self.runs = runs_pb2_grpc.RunServiceStub(self.channel)
         self.auth = auth_pb2_grpc.AuthServiceStub(self.channel)
+        self.workspaces = workspaces_pb2_grpc.WorkspaceServiceStub(self.channel)
 
     @classmethod
     def from_env(

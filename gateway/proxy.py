@@ -22,6 +22,7 @@ from gateway.routes import Route
 #: Deadlines the gateway sets when the caller sets none, so no backend work waits
 #: forever on a client that went away.
 DEFAULT_UNARY_TIMEOUT_S = 30.0
+#: Streams, and unary calls that run commands (``routes.LONG_RUNNING_METHODS``).
 DEFAULT_STREAM_TIMEOUT_S = 3600.0
 
 _Handler = Callable[[bytes, Context], Any]
@@ -53,7 +54,9 @@ class Proxy(grpc.GenericRpcHandler):
                 unary = channel.unary_unary(
                     path, request_serializer=_passthrough, response_deserializer=_passthrough
                 )
-                self._handlers[path] = grpc.unary_unary_rpc_method_handler(self._unary(unary))
+                self._handlers[path] = grpc.unary_unary_rpc_method_handler(
+                    self._unary(unary, long_running=route.long_running)
+                )
 
     def service(
         self, handler_call_details: grpc.HandlerCallDetails
@@ -63,13 +66,20 @@ class Proxy(grpc.GenericRpcHandler):
     def _metadata(self) -> tuple[tuple[str, str], ...]:
         return (*sign_actor(current_actor(), self._key), (REQUEST_ID_HEADER, REQUEST_ID.get()))
 
-    def _unary(self, multicallable: grpc.aio.UnaryUnaryMultiCallable[bytes, bytes]) -> _Handler:
+    def _unary(
+        self,
+        multicallable: grpc.aio.UnaryUnaryMultiCallable[bytes, bytes],
+        *,
+        long_running: bool,
+    ) -> _Handler:
         async def forward(request: bytes, context: Context) -> bytes:
             timeout = context.time_remaining()
+            if timeout is None:
+                timeout = DEFAULT_STREAM_TIMEOUT_S if long_running else DEFAULT_UNARY_TIMEOUT_S
             call = multicallable(
                 request,
                 metadata=self._metadata(),
-                timeout=DEFAULT_UNARY_TIMEOUT_S if timeout is None else timeout,
+                timeout=timeout,
             )
             try:
                 return await call

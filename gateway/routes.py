@@ -14,12 +14,25 @@ from google.protobuf import descriptor_pool
 # Imported for their side effect: registering the public services' descriptors.
 from paperclip.issues.v1 import issues_pb2  # noqa: F401
 from paperclip.runs.v1 import runs_pb2  # noqa: F401
+from paperclip.workspaces.v1 import workspaces_pb2  # noqa: F401
 
 #: Public service -> the backend that serves it (its address setting names it).
 PUBLIC_SERVICES: dict[str, str] = {
     "paperclip.issues.v1.IssueService": "issue_service",
     "paperclip.runs.v1.RunService": "run_service",
+    "paperclip.workspaces.v1.WorkspaceService": "workspace_service",
 }
+
+
+#: Unary methods that may run commands for a long time (a job, a provision command, a
+#: cleanup): their default deadline is the long one, not the unary one.
+LONG_RUNNING_METHODS = frozenset(
+    {
+        "/paperclip.workspaces.v1.WorkspaceService/CreateExecutionWorkspace",
+        "/paperclip.workspaces.v1.WorkspaceService/ArchiveExecutionWorkspace",
+        "/paperclip.workspaces.v1.WorkspaceService/ControlRuntimeServices",
+    }
+)
 
 
 @dataclass(frozen=True)
@@ -30,6 +43,11 @@ class Route:
     service: str
     backend: str
     server_streaming: bool
+
+    @property
+    def long_running(self) -> bool:
+        """Streams and command-running methods get the long default deadline."""
+        return self.server_streaming or self.path in LONG_RUNNING_METHODS
 
 
 def build_routes(services: dict[str, str] = PUBLIC_SERVICES) -> dict[str, Route]:

@@ -52,6 +52,7 @@ from run_service.supervisor import (
     SupervisedProcess,
     spawn,
 )
+from run_service.workspace_client import WorkspaceClient
 
 logger = logging.getLogger(__name__)
 
@@ -130,6 +131,8 @@ class ExecutorContext:
     settings: Settings
     issues: IssueClient
     node_id: str
+    #: Releases the runs' environment leases after they end (None: the lease sweep does).
+    workspaces: WorkspaceClient | None = None
     #: Test seam: awaited with the run id right before the spawn (after the issue steps),
     #: to hold a claimed run between claim and spawn. None in production.
     before_spawn: Callable[[str], Awaitable[None]] | None = None
@@ -267,7 +270,9 @@ async def execute(ctx: ExecutorContext, execution: Execution) -> None:
         ended = True
     if ended:
         try:
-            await finalize.after_terminal(ctx.db, ctx.issues, run_id, issue_id)
+            await finalize.after_terminal(
+                ctx.db, ctx.issues, run_id, issue_id, workspaces=ctx.workspaces
+            )
         except Exception:
             logger.exception("after-run steps failed", extra={"run_id": run_id})
 

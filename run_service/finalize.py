@@ -9,7 +9,9 @@ agent's runtime state (``INSERT ... ON CONFLICT``, race-free).
 
 :func:`after_terminal` runs *after* that commit (ARCHITECTURE, "Run ends"):
 
-1. ``ReleaseRunLocks`` on the issue service (retried until acknowledged);
+1. ``ReleaseRunLocks`` on the issue service (retried until acknowledged), and beside
+   it (concurrently, so it never delays what follows) ``ReleaseRunLeases`` on the
+   workspace service;
 2. the **comment policy** (reference §5 "Follow-ups" 2, :func:`apply_comment_policy`):
    a succeeded issue run woken by ``issue_assigned`` or ``execution_*`` that wrote no
    comment on its issue gets exactly one retry (reason ``missing_issue_comment``,
@@ -28,6 +30,7 @@ recorded outcome is never decided again.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 from dataclasses import dataclass
@@ -41,6 +44,7 @@ from run_service import run_store, wakes
 from run_service import wake_rules as rules
 from run_service.issue_client import IssueClient
 from run_service.supervisor import Outcome
+from run_service.workspace_client import WorkspaceClient
 
 logger = logging.getLogger(__name__)
 
@@ -270,12 +274,47 @@ async def _queue_comment_retry(tx: Tx, run: Row) -> dict[str, Any]:
 
 
 async def after_terminal(
-    db: Database, issues: IssueClient, run_id: str, issue_id: str | None
+    db: Database,
+    issues: IssueClient,
+    run_id: str,
+    issue_id: str | None,
+    *,
+    workspaces: WorkspaceClient | None = None,
 ) -> str | None:
     """After the terminal commit: release the run's issue locks (retried until
     acknowledged), apply the comment policy, then promote the oldest deferred wake of
-    its issue (reopening the issue first when the wake asks for it). The id of the run
-    queued by the promotion, if any."""
+    its issue (reopening the issue first when the wake asks for it). Beside those
+    steps, not before them, the run's environment leases are released through
+    ``workspaces`` (without one, the workspace service's sweep does it). The id of the
+    run queued by the promotion, if any."""
+    promoted, _ = await asyncio.gather(
+        _release_locks_and_promote(db, issues, run_id, issue_id),
+        release_run_leases(db, workspaces, run_id),
+    )
+    return promoted
+
+
+async def release_run_leases(db: Database, workspaces: WorkspaceClient | None, run_id: str) -> None:
+    """Ask the workspace service to end the leases of the terminal run, with the status
+    it ended with. Never raises: a failure is logged (the client logs why it gave up)
+    and left to the workspace service's lease sweep."""
+    if workspaces is None:
+        return
+    try:
+        async with db.unit_of_work() as tx:
+            run = await run_store.get_run(tx, run_id)
+        status = "" if run is None else str(run["status"])
+        released = await workspaces.release_run_leases(run_id, status)
+    except Exception:
+        logger.exception("releasing the run's leases failed", extra={"run_id": run_id})
+        return
+    if released:
+        logger.info("run leases released", extra={"run_id": run_id, "lease_ids": released})
+
+
+async def _release_locks_and_promote(
+    db: Database, issues: IssueClient, run_id: str, issue_id: str | None
+) -> str | None:
     released = await issues.release_run_locks(run_id)
     if released is None:
         logger.warning(

@@ -86,11 +86,12 @@ from common.actor import Actor
 from common.authz import require_instance_admin
 from common.db import Database
 from common.errors import FailedPrecondition, PaperclipError
+from common.process_tree import group_members, kill_tree, process_alive
 from common.sql import Row, Tx, sql
 from paperclip.runs.v1 import runs_pb2
 from run_service import finalize, run_store, wakes
 from run_service.issue_client import IssueClient
-from run_service.process_tree import group_members, kill_tree, process_alive
+from run_service.workspace_client import WorkspaceClient
 
 logger = logging.getLogger(__name__)
 
@@ -224,6 +225,7 @@ class RecoveryHost(Protocol):
 
     db: Database
     issues: IssueClient
+    workspaces: WorkspaceClient
     node_id: str
     companies: set[str] | None
 
@@ -497,7 +499,9 @@ class NodeRecovery:
         issue_id = _opt(run["issue_id"])
         issues = self._host.issues
         if retry_id is None:
-            await finalize.after_terminal(self._host.db, issues, run_id, issue_id)
+            await finalize.after_terminal(
+                self._host.db, issues, run_id, issue_id, workspaces=self._host.workspaces
+            )
             return
         if issue_id is not None:
             try:
@@ -514,8 +518,12 @@ class NodeRecovery:
                     "TransferExecutionLock failed; the retry acquires the lock itself",
                     extra={"run_id": run_id, "issue_id": issue_id, "reason": exc.reason},
                 )
-        # Whatever the old run still holds (nothing after a transfer) is released.
-        await issues.release_run_locks(run_id)
+        # Whatever the old run still holds (nothing after a transfer) is released; its
+        # environment leases end with it (the retry acquires its own).
+        await asyncio.gather(
+            issues.release_run_locks(run_id),
+            finalize.release_run_leases(self._host.db, self._host.workspaces, run_id),
+        )
 
     async def _after_steps(self, coro: Coroutine[Any, Any, None]) -> None:
         """Run the issue-service steps; wait a little, then leave them in the background."""
@@ -613,7 +621,11 @@ class NodeRecovery:
             self._host.wake()
             if ended:
                 await finalize.after_terminal(
-                    db, self._host.issues, adopted.run_id, adopted.issue_id
+                    db,
+                    self._host.issues,
+                    adopted.run_id,
+                    adopted.issue_id,
+                    workspaces=self._host.workspaces,
                 )
         except Exception:
             logger.exception("ending an adopted run failed", extra={"run_id": adopted.run_id})

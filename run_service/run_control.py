@@ -30,15 +30,16 @@ from common.audit import record_activity
 from common.authz import require_company_access
 from common.db import Database
 from common.errors import FailedPrecondition, PermissionDenied
+from common.process_tree import kill_tree
 from common.sql import Row, Tx, sql
 from common.validation import require_text
 from paperclip.runs.v1 import run_messages_pb2 as pb
 from paperclip.runs.v1 import runs_pb2
 from run_service import finalize, run_store
 from run_service.issue_client import IssueClient
-from run_service.process_tree import kill_tree
 from run_service.run_queries import check_run_id, run_not_found, shared_listener
 from run_service.run_store import RUN_COLUMNS, TERMINAL
+from run_service.workspace_client import WorkspaceClient
 
 logger = logging.getLogger(__name__)
 
@@ -295,8 +296,15 @@ async def _after_cancel(db: Database, runner: RunControl, run: Row) -> None:
         )
         return
     issue_id = str(run["issue_id"]) if run["issue_id"] is not None else None
+    workspaces = getattr(runner, "workspaces", None)
     task = asyncio.get_running_loop().create_task(
-        finalize.after_terminal(db, issues, run_id, issue_id)
+        finalize.after_terminal(
+            db,
+            issues,
+            run_id,
+            issue_id,
+            workspaces=workspaces if isinstance(workspaces, WorkspaceClient) else None,
+        )
     )
     _BACKGROUND.add(task)
     task.add_done_callback(_BACKGROUND.discard)

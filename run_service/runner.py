@@ -63,6 +63,7 @@ from run_service import dispatch, finalize
 from run_service.executor import Execution, ExecutorContext, execute
 from run_service.issue_client import IssueClient
 from run_service.recovery import NodeRecovery
+from run_service.workspace_client import WorkspaceClient
 
 logger = logging.getLogger(__name__)
 
@@ -136,6 +137,7 @@ class Runner:
         #: This node's ``supervisor_nodes`` id, set once registered by :meth:`run`.
         self.node_id: str = ""
         self.issues = IssueClient(settings)
+        self.workspaces = WorkspaceClient(settings)
         self._executions: dict[str, Execution] = {}
         self._kick = asyncio.Event()
         self._registered = asyncio.Event()
@@ -222,13 +224,15 @@ class Runner:
         if tasks:
             _, pending = await asyncio.wait(tasks, timeout=STOP_TIMEOUT_SECONDS)
             if pending:
-                # Only the after-run steps can be this slow (issue service down).
+                # Only the after-run steps can be this slow (a peer service down).
                 self.issues.closing()
+                self.workspaces.closing()
                 _, pending = await asyncio.wait(pending, timeout=5.0)
                 for task in pending:
                     task.cancel()
         await self._requeue_unspawned()
         self.issues.closing()
+        self.workspaces.closing()
         if self.node_id:
             try:
                 async with self.db.unit_of_work() as tx:
@@ -237,6 +241,7 @@ class Runner:
                 logger.exception("marking the node stopped failed")
         await self._close_listener()
         await self.issues.close()
+        await self.workspaces.close()
 
     async def _stop_dispatching(self) -> None:
         """Let the dispatch pass in flight end (its claims become executions), bounded;
@@ -378,11 +383,16 @@ class Runner:
             self.db, node_id=self.node_id, capacity=capacity, company_ids=scope
         )
         for run_id in result.cancelled:
-            self._spawn_task(finalize.after_terminal(self.db, self.issues, run_id, None))
+            self._spawn_task(
+                finalize.after_terminal(
+                    self.db, self.issues, run_id, None, workspaces=self.workspaces
+                )
+            )
         context = ExecutorContext(
             db=self.db,
             settings=self.settings,
             issues=self.issues,
+            workspaces=self.workspaces,
             node_id=self.node_id,
             before_spawn=self.before_spawn,
         )

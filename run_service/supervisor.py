@@ -25,14 +25,14 @@ from typing import Literal
 
 import psutil
 
-from run_service.output import OutputCallback, OutputSink, Stream, pump
-from run_service.process_tree import (
+from common.process_tree import (
     group_members,
     kill_tree,
     pipe_holders,
     process_alive,
     stop_processes,
 )
+from run_service.output import OutputCallback, OutputSink, Stream, pump
 
 __all__ = [
     "DRAIN_TIMEOUT_S",

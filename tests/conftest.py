@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import os
 import tempfile
+import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -21,6 +22,9 @@ from run_service.app import service_specs as run_specs
 from run_service.runner import Runner
 from tests.databases import fresh_database
 from tests.harness import INTERNAL_KEY, Suite
+from workspace_service.app import build_deps
+from workspace_service.app import service_specs as workspace_specs
+from workspace_service.deps import WorkspaceDeps
 
 
 @pytest.fixture(scope="session")
@@ -60,12 +64,16 @@ class Services:
     runner: Runner
     #: The settings the run service (and its runner) were built with.
     settings: Settings
+    #: The workspace service's dependencies (its runtime supervisor among them).
+    workspace: WorkspaceDeps
 
 
 @pytest.fixture(scope="session")
 async def services(db: Database, database_url: str) -> AsyncIterator[Services]:
-    """The issue and run services, each on its own real socket, port 0, and the run
-    service's runner (dispatch and supervision) started once the servers listen.
+    """The issue, workspace and run services, each on its own real socket, port 0, and
+    the run service's runner (dispatch and supervision) started once the servers listen.
+    The workspace service's background passes (start-up, lease sweep, reaper) do not
+    run: tests call them.
 
     The runner dispatches only the companies in ``runner.companies`` (empty at first):
     tests share one database, and tests of other services insert queued runs that must
@@ -83,26 +91,38 @@ async def services(db: Database, database_url: str) -> AsyncIterator[Services]:
     issue_db = Database(database_url, pool_size=20, max_overflow=40, name="issue_service")
     run_db = Database(database_url, pool_size=10, max_overflow=10, name="run_service")
     issue_server = await start_server(issue_specs(issue_db, settings), "127.0.0.1:0", INTERNAL_KEY)
-    run_settings = replace(settings, issue_service_addr=f"127.0.0.1:{issue_server.port}")
+    workspace_db = Database(database_url, pool_size=10, max_overflow=20, name="workspace_service")
+    workspace_deps = build_deps(workspace_db, settings, host=f"test-{uuid.uuid4().hex[:8]}")
+    workspace_server = await start_server(
+        workspace_specs(workspace_deps), "127.0.0.1:0", INTERNAL_KEY
+    )
+    run_settings = replace(
+        settings,
+        issue_service_addr=f"127.0.0.1:{issue_server.port}",
+        workspace_service_addr=f"127.0.0.1:{workspace_server.port}",
+    )
     runner = Runner(run_db, run_settings, companies=set())
     run_server = await start_server(run_specs(run_db, runner), "127.0.0.1:0", INTERNAL_KEY)
     runner_task = asyncio.create_task(runner.run(), name="test-runner")
-    servers: list[RunningServer] = [issue_server, run_server]
+    servers: list[RunningServer] = [issue_server, run_server, workspace_server]
     the_suite = Suite(
         issue_addr=f"127.0.0.1:{issue_server.port}",
         run_addr=f"127.0.0.1:{run_server.port}",
+        workspace_addr=f"127.0.0.1:{workspace_server.port}",
         db=db,
     )
     try:
-        yield Services(the_suite, runner, run_settings)
+        yield Services(the_suite, runner, run_settings, workspace_deps)
     finally:
         await the_suite.close()
         runner_task.cancel()
         await asyncio.gather(runner_task, return_exceptions=True)
         await runner.stop()  # while the issue service still answers ReleaseRunLocks
+        await workspace_deps.runtime.shutdown()
         await asyncio.gather(*(s.stop(0.5) for s in servers))
         await issue_db.dispose()
         await run_db.dispose()
+        await workspace_db.dispose()
 
 
 @pytest.fixture(scope="session")

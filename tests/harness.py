@@ -16,6 +16,7 @@ from common.db import Database
 from common.errors import PaperclipError, from_rpc_error
 from paperclip.issues.v1 import issue_locks_pb2_grpc, issues_pb2, issues_pb2_grpc
 from paperclip.runs.v1 import agents_pb2, runs_pb2_grpc
+from paperclip.workspaces.v1 import workspace_leases_pb2_grpc, workspaces_pb2_grpc
 
 INTERNAL_KEY = b"test-internal-key-0123456789abcdef"
 
@@ -57,9 +58,15 @@ class Clients:
     issues: issues_pb2_grpc.IssueServiceAsyncStub
     locks: issue_locks_pb2_grpc.IssueLockServiceAsyncStub
     runs: runs_pb2_grpc.RunServiceAsyncStub
+    workspaces: workspaces_pb2_grpc.WorkspaceServiceAsyncStub
+    leases: workspace_leases_pb2_grpc.WorkspaceLeaseServiceAsyncStub
+    #: Channels besides ``channel`` closed with it.
+    others: tuple[grpc.aio.Channel, ...] = ()
 
     async def close(self) -> None:
         await self.channel.close()
+        for channel in self.others:
+            await channel.close()
 
 
 @dataclass
@@ -69,8 +76,18 @@ class Suite:
     issue_addr: str
     run_addr: str
     db: Database
+    #: Empty when the suite under test has no workspace service: its stubs then reach
+    #: the issue service, which answers UNIMPLEMENTED.
+    workspace_addr: str = ""
     key: bytes = INTERNAL_KEY
     _open: list[Clients] | None = None
+
+    def backends(self) -> dict[str, str]:
+        """The gateway's backend addresses for these servers."""
+        addresses = {"issue_service": self.issue_addr, "run_service": self.run_addr}
+        if self.workspace_addr:
+            addresses["workspace_service"] = self.workspace_addr
+        return addresses
 
     def clients(self, actor: Actor | None, *, key: bytes | None = None) -> Clients:
         """Stubs calling as ``actor`` (None: no actor metadata at all)."""
@@ -78,16 +95,21 @@ class Suite:
         interceptors = [_SignUnary(actor, signing_key), _SignStream(actor, signing_key)]
         issue_channel = grpc.aio.insecure_channel(self.issue_addr, interceptors=interceptors)
         run_channel = grpc.aio.insecure_channel(self.run_addr, interceptors=interceptors)
+        workspace_channel = grpc.aio.insecure_channel(
+            self.workspace_addr or self.issue_addr, interceptors=interceptors
+        )
         clients = Clients(
             issue_channel,
             issues_pb2_grpc.IssueServiceStub(issue_channel),
             issue_locks_pb2_grpc.IssueLockServiceStub(issue_channel),
             runs_pb2_grpc.RunServiceStub(run_channel),
+            workspaces_pb2_grpc.WorkspaceServiceStub(workspace_channel),
+            workspace_leases_pb2_grpc.WorkspaceLeaseServiceStub(workspace_channel),
+            others=(run_channel, workspace_channel),
         )
         if self._open is None:
             self._open = []
         self._open.append(clients)
-        self._open.append(Clients(run_channel, clients.issues, clients.locks, clients.runs))
         return clients
 
     async def close(self) -> None:

@@ -57,10 +57,7 @@ async def gateway_addr(services: Services, runner: Runner, database_url: str) ->
         gateway_db,
         settings,
         address="127.0.0.1:0",
-        backends={
-            "issue_service": services.suite.issue_addr,
-            "run_service": services.suite.run_addr,
-        },
+        backends=services.suite.backends(),
     )
     address = f"127.0.0.1:{gateway.running.port}"
     previous = runner.settings

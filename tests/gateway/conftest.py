@@ -235,7 +235,7 @@ async def gw(
         gateway_db,
         settings,
         address="127.0.0.1:0",
-        backends={"issue_service": suite.issue_addr, "run_service": suite.run_addr},
+        backends=suite.backends(),
     )
     address = f"127.0.0.1:{gateway.running.port}"
     env = GatewayEnv(

@@ -30,6 +30,7 @@ NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 AUTH_SERVICE = "paperclip.gateway.v1.AuthService"
 ISSUE_SERVICE = "paperclip.issues.v1.IssueService"
 RUN_SERVICE = "paperclip.runs.v1.RunService"
+WORKSPACE_SERVICE = "paperclip.workspaces.v1.WorkspaceService"
 
 
 def free_port() -> int:
@@ -53,8 +54,7 @@ async def extra_gateway(
         gateway_db,
         gateway_settings(gw.database_url),
         address=address,
-        backends=backends
-        or {"issue_service": gw.suite.issue_addr, "run_service": gw.suite.run_addr},
+        backends=backends or gw.suite.backends(),
     )
     try:
         yield gateway
@@ -124,7 +124,7 @@ async def test_a_down_backend_is_not_serving_and_its_calls_unavailable(
 ) -> None:
     dead = f"127.0.0.1:{free_port()}"
     async with extra_gateway(
-        gw, gateway_db, backends={"issue_service": gw.suite.issue_addr, "run_service": dead}
+        gw, gateway_db, backends={**gw.suite.backends(), "run_service": dead}
     ) as gateway:
         address = f"127.0.0.1:{gateway.running.port}"
         await wait_serving(address, ISSUE_SERVICE)
@@ -145,6 +145,7 @@ async def test_a_down_backend_is_not_serving_and_its_calls_unavailable(
         "": NOT_SERVING,
         ISSUE_SERVICE: SERVING,
         RUN_SERVICE: NOT_SERVING,
+        WORKSPACE_SERVICE: SERVING,
         AUTH_SERVICE: NOT_SERVING,
     }
     assert company.id == world.company_a
@@ -237,7 +238,7 @@ async def test_calls_resume_after_a_gateway_restart(
         gateway_db,
         gateway_settings(gw.database_url),
         address=address,
-        backends={"issue_service": gw.suite.issue_addr, "run_service": gw.suite.run_addr},
+        backends=gw.suite.backends(),
     )
     task = asyncio.ensure_future(loop.run())
     second: Gateway | None = None
@@ -251,7 +252,7 @@ async def test_calls_resume_after_a_gateway_restart(
             gateway_db,
             gateway_settings(gw.database_url),
             address=address,
-            backends={"issue_service": gw.suite.issue_addr, "run_service": gw.suite.run_addr},
+            backends=gw.suite.backends(),
         )
         up_at = time.monotonic()
         await loop.succeeded_after(up_at, within=8)

@@ -226,7 +226,7 @@ async def probe(gw: GatewayEnv, gateway_db: Database) -> AsyncIterator[tuple[Pro
         gateway_db,
         gateway_settings(gw.database_url),
         address="127.0.0.1:0",
-        backends={"issue_service": f"127.0.0.1:{backend.port}", "run_service": gw.suite.run_addr},
+        backends={**gw.suite.backends(), "issue_service": f"127.0.0.1:{backend.port}"},
     )
     try:
         yield servicer, f"127.0.0.1:{gateway.running.port}"

@@ -40,6 +40,7 @@ from tests.run_service.test_runner import (
     run_row,
     wait_for,
 )
+from tests.waiting import wait_until
 
 DEAD_PID = 999999999
 
@@ -400,7 +401,8 @@ async def test_adopted_run_without_activity_hits_its_idle_timeout(
     row = await wait_for(db, run_id, within=6)
     assert (row["status"], row["error_code"]) == ("timed_out", "idle_timeout")
     assert procs[0].wait(timeout=3) is not None
-    assert run_id not in runner.live_runs
+    # The run leaves the runner's live set just after its terminal write.
+    await wait_until(lambda: run_id not in runner.live_runs, within=5, what="the run to leave")
 
 
 async def test_reported_activity_keeps_an_adopted_run_alive(

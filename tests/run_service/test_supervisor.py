@@ -18,8 +18,8 @@ from typing import Any
 import psutil
 import pytest
 
+from common.process_tree import kill_tree, process_alive
 from run_service.output import Stream
-from run_service.process_tree import kill_tree, process_alive
 from run_service.supervisor import (
     Outcome,
     ProcessLimits,

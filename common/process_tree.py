@@ -5,7 +5,7 @@ and to one adopted after a restart, for which no asyncio handle exists. A proces
 identified by its pid *and* its create time: a pid alone may have been reused by an
 unrelated process since it was recorded, and such a process is never signalled.
 
-Linux only (``/proc``), like the rest of the run service's supervision.
+Linux only (``/proc``), like the rest of the supervision (run and workspace services).
 """
 
 from __future__ import annotations

@@ -1,0 +1,70 @@
+"""The gRPC services the workspace-service process serves, wired to their dependencies."""
+
+from __future__ import annotations
+
+import grpc
+
+from common.config import Settings
+from common.db import Database
+from common.embedded_pg import asyncpg_dsn
+from common.server import ServiceSpec
+from common.service_main import Wiring
+from paperclip.workspaces.v1 import (
+    workspace_leases_pb2,
+    workspace_leases_pb2_grpc,
+    workspaces_pb2,
+    workspaces_pb2_grpc,
+)
+from workspace_service import issue_reaper, lease_sweep
+from workspace_service.api import WorkspaceServicer
+from workspace_service.deps import WorkspaceDeps, this_host
+from workspace_service.lease_api import WorkspaceLeaseServicer
+from workspace_service.runtime_services import RuntimeSupervisor
+
+WORKSPACE_SERVICE = workspaces_pb2.DESCRIPTOR.services_by_name["WorkspaceService"].full_name
+LEASE_SERVICE = workspace_leases_pb2.DESCRIPTOR.services_by_name["WorkspaceLeaseService"].full_name
+
+
+def build_deps(db: Database, settings: Settings, host: str | None = None) -> WorkspaceDeps:
+    """The dependencies of one workspace-service process on ``host``."""
+    name = host or this_host()
+    return WorkspaceDeps(
+        db=db, settings=settings, runtime=RuntimeSupervisor(db, settings, name), host=name
+    )
+
+
+def service_specs(deps: WorkspaceDeps) -> list[ServiceSpec]:
+    """``WorkspaceService`` (public) and ``WorkspaceLeaseService`` (internal)."""
+    servicer = WorkspaceServicer(deps)
+    lease_servicer = WorkspaceLeaseServicer(deps.db)
+
+    def register_public(server: grpc.aio.Server) -> None:
+        workspaces_pb2_grpc.add_WorkspaceServiceServicer_to_server(servicer, server)
+
+    def register_leases(server: grpc.aio.Server) -> None:
+        workspace_leases_pb2_grpc.add_WorkspaceLeaseServiceServicer_to_server(
+            lease_servicer, server
+        )
+
+    return [
+        ServiceSpec(WORKSPACE_SERVICE, register_public),
+        ServiceSpec(LEASE_SERVICE, register_leases),
+    ]
+
+
+def wiring(db: Database, settings: Settings) -> Wiring:
+    """The workspace service process: its services; once it listens, the start-up pass
+    over this host's recorded runtime services (adopt, clean up, restart desired ones),
+    the lease sweep and the reaper of closed issues' services (each one replica at a
+    time); on the way out, this process's services are stopped (their desired state is
+    kept, so the next start brings them back)."""
+    deps = build_deps(db, settings)
+    assert settings.database_url is not None
+    jobs = [
+        deps.runtime.startup(),
+        lease_sweep.sweep_forever(db, interval=settings.lease_sweep_seconds),
+        issue_reaper.reap_forever(
+            deps, asyncpg_dsn(settings.database_url), interval=settings.workspace_reap_seconds
+        ),
+    ]
+    return Wiring(specs=service_specs(deps), jobs=jobs, on_stop=[deps.runtime.shutdown])

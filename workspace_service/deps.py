@@ -1,0 +1,53 @@
+"""What the workspace service's functions work with: the database, the settings, the
+host they run on and the supervisor of this host's runtime service processes."""
+
+from __future__ import annotations
+
+import socket
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from common.actor import Actor
+from common.config import Settings
+from common.db import Database
+from workspace_service.keyed_locks import KeyedLocks
+from workspace_service.recorder import OperationContext, Recorder
+
+if TYPE_CHECKING:
+    from workspace_service.runtime_services import RuntimeSupervisor
+
+
+def this_host() -> str:
+    """The name runtime services and operations of this machine are recorded under."""
+    return socket.gethostname()
+
+
+@dataclass(frozen=True)
+class WorkspaceDeps:
+    db: Database
+    settings: Settings
+    runtime: RuntimeSupervisor
+    host: str
+    #: Lifecycle changes of one workspace (or one issue's workspace) run one at a time.
+    locks: KeyedLocks = field(default_factory=KeyedLocks)
+
+    def recorder(
+        self,
+        actor: Actor,
+        *,
+        company_id: str,
+        workspace_id: str | None = None,
+        issue_id: str | None = None,
+    ) -> Recorder:
+        """A recorder of operations run by ``actor`` on this host."""
+        return Recorder(
+            self.db,
+            OperationContext(
+                company_id=company_id,
+                actor=actor,
+                host=self.host,
+                workspace_id=workspace_id,
+                run_id=actor.run_id,
+                issue_id=issue_id,
+            ),
+        )

@@ -1,0 +1,127 @@
+"""Stop the runtime services of isolated workspaces whose issue is closed (user asks
+row 21: dev-server trees outlived ``done``).
+
+A pass finds this host's live services of ``isolated_workspace`` workspaces whose
+source issue is ``done`` or ``cancelled``. For each such workspace it first writes the
+desired state ``stopped`` (so no start-up pass brings the services back) with an audit
+row, then stops the services. Shared workspaces serve more than one issue and are left
+alone. Passes run on every NOTIFY of ``paperclip_issue_events`` (the issue service's
+outbox) and on a poll, because notifications can be lost; each host reaps its own
+processes, and a pass repeated after a crash only finds what is still running.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable, Sequence
+
+import asyncpg
+
+from common.actor import SYSTEM_ACTOR
+from common.audit import record_activity
+from common.errors import PaperclipError
+from workspace_service import commands, runtime_store, store
+from workspace_service.deps import WorkspaceDeps
+from workspace_service.model import RuntimeServiceRecord
+from workspace_service.workspace_config import desired_state_patch, merge_config
+
+logger = logging.getLogger(__name__)
+
+CHANNEL = "paperclip_issue_events"
+#: Services looked at per pass; a full batch is followed at once by another pass.
+BATCH = 100
+STOP_REASON = "issue_closed"
+
+
+async def reap_once(deps: WorkspaceDeps) -> int:
+    """One pass: how many services of closed issues' isolated workspaces were stopped."""
+    async with deps.db.unit_of_work() as tx:
+        found = await runtime_store.closed_issue_services(tx, host=deps.host, limit=BATCH)
+    by_workspace: dict[str, list[RuntimeServiceRecord]] = {}
+    for service in found:
+        by_workspace.setdefault(service.workspace_id, []).append(service)
+    stopped = 0
+    for workspace_id, services in by_workspace.items():
+        await _hold_stopped(deps, workspace_id, services)
+        for service in services:
+            try:
+                await deps.runtime.stop_service(service, reason=STOP_REASON)
+            except PaperclipError as exc:
+                logger.warning("stopping a closed issue's service failed: %s", exc.message)
+                continue
+            stopped += 1
+    return stopped
+
+
+async def _hold_stopped(
+    deps: WorkspaceDeps, workspace_id: str, services: Sequence[RuntimeServiceRecord]
+) -> None:
+    """Desired state ``stopped`` for every service of the workspace, audited."""
+    async with deps.db.unit_of_work() as tx:
+        workspace = await store.get_workspace(tx, workspace_id, for_update=True)
+        if workspace is None:
+            return
+        patch = desired_state_patch(
+            workspace.config,
+            action="stop",
+            service_count=len(commands.services(workspace.config)),
+            index=None,
+        )
+        await store.update_workspace(
+            tx, workspace.id, {"config": merge_config(workspace.config, patch)}
+        )
+        record_activity(
+            tx,
+            actor=SYSTEM_ACTOR,
+            company_id=workspace.company_id,
+            action="execution_workspace.runtime_stop",
+            entity_type="execution_workspace",
+            entity_id=workspace.id,
+            details={
+                "reason": STOP_REASON,
+                "issueId": workspace.source_issue_id,
+                "runtimeServiceIds": [s.id for s in services],
+            },
+        )
+
+
+async def reap_forever(deps: WorkspaceDeps, dsn: str, *, interval: float) -> None:
+    """Reap until cancelled: a pass on every NOTIFY on ``paperclip_issue_events`` and at
+    least every ``interval`` seconds. ``dsn`` is a plain asyncpg DSN for the LISTEN
+    connection; errors are logged and the pass retried."""
+    notified = asyncio.Event()
+    listener: asyncpg.Connection | None = None
+
+    def on_notify(*_: object) -> None:
+        notified.set()  # a pass looks at everything: which issue changed does not matter
+
+    try:
+        while True:
+            if listener is None or listener.is_closed():
+                listener = await _listen(dsn, on_notify)
+            notified.clear()
+            try:
+                full = await reap_once(deps) >= BATCH
+            except (PaperclipError, asyncpg.PostgresError, OSError):
+                logger.exception("reaping closed issues' services failed; retrying")
+                full = False
+            if full:
+                continue
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(notified.wait(), timeout=interval)
+    finally:
+        if listener is not None and not listener.is_closed():
+            await listener.close()
+
+
+async def _listen(dsn: str, callback: Callable[..., None]) -> asyncpg.Connection | None:
+    """A connection LISTENing on the issue events channel, or None (polling only)."""
+    try:
+        conn: asyncpg.Connection = await asyncpg.connect(dsn)
+        await conn.add_listener(CHANNEL, callback)
+        return conn
+    except (asyncpg.PostgresError, OSError):
+        logger.warning("cannot LISTEN on %s; polling only until the next pass", CHANNEL)
+        return None
