@@ -3,13 +3,17 @@ directly and through the gateway, next to a bare gRPC round trip and raw-SQL cei
 measured in the same run, plus the gateway's own overhead per call at one client; then
 the run service (``bench.run_cycle``): wake -> child started latency next to a bare
 spawn of the same program, sustained runs per second, and the ReapOrphanedRuns and
-ReconcileStrandedIssues passes over 100,000 finished runs and 10,000 issues.
+ReconcileStrandedIssues passes over 100,000 finished runs and 10,000 issues; then the
+workspace service (``bench.workspace_cycle``): a runtime service's start-to-ready latency
+next to the same server started bare, and jobs writing 10 MiB each next to the same
+command run bare, with the service's RSS sampled throughout.
 
 Uses an embedded PostgreSQL in a temporary directory unless PAPERCLIP_BENCH_DATABASE_URL
 names a server (a fresh database is created on it and dropped afterwards). The issue
-service, the run service and the gateway run as processes, as ``make run`` starts them.
-Prints tables and writes ``bench/results/issue_cycle.json`` (the run service's figures
-under its ``runs`` key).
+service, the run service, the workspace service and the gateway run as processes, as
+``make run`` starts them. Prints tables and writes ``bench/results/issue_cycle.json``
+(the run service's figures under its ``runs`` key, the workspace service's under
+``workspaces``).
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ import asyncpg
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from bench import run_cycle
+from bench import run_cycle, workspace_cycle
 from bench.gateway_cycle import (
     aims,
     gateway_cycle,
@@ -202,7 +206,7 @@ async def _drop(server_url: str, url: str) -> None:
         await conn.close()
 
 
-def _run(home: Path, external: str | None) -> tuple[list[Result], dict[str, Any]]:
+def _run(home: Path, external: str | None) -> tuple[list[Result], dict[str, Any], dict[str, Any]]:
     """Start the database and the processes, measure, stop everything (in reverse)."""
     with ExitStack() as stack:
         if external:
@@ -219,6 +223,16 @@ def _run(home: Path, external: str | None) -> tuple[list[Result], dict[str, Any]
                 database_url,
                 home,
                 {"PAPERCLIP_ISSUE_SERVICE_ADDR": "127.0.0.1:0"},
+            )
+        )
+        # The gateway routes to the workspace service as well (it refuses to start without
+        # it); the workspace section at the end measures this same process.
+        workspaces = stack.enter_context(
+            service_process(
+                "workspace_service",
+                database_url,
+                home,
+                {"PAPERCLIP_WORKSPACE_SERVICE_ADDR": "127.0.0.1:0"},
             )
         )
         # The checkout workloads' run service does not reach the issue service (as
@@ -239,6 +253,7 @@ def _run(home: Path, external: str | None) -> tuple[list[Result], dict[str, Any]
                 {
                     "PAPERCLIP_ISSUE_SERVICE_ADDR": address,
                     "PAPERCLIP_RUN_SERVICE_ADDR": runs,
+                    "PAPERCLIP_WORKSPACE_SERVICE_ADDR": workspaces,
                     "PAPERCLIP_GATEWAY_ADDR": "127.0.0.1:0",
                 },
             )
@@ -260,12 +275,18 @@ def _run(home: Path, external: str | None) -> tuple[list[Result], dict[str, Any]
                     "PAPERCLIP_RUN_SERVICE_ADDR": "127.0.0.1:0",
                     # Issue runs take the issue's execution lock there; runs release locks.
                     "PAPERCLIP_ISSUE_SERVICE_ADDR": address,
+                    # Ended runs release their environment leases there, as in `make run`.
+                    "PAPERCLIP_WORKSPACE_SERVICE_ADDR": workspaces,
                 },
             )
         )
         print("\nrun service: wake -> started, runs per second, recovery sweeps", flush=True)
         runs_figures = asyncio.run(run_cycle.measure_runs(database_url, runs, address, home, KEY))
-        return results, runs_figures
+        print("\nworkspace service: start-to-ready, 10 MiB jobs, memory", flush=True)
+        workspaces_figures = asyncio.run(
+            workspace_cycle.measure_workspaces(database_url, workspaces, home, KEY)
+        )
+        return results, runs_figures, workspaces_figures
 
 
 def _table(results: list[Result]) -> str:
@@ -280,12 +301,13 @@ def _table(results: list[Result]) -> str:
 def main() -> int:
     external = os.environ.get("PAPERCLIP_BENCH_DATABASE_URL")
     with tempfile.TemporaryDirectory(prefix="paperclip-bench-") as tmp:
-        results, runs_figures = _run(Path(tmp), external)
+        results, runs_figures, workspaces_figures = _run(Path(tmp), external)
     figures = ratios(results)
     summary = {
         "results": [r.as_dict() for r in results],
         "ratios": figures,
         "runs": runs_figures,
+        "workspaces": workspaces_figures,
     }
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "issue_cycle.json").write_text(json.dumps(summary, indent=2))
@@ -298,6 +320,10 @@ def main() -> int:
     print(run_cycle.table(runs_figures))
     print(json.dumps(runs_figures["figures"], indent=2))
     print("\n".join(run_cycle.aims(runs_figures)))
+    print()
+    print(workspace_cycle.table(workspaces_figures))
+    print(json.dumps(workspaces_figures["figures"], indent=2))
+    print("\n".join(workspace_cycle.aims(workspaces_figures)))
     print(f"written to {RESULTS / 'issue_cycle.json'}")
     return 0
 

@@ -13,41 +13,27 @@ service's stale-lock sweep converges then).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-import random
 
 import grpc
 import grpc.aio
 
 from common.actor import Actor, ActorType, service_actor, sign_actor
 from common.config import Settings
-from common.errors import PaperclipError, from_rpc_error
+from common.errors import from_rpc_error
 from paperclip.issues.v1 import (
     issue_locks_pb2,
     issue_locks_pb2_grpc,
     issues_pb2,
     issues_pb2_grpc,
 )
+from run_service.acknowledged_call import until_acknowledged
 
 logger = logging.getLogger(__name__)
 
 SERVICE_NAME = "run_service"
 #: Deadline of one call to the issue service.
 CALL_TIMEOUT_SECONDS = 10.0
-#: Backoff of ReleaseRunLocks retries: 0.1 s doubling up to 5 s, with jitter.
-RELEASE_BACKOFF_INITIAL = 0.1
-RELEASE_BACKOFF_MAX = 5.0
-#: Errors worth retrying: the issue service is down, slow or lost a race.
-_RETRYABLE = {
-    grpc.StatusCode.UNAVAILABLE,
-    grpc.StatusCode.DEADLINE_EXCEEDED,
-    grpc.StatusCode.ABORTED,
-    grpc.StatusCode.INTERNAL,
-    grpc.StatusCode.UNKNOWN,
-    grpc.StatusCode.RESOURCE_EXHAUSTED,
-    grpc.StatusCode.CANCELLED,
-}
 
 
 class IssueClient:
@@ -158,37 +144,18 @@ class IssueClient:
         closing (shutdown) or the issue service refuses for good (logged): the issue
         service's stale-lock sweep clears such locks later."""
         locks, _ = self._stubs()
-        delay = RELEASE_BACKOFF_INITIAL
-        attempt = 0
-        while True:
-            attempt += 1
-            try:
-                reply = await locks.ReleaseRunLocks(
-                    issue_locks_pb2.ReleaseRunLocksRequest(run_id=run_id),
-                    metadata=self._metadata(),
-                    timeout=CALL_TIMEOUT_SECONDS,
-                )
-                return list(reply.issue_ids)
-            except grpc.aio.AioRpcError as exc:
-                if exc.code() not in _RETRYABLE:
-                    error: PaperclipError = from_rpc_error(exc)
-                    logger.error(
-                        "ReleaseRunLocks refused",
-                        extra={"run_id": run_id, "reason": error.reason, "error": str(error)},
-                    )
-                    return None
-                logger.warning(
-                    "ReleaseRunLocks failed, retrying",
-                    extra={"run_id": run_id, "code": exc.code().name, "attempt": attempt},
-                )
-            if self._closing.is_set():
-                logger.warning("giving up ReleaseRunLocks on shutdown", extra={"run_id": run_id})
-                return None
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(
-                    self._closing.wait(), timeout=delay * (0.5 + random.random() / 2)
-                )
-            delay = min(delay * 2, RELEASE_BACKOFF_MAX)
+
+        async def release() -> list[str]:
+            reply = await locks.ReleaseRunLocks(
+                issue_locks_pb2.ReleaseRunLocksRequest(run_id=run_id),
+                metadata=self._metadata(),
+                timeout=CALL_TIMEOUT_SECONDS,
+            )
+            return list(reply.issue_ids)
+
+        return await until_acknowledged(
+            release, name="ReleaseRunLocks", run_id=run_id, closing=self._closing
+        )
 
     def closing(self) -> None:
         """Shutdown begins: retry loops make one more attempt at most."""

@@ -35,8 +35,6 @@ any agent lock, each group sorted: no cycle with ``WakeAgent`` or another batch.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -46,6 +44,7 @@ import asyncpg
 from common.actor import Actor, ActorType, service_actor
 from common.db import Database, sqlstate
 from common.errors import PaperclipError
+from common.notify_loop import run_passes
 from common.sql import Row, Tx, sql
 from run_service import wake_rules as rules
 from run_service.wakes import enqueue_wake
@@ -213,42 +212,16 @@ async def consume_forever(
     and at least every ``poll_seconds``; a full batch is followed at once by another.
     ``after_pass`` (the run-interrupt pass) runs after each pass. ``dsn`` is a plain
     asyncpg DSN for the LISTEN connection."""
-    notified = asyncio.Event()
-    listener: asyncpg.Connection | None = None
 
-    def on_notify(*_: object) -> None:
-        notified.set()
-
-    try:
-        while True:
-            if listener is None or listener.is_closed():
-                listener = await _listen(dsn, on_notify)
-            notified.clear()
-            try:
-                full = await consume_once(db) >= BATCH
-            except (PaperclipError, asyncpg.PostgresError, OSError):
-                logger.exception("outbox pass failed; retrying after the poll interval")
-                full = False
+    async def one_pass() -> bool:
+        try:
+            full = await consume_once(db) >= BATCH
+        finally:
             if after_pass is not None:
                 try:
                     await after_pass()
                 except Exception:  # never let it stop the consumer of wakes
                     logger.exception("run-interrupt pass failed; retrying after the poll interval")
-            if full:
-                continue
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(notified.wait(), timeout=poll_seconds)
-    finally:
-        if listener is not None and not listener.is_closed():
-            await listener.close()
+        return full
 
-
-async def _listen(dsn: str, callback: Any) -> asyncpg.Connection | None:
-    """A connection LISTENing on the outbox channel, or None (polling only) on failure."""
-    try:
-        conn: asyncpg.Connection = await asyncpg.connect(dsn)
-        await conn.add_listener(CHANNEL, callback)
-        return conn
-    except (asyncpg.PostgresError, OSError):
-        logger.warning("cannot LISTEN on %s; polling only until the next pass", CHANNEL)
-        return None
+    await run_passes(dsn, CHANNEL, one_pass, interval=poll_seconds, what="outbox pass")

@@ -12,18 +12,16 @@ port 0) makes no call at all.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-import random
 
 import grpc
 import grpc.aio
 
 from common.actor import service_actor, sign_actor
 from common.config import Settings
-from common.errors import from_rpc_error
 from paperclip.runs.v1 import run_messages_pb2
 from paperclip.workspaces.v1 import workspace_leases_pb2, workspace_leases_pb2_grpc
+from run_service.acknowledged_call import until_acknowledged
 from run_service.run_store import RUN_STATUS_TO_PROTO
 
 logger = logging.getLogger(__name__)
@@ -31,19 +29,6 @@ logger = logging.getLogger(__name__)
 SERVICE_NAME = "run_service"
 #: Deadline of one call to the workspace service.
 CALL_TIMEOUT_SECONDS = 10.0
-#: Backoff of retries: 0.1 s doubling up to 5 s, with jitter (as for ReleaseRunLocks).
-BACKOFF_INITIAL = 0.1
-BACKOFF_MAX = 5.0
-#: Errors worth retrying: the workspace service is down, slow or lost a race.
-_RETRYABLE = {
-    grpc.StatusCode.UNAVAILABLE,
-    grpc.StatusCode.DEADLINE_EXCEEDED,
-    grpc.StatusCode.ABORTED,
-    grpc.StatusCode.INTERNAL,
-    grpc.StatusCode.UNKNOWN,
-    grpc.StatusCode.RESOURCE_EXHAUSTED,
-    grpc.StatusCode.CANCELLED,
-}
 
 
 def configured(addr: str) -> bool:
@@ -84,37 +69,18 @@ class WorkspaceClient:
             run_id=run_id,
             run_status=RUN_STATUS_TO_PROTO.get(run_status, run_messages_pb2.RUN_STATUS_UNSPECIFIED),
         )
-        delay = BACKOFF_INITIAL
-        attempt = 0
-        while True:
-            attempt += 1
-            try:
-                reply = await self._stub().ReleaseRunLeases(
-                    request,
-                    metadata=sign_actor(service_actor(SERVICE_NAME), self._settings.internal_key),
-                    timeout=CALL_TIMEOUT_SECONDS,
-                )
-                return list(reply.lease_ids)
-            except grpc.aio.AioRpcError as exc:
-                if exc.code() not in _RETRYABLE:
-                    error = from_rpc_error(exc)
-                    logger.error(
-                        "ReleaseRunLeases refused",
-                        extra={"run_id": run_id, "reason": error.reason, "error": str(error)},
-                    )
-                    return None
-                logger.warning(
-                    "ReleaseRunLeases failed, retrying",
-                    extra={"run_id": run_id, "code": exc.code().name, "attempt": attempt},
-                )
-            if self._closing.is_set():
-                logger.warning("giving up ReleaseRunLeases on shutdown", extra={"run_id": run_id})
-                return None
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(
-                    self._closing.wait(), timeout=delay * (0.5 + random.random() / 2)
-                )
-            delay = min(delay * 2, BACKOFF_MAX)
+
+        async def release() -> list[str]:
+            reply = await self._stub().ReleaseRunLeases(
+                request,
+                metadata=sign_actor(service_actor(SERVICE_NAME), self._settings.internal_key),
+                timeout=CALL_TIMEOUT_SECONDS,
+            )
+            return list(reply.lease_ids)
+
+        return await until_acknowledged(
+            release, name="ReleaseRunLeases", run_id=run_id, closing=self._closing
+        )
 
     def closing(self) -> None:
         """Shutdown begins: the retry loop makes one more attempt at most."""

@@ -12,16 +12,13 @@ processes, and a pass repeated after a crash only finds what is still running.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
-from collections.abc import Callable, Sequence
-
-import asyncpg
+from collections.abc import Sequence
 
 from common.actor import SYSTEM_ACTOR
 from common.audit import record_activity
 from common.errors import PaperclipError
+from common.notify_loop import run_passes
 from workspace_service import commands, runtime_store, store
 from workspace_service.deps import WorkspaceDeps
 from workspace_service.model import RuntimeServiceRecord
@@ -91,37 +88,10 @@ async def reap_forever(deps: WorkspaceDeps, dsn: str, *, interval: float) -> Non
     """Reap until cancelled: a pass on every NOTIFY on ``paperclip_issue_events`` and at
     least every ``interval`` seconds. ``dsn`` is a plain asyncpg DSN for the LISTEN
     connection; errors are logged and the pass retried."""
-    notified = asyncio.Event()
-    listener: asyncpg.Connection | None = None
 
-    def on_notify(*_: object) -> None:
-        notified.set()  # a pass looks at everything: which issue changed does not matter
+    async def one_pass() -> bool:
+        return await reap_once(deps) >= BATCH
 
-    try:
-        while True:
-            if listener is None or listener.is_closed():
-                listener = await _listen(dsn, on_notify)
-            notified.clear()
-            try:
-                full = await reap_once(deps) >= BATCH
-            except (PaperclipError, asyncpg.PostgresError, OSError):
-                logger.exception("reaping closed issues' services failed; retrying")
-                full = False
-            if full:
-                continue
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(notified.wait(), timeout=interval)
-    finally:
-        if listener is not None and not listener.is_closed():
-            await listener.close()
-
-
-async def _listen(dsn: str, callback: Callable[..., None]) -> asyncpg.Connection | None:
-    """A connection LISTENing on the issue events channel, or None (polling only)."""
-    try:
-        conn: asyncpg.Connection = await asyncpg.connect(dsn)
-        await conn.add_listener(CHANNEL, callback)
-        return conn
-    except (asyncpg.PostgresError, OSError):
-        logger.warning("cannot LISTEN on %s; polling only until the next pass", CHANNEL)
-        return None
+    await run_passes(
+        dsn, CHANNEL, one_pass, interval=interval, what="reaping closed issues' services"
+    )

@@ -13,6 +13,7 @@ import stat
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -271,6 +272,89 @@ def test_checkout_and_force_release_leave_an_audit_trail(operator: Operator) -> 
     assert [a for a in actions if a in wanted] == wanted, actions
     assert actions[0] == "issue.admin_force_release"
     assert {entry["actor_id"] for entry in trail["entries"]} == {"local-board"}
+
+
+def test_an_issue_worktree_with_a_dev_server_closes_with_its_issue(
+    operator: Operator, tmp_path: Path
+) -> None:
+    """The README's workspace flow: a worktree for an issue and a dev server on a port
+    reserved for it; the server stops when the issue is done; archiving removes the
+    worktree."""
+    company = operator.call(
+        "paperclip.issues.v1.IssueService/CreateCompany",
+        {"name": "Workspace Co", "issue_prefix": unique_prefix()},
+    )
+    issue = operator.call(
+        "paperclip.issues.v1.IssueService/CreateIssue",
+        {"company_id": company["id"], "title": "Add Worktree Support"},
+    )
+    repo = tmp_path / "repo"
+    identity = ["-c", "user.name=Operator", "-c", "user.email=operator@example.com"]
+    subprocess.run(["git", "init", "-q", "-b", "master", str(repo)], check=True)
+    subprocess.run(
+        ["git", *identity, "-C", str(repo), "commit", "-q", "--allow-empty", "-m", "init"],
+        check=True,
+    )
+    workspace = operator.call(
+        "paperclip.workspaces.v1.WorkspaceService/CreateExecutionWorkspace",
+        {
+            "company_id": company["id"],
+            "strategy_type": "WORKSPACE_STRATEGY_GIT_WORKTREE",
+            "repo_path": str(repo),
+            "source_issue_id": issue["id"],
+            "config": {
+                "runtime": {
+                    "services": [
+                        {
+                            "name": "web",
+                            "auto_port": True,
+                            "command": "exec python3 -m http.server $PORT --bind 127.0.0.1",
+                            "url": "http://127.0.0.1:{{port}}/",
+                        }
+                    ]
+                }
+            },
+        },
+    )
+    assert workspace["branch_name"] == f"{issue['identifier']}-add-worktree-support"
+    assert Path(workspace["cwd"]).is_dir()
+    started = operator.call(
+        "paperclip.workspaces.v1.WorkspaceService/ControlRuntimeServices",
+        {"workspace_id": workspace["id"], "action": "RUNTIME_ACTION_START"},
+    )
+    service = started["workspace"]["runtime_services"][0]
+    assert service["status"] == "RUNTIME_SERVICE_STATUS_RUNNING"
+    with urllib.request.urlopen(service["url"], timeout=5) as response:
+        assert response.status == 200
+    operator.call(
+        "paperclip.issues.v1.IssueService/UpdateIssue",
+        {
+            "issue": {"id": issue["id"], "status": "ISSUE_STATUS_DONE"},
+            "update_mask": {"paths": ["status"]},
+        },
+    )
+    deadline = time.monotonic() + 30
+    while True:
+        listed = operator.call(
+            "paperclip.workspaces.v1.WorkspaceService/ListRuntimeServices",
+            {"workspace_id": workspace["id"]},
+        )
+        if listed["services"][0]["status"] == "RUNTIME_SERVICE_STATUS_STOPPED":
+            break
+        assert time.monotonic() < deadline, listed
+        time.sleep(0.2)
+    assert not psutil.pid_exists(service["pid"])
+    readiness = operator.call(
+        "paperclip.workspaces.v1.WorkspaceService/GetCloseReadiness",
+        {"workspace_id": workspace["id"]},
+    )
+    assert readiness["state"] == "CLOSE_READINESS_STATE_READY", readiness
+    archived = operator.call(
+        "paperclip.workspaces.v1.WorkspaceService/ArchiveExecutionWorkspace",
+        {"workspace_id": workspace["id"]},
+    )
+    assert archived["workspace"]["status"] == "WORKSPACE_STATUS_ARCHIVED"
+    assert not Path(workspace["cwd"]).exists()
 
 
 def test_whoami_is_the_local_board_admin(operator: Operator) -> None:

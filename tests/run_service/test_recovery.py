@@ -277,7 +277,8 @@ async def test_a1_live_pid_is_adopted_not_reaped(
     run = await clients.runs.CancelRun(runs_pb2.CancelRunRequest(run_id=run_id, reason="stop it"))
     assert run.status == pb.RUN_STATUS_CANCELLED and run.error == "stop it"
     assert procs[0].wait(timeout=3) is not None
-    assert run_id not in runner.live_runs
+    # The run leaves the runner's live set once its after-run steps are done.
+    await wait_until(lambda: run_id not in runner.live_runs, within=5, what="the run to leave")
     assert (await run_events(db, run_id))[-1]["message"] == "run cancelled"
 
 
@@ -310,7 +311,8 @@ async def test_adopted_run_that_exits_is_finalized_by_the_pid_poller(
         "adapter_failed",
         recovery.ADOPTED_EXIT_ERROR,
     )
-    assert run_id not in runner.live_runs
+    # The run leaves the runner's live set once its after-run steps are done.
+    await wait_until(lambda: run_id not in runner.live_runs, within=5, what="the run to leave")
 
     async def released() -> bool:
         return (await issue_row(db, issue_id))["execution_run_id"] is None
@@ -371,7 +373,8 @@ async def test_adopted_run_past_its_wall_clock_is_killed_and_timed_out(
         "timed out after 60 s",
     )
     assert procs[0].wait(timeout=3) is not None
-    assert run_id not in runner.live_runs
+    # The run leaves the runner's live set once its after-run steps are done.
+    await wait_until(lambda: run_id not in runner.live_runs, within=5, what="the run to leave")
     assert (await run_events(db, run_id))[-1]["message"] == "run timed_out"
 
     async def released() -> bool:

@@ -4,8 +4,6 @@ runtime-created directory unless it holds the repository. Real git, real Postgre
 
 from __future__ import annotations
 
-import os
-import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -15,34 +13,13 @@ from sqlalchemy import text
 from common.db import Database
 from tests.conftest import Services
 from tests.harness import Suite, admin, new_company
+from tests.workspace_service.git_support import commit, run_git
 from tests.workspace_service.support import insert_workspace
 from workspace_service.cleanup import cleanup
 from workspace_service.model import WorkspaceRecord
 from workspace_service.recorder import Recorder
 
 BRANCH = "PAP-18-clean-up"
-
-
-@pytest.fixture(autouse=True)
-def _hermetic_git(monkeypatch: pytest.MonkeyPatch) -> None:
-    # Neither the machine's nor the user's git config may change what git does here.
-    monkeypatch.setenv("GIT_CONFIG_GLOBAL", os.devnull)
-    monkeypatch.setenv("GIT_CONFIG_NOSYSTEM", "1")
-
-
-def run_git(cwd: Path | str, *args: str) -> str:
-    """Run git for a test's setup or check; its stdout, stripped."""
-    identity = ("-c", "user.name=Paperclip Test", "-c", "user.email=test@paperclip.invalid")
-    done = subprocess.run(
-        ["git", *identity, *args], cwd=cwd, capture_output=True, text=True, check=True
-    )
-    return done.stdout.strip()
-
-
-def commit(cwd: Path | str, name: str) -> None:
-    Path(cwd, name).write_text(f"{name}\n")
-    run_git(cwd, "add", name)
-    run_git(cwd, "commit", "-q", "-m", f"add {name}")
 
 
 def branches(repo: Path) -> list[str]:

@@ -5,7 +5,6 @@ directories, git worktrees and service processes (reference §3, §6, §7; scena
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 import tempfile
 from typing import Any
@@ -15,6 +14,7 @@ import psutil
 from paperclip.workspaces.v1 import workspace_messages_pb2 as messages
 from paperclip.workspaces.v1 import workspaces_pb2 as pb
 from tests.harness import Suite, expect_error, fetch_value
+from tests.workspace_service.git_support import commit, new_repo, run_git, write
 from tests.workspace_service.support import (
     WorkspaceWorld,
     path_exists,
@@ -26,40 +26,6 @@ READY = pb.CLOSE_READINESS_STATE_READY
 WARNINGS = pb.CLOSE_READINESS_STATE_READY_WITH_WARNINGS
 BLOCKED = pb.CLOSE_READINESS_STATE_BLOCKED
 ISOLATED = messages.WORKSPACE_MODE_ISOLATED_WORKSPACE
-GIT_ENV = {
-    "GIT_AUTHOR_NAME": "Test",
-    "GIT_AUTHOR_EMAIL": "test@example.com",
-    "GIT_COMMITTER_NAME": "Test",
-    "GIT_COMMITTER_EMAIL": "test@example.com",
-}
-
-
-def git(cwd: str, *args: str) -> str:
-    """Run git in ``cwd`` (test setup only)."""
-    result = subprocess.run(
-        ["git", *args],
-        cwd=cwd,
-        env={**os.environ, **GIT_ENV},
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    return result.stdout.strip()
-
-
-def write_file(path: str, content: str) -> None:
-    with open(path, "w") as handle:
-        handle.write(content)
-
-
-def make_repo() -> str:
-    """A repository with one commit on ``master``."""
-    repo = tempfile.mkdtemp(prefix="paperclip-repo-")
-    git(repo, "init", "-q", "-b", "master")
-    write_file(os.path.join(repo, "README"), "hello\n")
-    git(repo, "add", "README")
-    git(repo, "commit", "-q", "-m", "initial")
-    return repo
 
 
 async def _readiness(world: WorkspaceWorld, workspace_id: str) -> pb.CloseReadiness:
@@ -205,7 +171,7 @@ async def test_archive_stops_services_releases_leases_and_removes_what_it_made(
 
 async def test_scenario_3_untracked_work_in_a_worktree_blocks_the_archive(suite: Suite) -> None:
     world = await workspace_world(suite)
-    repo = make_repo()
+    repo = str(new_repo(tempfile.mkdtemp(prefix="paperclip-repo-"), "master"))
     created = await world.board.workspaces.CreateExecutionWorkspace(
         pb.CreateExecutionWorkspaceRequest(
             company_id=world.company_id,
@@ -216,7 +182,7 @@ async def test_scenario_3_untracked_work_in_a_worktree_blocks_the_archive(suite:
     )
     assert created.branch_name.startswith(f"{world.identifier}-add-worktree-support")
     await world.set_issue_status("done")
-    write_file(os.path.join(created.cwd, "notes.txt"), "unsaved\n")
+    write(os.path.join(created.cwd, "notes.txt"), "unsaved\n")
     readiness = await _readiness(world, created.id)
     assert readiness.state == BLOCKED
     assert list(readiness.blocking_reasons) == ["The workspace has 1 untracked file."]
@@ -232,7 +198,7 @@ async def test_scenario_18_archive_removes_the_worktree_and_keeps_unmerged_branc
     suite: Suite,
 ) -> None:
     world = await workspace_world(suite)
-    repo = make_repo()
+    repo = str(new_repo(tempfile.mkdtemp(prefix="paperclip-repo-"), "master"))
     created = await world.board.workspaces.CreateExecutionWorkspace(
         pb.CreateExecutionWorkspaceRequest(
             company_id=world.company_id,
@@ -241,9 +207,7 @@ async def test_scenario_18_archive_removes_the_worktree_and_keeps_unmerged_branc
             source_issue_id=world.issue_id,
         )
     )
-    write_file(os.path.join(created.cwd, "feature.txt"), "work\n")
-    git(created.cwd, "add", "feature.txt")
-    git(created.cwd, "commit", "-q", "-m", "unmerged work")
+    commit(created.cwd, "feature.txt")
     await world.set_issue_status("done")
     readiness = await _readiness(world, created.id)
     assert readiness.state == WARNINGS
@@ -253,4 +217,4 @@ async def test_scenario_18_archive_removes_the_worktree_and_keeps_unmerged_branc
     assert archived.workspace.status == messages.WORKSPACE_STATUS_ARCHIVED
     assert not path_exists(created.cwd)
     assert any("Skipped deleting branch" in w for w in archived.warnings)
-    assert git(repo, "branch", "--list", created.branch_name)
+    assert run_git(repo, "branch", "--list", created.branch_name)

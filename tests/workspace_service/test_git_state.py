@@ -5,8 +5,6 @@ git in temporary directories, workspace rows in real PostgreSQL."""
 from __future__ import annotations
 
 import dataclasses
-import os
-import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -14,38 +12,12 @@ import pytest
 
 from common.db import Database
 from tests.harness import Suite, admin, new_company
+from tests.workspace_service.git_support import commit, run_git, write
 from tests.workspace_service.support import insert_workspace
 from workspace_service.git_state import GitState, inspect
 from workspace_service.model import WorkspaceRecord
 
 BRANCH = "PAP-6-close-me"
-
-
-@pytest.fixture(autouse=True)
-def _hermetic_git(monkeypatch: pytest.MonkeyPatch) -> None:
-    # Neither the machine's nor the user's git config may change what git does here.
-    monkeypatch.setenv("GIT_CONFIG_GLOBAL", os.devnull)
-    monkeypatch.setenv("GIT_CONFIG_NOSYSTEM", "1")
-
-
-def run_git(cwd: Path | str, *args: str) -> str:
-    """Run git for a test's setup or check; its stdout, stripped."""
-    identity = ("-c", "user.name=Paperclip Test", "-c", "user.email=test@paperclip.invalid")
-    done = subprocess.run(
-        ["git", *identity, *args], cwd=cwd, capture_output=True, text=True, check=True
-    )
-    return done.stdout.strip()
-
-
-def write(path: Path, content: str = "x\n") -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(content)
-
-
-def commit(cwd: Path, name: str) -> None:
-    write(cwd / name, f"{name}\n")
-    run_git(cwd, "add", name)
-    run_git(cwd, "commit", "-q", "-m", f"add {name}")
 
 
 @pytest.fixture

@@ -5,9 +5,7 @@ provisioning it again. Real git in temporary directories, real PostgreSQL."""
 from __future__ import annotations
 
 import dataclasses
-import os
 import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -17,6 +15,7 @@ from common.db import Database
 from common.errors import FailedPrecondition, InvalidArgument
 from tests.conftest import Services
 from tests.harness import Suite, admin, new_company
+from tests.workspace_service.git_support import commit, run_git
 from tests.workspace_service.support import insert_workspace
 from workspace_service import git_worktree, provisioning
 from workspace_service.git import git
@@ -25,30 +24,6 @@ from workspace_service.model import WorkspaceRecord
 from workspace_service.recorder import Recorder
 
 BRANCH = "PAP-447-add-worktree-support"
-
-
-@pytest.fixture(autouse=True)
-def _hermetic_git(monkeypatch: pytest.MonkeyPatch) -> None:
-    # Neither the machine's nor the user's git config may change what git does here.
-    monkeypatch.setenv("GIT_CONFIG_GLOBAL", os.devnull)
-    monkeypatch.setenv("GIT_CONFIG_NOSYSTEM", "1")
-
-
-def run_git(cwd: Path | str, *args: str) -> str:
-    """Run git for a test's setup or check; its stdout, stripped."""
-    identity = ("-c", "user.name=Paperclip Test", "-c", "user.email=test@paperclip.invalid")
-    done = subprocess.run(
-        ["git", *identity, *args], cwd=cwd, capture_output=True, text=True, check=True
-    )
-    return done.stdout.strip()
-
-
-def commit(cwd: Path | str, name: str) -> str:
-    """Commit a new file ``name``; the new HEAD."""
-    Path(cwd, name).write_text(f"{name}\n")
-    run_git(cwd, "add", name)
-    run_git(cwd, "commit", "-q", "-m", f"add {name}")
-    return run_git(cwd, "rev-parse", "HEAD")
 
 
 def read_text(*parts: str) -> str:
