@@ -32,6 +32,7 @@ from workspace_service import runtime_startup
 from workspace_service import runtime_store as rows
 from workspace_service.commands import CommandDef
 from workspace_service.environment import render, sanitized_env, template_values
+from workspace_service.keyed_locks import KeyedLocks
 from workspace_service.model import RuntimeServiceRecord, WorkspaceRecord
 from workspace_service.ports import reserve_port
 from workspace_service.readiness import NotReadyError, wait_until_ready
@@ -65,8 +66,7 @@ class RuntimeSupervisor:
         self._settings = settings
         self.host = host
         self._supervised: dict[str, Supervised] = {}
-        self._locks: dict[tuple[str, str], asyncio.Lock] = {}
-        self._lock_users: dict[tuple[str, str], int] = {}
+        self._locks = KeyedLocks()
         self._closed = False
 
     # -- start ---------------------------------------------------------------------------
@@ -346,16 +346,8 @@ class RuntimeSupervisor:
     async def serialized(self, workspace_id: str, command_id: str) -> AsyncIterator[None]:
         """Hold the in-process lock of a (workspace, command): one start, stop or
         start-up judgement of a service at a time."""
-        key = (workspace_id, command_id)
-        lock = self._locks.setdefault(key, asyncio.Lock())
-        self._lock_users[key] = self._lock_users.get(key, 0) + 1
-        try:
-            async with lock:
-                yield
-        finally:
-            self._lock_users[key] -= 1
-            if not self._lock_users[key]:
-                del self._lock_users[key], self._locks[key]
+        async with self._locks.hold(f"{workspace_id}/{command_id}"):
+            yield
 
     def _forget(self, entry: Supervised) -> None:
         if self._supervised.get(entry.service_id) is entry:

@@ -70,6 +70,13 @@ _SERVICES = sql(
      WHERE workspace_id = :workspace_id ORDER BY service_index, workspace_command_id
     """
 )
+_SERVICES_OF = sql(
+    """
+    SELECT * FROM workspaces.runtime_services
+     WHERE workspace_id = ANY(:ids::uuid[])
+     ORDER BY workspace_id, service_index, workspace_command_id
+    """
+)
 _OPEN_FOR_ISSUE = sql(
     f"""
     SELECT {_COLUMNS} FROM workspaces.execution_workspaces
@@ -180,6 +187,18 @@ async def list_workspaces(
 async def get_issue(tx: Tx, issue_id: str) -> Row | None:
     """The issue (id, company_id, identifier, title, status, assignee_agent_id)."""
     return await tx.fetchrow(_ISSUE, {"id": issue_id})
+
+
+async def runtime_services_of(
+    tx: Tx, workspace_ids: Sequence[str]
+) -> dict[str, list[RuntimeServiceRecord]]:
+    """The runtime service records of several workspaces (one query), by workspace."""
+    rows = await tx.fetch(_SERVICES_OF, {"ids": list(workspace_ids)})
+    out: dict[str, list[RuntimeServiceRecord]] = {w: [] for w in workspace_ids}
+    for row in rows:
+        record = RuntimeServiceRecord.from_row(row)
+        out[record.workspace_id].append(record)
+    return out
 
 
 async def runtime_services(tx: Tx, workspace_id: str) -> list[RuntimeServiceRecord]:

@@ -118,7 +118,8 @@ async def list_workspaces(
             limit=page.fetch_limit,
         )
         shown, token = page.finish(records, _cursor_of)
-        protos = [await workspace_proto(tx, record) for record in shown]
+        services = await store.runtime_services_of(tx, [record.id for record in shown])
+    protos = [record.to_proto(services[record.id]) for record in shown]
     return pb.ListExecutionWorkspacesResponse(workspaces=protos, next_page_token=token)
 
 

@@ -159,7 +159,7 @@ async def run_id(db: Database, world: World) -> str:
 # -- scenario 33 and the lease itself -------------------------------------------------
 
 
-async def test_local_lease_is_active_then_released_by_its_run_once(
+async def test_scenario_33_local_lease_is_active_then_released_by_its_run_once(
     db: Database, world: World, run_id: str
 ) -> None:
     lease = await world.owner.workspaces.AcquireEnvironmentLease(acquire(world, run_id=run_id))
@@ -205,7 +205,7 @@ MAPPING: list[tuple[str | None, runs_pb.RunStatus.ValueType, str]] = [
 @pytest.mark.parametrize(
     "case", MAPPING, ids=[f"{r}-{runs_pb.RunStatus.Name(c)}" for r, c, _ in MAPPING]
 )
-async def test_run_leases_end_as_the_run_ended(
+async def test_scenario_34_run_leases_end_as_the_run_ended(
     db: Database,
     world: World,
     run_id: str,
@@ -236,7 +236,7 @@ async def test_run_leases_end_as_the_run_ended(
 
 
 @pytest.mark.parametrize("status", ["queued", "running"])
-async def test_release_run_leases_refuses_a_live_run(
+async def test_scenario_35_release_run_leases_refuses_a_live_run(
     db: Database, world: World, status: str
 ) -> None:
     run_id = await insert_run(

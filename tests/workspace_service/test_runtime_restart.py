@@ -120,7 +120,7 @@ async def record_process(
     return running
 
 
-async def test_reconcile_adopts_a_live_healthy_service_and_watches_it(
+async def test_scenario_29_reconcile_adopts_a_live_healthy_service_and_watches_it(
     db: Database, settings: Settings, company_id: str, host: str, tmp_path: Path
 ) -> None:
     workspace = await new_workspace(db, company_id, tmp_path, web())
@@ -156,7 +156,7 @@ async def test_reconcile_adopts_a_live_healthy_service_and_watches_it(
             proc.kill()
 
 
-async def test_reconcile_clears_a_dead_process_and_kills_its_leftover_group(
+async def test_scenario_29_reconcile_clears_a_dead_process_and_its_leftover_group(
     db: Database, settings: Settings, company_id: str, host: str, tmp_path: Path
 ) -> None:
     workspace = await new_workspace(db, company_id, tmp_path, web())
@@ -189,7 +189,7 @@ async def test_reconcile_clears_a_dead_process_and_kills_its_leftover_group(
     )
 
 
-async def test_restart_desired_starts_what_should_run_and_shutdown_keeps_the_desire(
+async def test_scenario_21_restart_desired_starts_what_should_run_and_shutdown_keeps_it(
     services: Services, db: Database, company_id: str, host: str, tmp_path: Path
 ) -> None:
     wanted = {"desired_state": "running", "service_states": {"0": "running", "1": "stopped"}}
@@ -208,7 +208,12 @@ async def test_restart_desired_starts_what_should_run_and_shutdown_keeps_the_des
         await new_workspace(db, company_id, tmp_path, web(), source_issue_id=issue.id),
         {"desired_state": "running"},
     )
-    for target, on in ((workspace, host), (elsewhere, "another-host"), (closed, host)):
+    # Scenario 21: a manual workspace starts nothing by itself.
+    manual = await _configure(
+        db, await new_workspace(db, company_id, tmp_path, web()), {"desired_state": "manual"}
+    )
+    targets = ((workspace, host), (elsewhere, "another-host"), (closed, host), (manual, host))
+    for target, on in targets:
         for index in range(len(target.config["runtime"]["services"])):  # type: ignore[index]
             await _remember(db, target, index, on)
     supervisor = RuntimeSupervisor(db, services.workspace.settings, host)
@@ -224,6 +229,7 @@ async def test_restart_desired_starts_what_should_run_and_shutdown_keeps_the_des
         assert web_row.url is not None and (await http_get(web_row.url))[0] == 200
         assert [r.status for r in await _rows(db, elsewhere)] == ["stopped"]
         assert [r.status for r in await _rows(db, closed)] == ["stopped"]
+        assert [r.status for r in await _rows(db, manual)] == ["stopped"]
         assert await _operations(db, workspace) == [
             ("system", "workspace_provision", "succeeded", {"action": "start", "reason": "startup"})
         ]

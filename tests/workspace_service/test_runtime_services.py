@@ -200,7 +200,7 @@ async def test_dev_server_answers_on_its_port_and_stop_leaves_no_process_of_its_
     assert await service_row(db, started.id) == stopped
 
 
-async def test_service_env_has_no_paperclip_settings_but_its_own_env_and_port(
+async def test_scenario_24_service_env_has_no_paperclip_settings_but_its_env_and_port(
     runtime: RuntimeSupervisor,
     db: Database,
     company_id: str,
@@ -299,7 +299,7 @@ async def test_process_exiting_before_ready_fails_the_start_at_once(
     assert row.status == "failed"
 
 
-def test_readiness_timeouts_follow_the_reference_rules() -> None:
+def test_scenario_28_readiness_timeouts_follow_the_reference_rules() -> None:
     def timeout(command: str, explicit: int = 0) -> int:
         readiness = Readiness(timeout_seconds=explicit)
         definition = CommandDef(
@@ -349,7 +349,7 @@ async def test_watcher_marks_a_service_that_exits_by_itself(
     assert crashed.stopped_at is not None and finished.stopped_at is not None
 
 
-async def test_stop_workspace_stops_every_live_service_of_the_workspace(
+async def test_scenario_25_stop_workspace_stops_every_live_service_of_the_workspace(
     runtime: RuntimeSupervisor, db: Database, company_id: str, tmp_path: Path
 ) -> None:
     workspace = await new_workspace(db, company_id, tmp_path, web("web"), web("api"))

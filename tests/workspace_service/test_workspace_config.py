@@ -9,6 +9,7 @@ import pytest
 
 from paperclip.workspaces.v1 import workspace_messages_pb2 as pb
 from workspace_service import commands
+from workspace_service.environment import sanitized_env
 from workspace_service.workspace_config import (
     config_from_proto,
     config_to_proto,
@@ -17,6 +18,21 @@ from workspace_service.workspace_config import (
     read_config,
     service_state,
 )
+
+
+def test_scenario_12_sanitized_env_drops_paperclip_settings_and_keeps_the_rest() -> None:
+    env = sanitized_env(
+        {
+            "PAPERCLIP_INTERNAL_KEY": "k",
+            "PAPERCLIP_DATABASE_URL": "postgres://",
+            "DATABASE_URL": "postgres://",
+            "npm_config_tailscale_auth": "x",
+            "npm_config_authenticated_private": "y",
+            "HOST": "0.0.0.0",
+            "PATH": "/bin",
+        }
+    )
+    assert env == {"HOST": "0.0.0.0", "PATH": "/bin"}
 
 
 def test_scenario_30_read_trims_strings_and_drops_empty_and_bad_values() -> None:

@@ -88,7 +88,7 @@ async def test_a_failed_provision_names_the_workspace_and_its_operation(suite: S
     assert ops.operations[0].exit_code == 4
 
 
-async def test_list_filters_and_pages(suite: Suite) -> None:
+async def test_scenarios_1_32_list_filters_reuse_eligible_and_pages(suite: Suite) -> None:
     world = await workspace_world(suite)
     linked = await _create(world, mode=ISOLATED, source_issue_id=world.issue_id)
     shared = await _create(world)
