@@ -31,6 +31,7 @@ from gateway.client import (
     build_service_config,
     method_path,
 )
+from gateway.routes import build_routes
 from paperclip.issues.v1 import issues_pb2, issues_pb2_grpc
 
 Context: TypeAlias = "grpc.aio.ServicerContext[Any, Any]"
@@ -302,6 +303,10 @@ def test_service_config_retries_only_idempotent_methods() -> None:
         "paperclip.runs.v1.RunService/CreateAgent",
         "paperclip.runs.v1.RunService/UpdateAgent",
         "paperclip.gateway.v1.AuthService/CreateApiKey",
+        "paperclip.workspaces.v1.WorkspaceService/CreateExecutionWorkspace",
+        "paperclip.workspaces.v1.WorkspaceService/ControlRuntimeServices",
+        "paperclip.workspaces.v1.WorkspaceService/ArchiveExecutionWorkspace",
+        "paperclip.workspaces.v1.WorkspaceService/AcquireEnvironmentLease",
     ]
 
     assert public <= entries.keys()
@@ -325,3 +330,19 @@ def test_timeouts_override_one_method_and_reject_bad_keys() -> None:
         build_service_config({"GetIssue": 5.0})
     with pytest.raises(ValueError, match="at least"):
         build_service_config({"paperclip.issues.v1.IssueService/GetIssue": 0.0})
+
+
+def test_calls_that_run_commands_get_the_long_timeout() -> None:
+    entries = _method_configs(build_service_config())
+    workspaces = "paperclip.workspaces.v1.WorkspaceService"
+
+    for method in (
+        "CreateExecutionWorkspace",
+        "ControlRuntimeServices",
+        "ArchiveExecutionWorkspace",
+    ):
+        assert entries[f"{workspaces}/{method}"]["timeout"] == "3600s", method
+    assert entries[f"{workspaces}/GetExecutionWorkspace"]["timeout"] == "30s"
+    routes = build_routes()
+    assert routes[f"/{workspaces}/ControlRuntimeServices"].long_running
+    assert not routes[f"/{workspaces}/GetCloseReadiness"].long_running
