@@ -36,6 +36,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from bench import run_cycle, workspace_cycle
+from bench.bench_database import bench_database
 from bench.gateway_cycle import (
     aims,
     gateway_cycle,
@@ -45,8 +46,7 @@ from bench.gateway_cycle import (
 )
 from bench.issue_cycle import bare_round_trip, grpc_cycle, raw_cycle, seed
 from bench.stats import Operation, Result, run_load
-from common.embedded_pg import EmbeddedPostgres, asyncpg_dsn, normalize_database_url
-from common.migrate import migrate
+from common.embedded_pg import asyncpg_dsn
 
 CLIENT_COUNTS = (1, 16)
 SECONDS = float(os.environ.get("PAPERCLIP_BENCH_SECONDS", "5"))
@@ -55,11 +55,6 @@ KEY = uuid.uuid4().hex.encode()
 JWT_SECRET = uuid.uuid4().hex.encode()
 START_TIMEOUT_S = 60.0
 STOP_TIMEOUT_S = 15.0
-
-
-def _database_in(url: str, name: str) -> str:
-    base, _, query = url.partition("?")
-    return f"{base.rsplit('/', 1)[0]}/{name}" + (f"?{query}" if query else "")
 
 
 @contextmanager
@@ -185,38 +180,10 @@ def ratios(results: list[Result]) -> dict[str, float]:
     return {**out, **gateway_ratios(results)}
 
 
-async def _prepare(server_url: str) -> str:
-    name = f"paperclip_bench_{uuid.uuid4().hex[:8]}"
-    conn = await asyncpg.connect(asyncpg_dsn(server_url))
-    try:
-        await conn.execute(f'CREATE DATABASE "{name}"')
-    finally:
-        await conn.close()
-    url = _database_in(server_url, name)
-    await migrate(url)
-    return url
-
-
-async def _drop(server_url: str, url: str) -> None:
-    name = url.partition("?")[0].rsplit("/", 1)[1]
-    conn = await asyncpg.connect(asyncpg_dsn(server_url))
-    try:
-        await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-    finally:
-        await conn.close()
-
-
 def _run(home: Path, external: str | None) -> tuple[list[Result], dict[str, Any], dict[str, Any]]:
     """Start the database and the processes, measure, stop everything (in reverse)."""
     with ExitStack() as stack:
-        if external:
-            server_url = normalize_database_url(external)
-        else:
-            pg = EmbeddedPostgres.start(home / "pgdata", database="postgres")
-            stack.callback(pg.stop)
-            server_url = pg.url
-        database_url = asyncio.run(_prepare(server_url))
-        stack.callback(lambda: asyncio.run(_drop(server_url, database_url)))
+        database_url = stack.enter_context(bench_database(home, external))
         address = stack.enter_context(
             service_process(
                 "issue_service",

@@ -45,18 +45,18 @@ import asyncio
 import contextlib
 import json
 import os
-import statistics
 import sys
 import time
 import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import asyncpg
 import grpc
 
+from bench.stats import Series
 from common.actor import service_actor, sign_actor
 from common.config import load_settings
 from common.db import Database
@@ -87,31 +87,6 @@ SCANNED_TABLES = ("heartbeat_runs", "issues", "agents", "wakeup_requests")
 #: What issue 4 aims at; the bench reports whether a run met it, it does not enforce it.
 AIM_START_OVER_BARE_P50_MS = 20.0
 AIM_SWEEP_MS = 200.0
-
-
-def _pct(values: Sequence[float], fraction: float) -> float:
-    ordered = sorted(values)
-    if not ordered:
-        return 0.0
-    return ordered[min(len(ordered) - 1, round(fraction * (len(ordered) - 1)))]
-
-
-@dataclass
-class Series:
-    """Latency samples of one measure, in ms."""
-
-    name: str
-    samples: list[float] = field(default_factory=list)
-
-    def summary(self) -> dict[str, float]:
-        s = self.samples
-        return {
-            "n": len(s),
-            "p50_ms": round(statistics.median(s), 3) if s else 0.0,
-            "p99_ms": round(_pct(s, 0.99), 3),
-            "min_ms": round(min(s), 3) if s else 0.0,
-            "max_ms": round(max(s), 3) if s else 0.0,
-        }
 
 
 class RunEvents:

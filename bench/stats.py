@@ -6,7 +6,7 @@ import asyncio
 import statistics
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 Operation = Callable[[int], Awaitable[None]]
 
@@ -63,3 +63,32 @@ async def run_load(
         p50_ms=round(statistics.median(latencies), 3) if latencies else 0.0,
         p99_ms=round(_percentile(latencies, 0.99), 3),
     )
+
+
+SUMMARY_KEYS = ("p50_ms", "p90_ms", "p99_ms", "mean_ms", "min_ms", "max_ms")
+
+
+@dataclass
+class Series:
+    """Latency samples of one measure, in ms."""
+
+    name: str
+    samples: list[float] = field(default_factory=list)
+
+    def summary(self) -> dict[str, float]:
+        """Count, p50, p90, p99, mean, min and max (ms, 3 decimals)."""
+        s = sorted(self.samples)
+        if not s:
+            return {
+                "n": 0,
+                **dict.fromkeys(("p50_ms", "p90_ms", "p99_ms", "mean_ms", "min_ms", "max_ms"), 0.0),
+            }
+        return {
+            "n": len(s),
+            "p50_ms": round(statistics.median(s), 3),
+            "p90_ms": round(_percentile(s, 0.90), 3),
+            "p99_ms": round(_percentile(s, 0.99), 3),
+            "mean_ms": round(statistics.fmean(s), 3),
+            "min_ms": round(s[0], 3),
+            "max_ms": round(s[-1], 3),
+        }

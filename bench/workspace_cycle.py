@@ -58,14 +58,12 @@ import os
 import shlex
 import signal
 import socket
-import statistics
 import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Sequence
 from contextlib import ExitStack
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -73,6 +71,8 @@ import asyncpg
 import grpc
 import psutil
 
+from bench.bench_database import bench_database
+from bench.stats import Series
 from common.actor import service_actor, sign_actor
 from common.embedded_pg import asyncpg_dsn
 from paperclip.workspaces.v1 import workspace_messages_pb2 as messages
@@ -99,32 +99,6 @@ JOB_COMMAND = f"head -c {JOB_BYTES} /dev/zero | tr '\\0' x"
 
 #: What the bench reports against; it does not enforce them.
 AIM_RSS_GROWTH_MIB = 20.0
-
-
-def _pct(values: Sequence[float], fraction: float) -> float:
-    ordered = sorted(values)
-    if not ordered:
-        return 0.0
-    return ordered[min(len(ordered) - 1, round(fraction * (len(ordered) - 1)))]
-
-
-@dataclass
-class Series:
-    """Latency samples of one measure, in ms."""
-
-    name: str
-    samples: list[float] = field(default_factory=list)
-
-    def summary(self) -> dict[str, float]:
-        s = self.samples
-        return {
-            "n": len(s),
-            "p50_ms": round(statistics.median(s), 3) if s else 0.0,
-            "p90_ms": round(_pct(s, 0.90), 3),
-            "mean_ms": round(statistics.fmean(s), 3) if s else 0.0,
-            "min_ms": round(min(s), 3) if s else 0.0,
-            "max_ms": round(max(s), 3) if s else 0.0,
-        }
 
 
 def ready_pid(home: Path) -> int:
@@ -520,20 +494,12 @@ def main() -> int:
     """This section alone: its own database (embedded unless PAPERCLIP_BENCH_DATABASE_URL
     names a server) and workspace service process; prints, writes nothing."""
     # Imported here: ``python -m bench`` imports this module from its __main__.
-    from bench.__main__ import KEY, _drop, _prepare, service_process  # noqa: PLC0415
-    from common.embedded_pg import EmbeddedPostgres, normalize_database_url  # noqa: PLC0415
+    from bench.__main__ import KEY, service_process  # noqa: PLC0415
 
     external = os.environ.get("PAPERCLIP_BENCH_DATABASE_URL")
     with tempfile.TemporaryDirectory(prefix="paperclip-bench-") as tmp, ExitStack() as stack:
         home = Path(tmp)
-        if external:
-            server_url = normalize_database_url(external)
-        else:
-            pg = EmbeddedPostgres.start(home / "pgdata", database="postgres")
-            stack.callback(pg.stop)
-            server_url = pg.url
-        database_url = asyncio.run(_prepare(server_url))
-        stack.callback(lambda: asyncio.run(_drop(server_url, database_url)))
+        database_url = stack.enter_context(bench_database(home, external))
         address = stack.enter_context(
             service_process(
                 MODULE, database_url, home, {"PAPERCLIP_WORKSPACE_SERVICE_ADDR": "127.0.0.1:0"}
