@@ -34,6 +34,15 @@ _POLL_S = 0.05
 _KILL_WAIT_S = 2.0
 
 
+def create_time_of(pid: int, *, default: float) -> float:
+    """The create time of process ``pid`` (just spawned), or ``default`` when it is
+    already gone."""
+    try:
+        return float(psutil.Process(pid).create_time())
+    except psutil.Error:
+        return default
+
+
 def process_alive(pid: int, create_time: float) -> bool:
     """Whether ``pid`` is running and is the process created at ``create_time``.
 

@@ -23,9 +23,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
-import psutil
-
 from common.process_tree import (
+    create_time_of,
     group_members,
     kill_tree,
     pipe_holders,
@@ -187,7 +186,7 @@ class SupervisedProcess:
         self.pid: int = transport.get_pid()
         self.pgid: int = self.pid
         #: psutil's create time of the child: (pid, create_time) identifies it for good.
-        self.create_time: float = _create_time(self.pid)
+        self.create_time: float = _spawned_create_time(self.pid)
         self._started = self._loop.time()
         self._last_activity = self._started
         self._stop: tuple[StopReason, str] | None = None
@@ -326,13 +325,10 @@ class SupervisedProcess:
         )
 
 
-def _create_time(pid: int) -> float:
-    try:
-        return psutil.Process(pid).create_time()
-    except psutil.Error:
-        # Already exited and reaped (a very short program): it is not running, so no
-        # later identity check can match it; the spawn time stands in.
-        return time.time()
+def _spawned_create_time(pid: int) -> float:
+    # Already exited and reaped (a very short program): it is not running, so no later
+    # identity check can match it; the spawn time stands in.
+    return create_time_of(pid, default=time.time())
 
 
 def _pipe_inodes(transport: asyncio.SubprocessTransport) -> list[int]:

@@ -23,7 +23,7 @@ from workspace_service.close_readiness import add_git_state, assess
 from workspace_service.deps import WorkspaceDeps
 from workspace_service.model import WorkspaceRecord
 from workspace_service.workspace_config import desired_state_patch, merge_config
-from workspace_service.workspaces import load_workspace, workspace_id_of, workspace_proto
+from workspace_service.workspaces import load_workspace, uuid_argument, workspace_proto
 
 logger = logging.getLogger(__name__)
 ENTITY_TYPE = "execution_workspace"
@@ -33,11 +33,10 @@ async def archive_workspace(
     deps: WorkspaceDeps, actor: Actor, workspace_id: str
 ) -> pb.ArchiveExecutionWorkspaceResponse:
     """Close and clean up the workspace; the closed workspace and every warning."""
-    canonical = workspace_id_of("workspace_id", workspace_id)
+    canonical = uuid_argument("workspace_id", workspace_id)
     async with deps.locks.hold(f"workspace:{canonical}"):
         async with deps.db.unit_of_work() as tx:
             workspace = await load_workspace(tx, canonical)
-            access.require_read(actor, workspace)
             await access.require_manage(
                 tx, actor, company_id=workspace.company_id, issue_id=workspace.source_issue_id
             )

@@ -18,7 +18,7 @@ from paperclip.workspaces.v1 import workspaces_pb2 as pb
 from workspace_service import access, git_state, store
 from workspace_service.deps import WorkspaceDeps
 from workspace_service.model import RuntimeServiceRecord, WorkspaceRecord
-from workspace_service.workspaces import load_workspace, workspace_id_of
+from workspace_service.workspaces import load_workspace, uuid_argument
 
 TERMINAL_ISSUE_STATUSES = ("done", "cancelled")
 _STATE = {
@@ -65,7 +65,7 @@ async def get_close_readiness(
     deps: WorkspaceDeps, actor: Actor, workspace_id: str
 ) -> pb.CloseReadiness:
     """The close readiness of a workspace, for anyone who may read its company."""
-    canonical = workspace_id_of("workspace_id", workspace_id)
+    canonical = uuid_argument("workspace_id", workspace_id)
     async with deps.db.unit_of_work() as tx:
         workspace = await load_workspace(tx, canonical)
         access.require_read(actor, workspace)

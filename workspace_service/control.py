@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import os
 from datetime import UTC, datetime
-from typing import Any, cast
+from typing import Any, Literal
 
 from common.actor import Actor
 from common.audit import record_activity
@@ -49,7 +49,6 @@ async def control_runtime_services(
     async with deps.locks.hold(f"workspace:{workspace_id}"):
         async with deps.db.unit_of_work() as tx:
             workspace = await load_workspace(tx, workspace_id)
-            access.require_read(actor, workspace)
             await access.require_manage(
                 tx, actor, company_id=workspace.company_id, issue_id=workspace.source_issue_id
             )
@@ -233,12 +232,16 @@ async def _write_desired_state(
     """Merge the §4.7 patch into the config (a failed start writes stopped)."""
     if selection.keeps_desired_state or selection.action == "run":
         return
-    action = "stop" if failed else selection.action
+    action: Literal["start", "stop", "restart"]
+    if failed or selection.action == "stop":
+        action = "stop"
+    else:
+        action = "restart" if selection.action == "restart" else "start"
     async with deps.db.unit_of_work() as tx:
         workspace = await load_workspace(tx, workspace_id, for_update=True)
         patch = desired_state_patch(
             workspace.config,
-            action=cast(Any, action),
+            action=action,
             service_count=len(selection.services),
             index=selection.index,
         )

@@ -14,7 +14,7 @@ from common.sql import Row, Tx, sql
 from paperclip.workspaces.v1 import workspace_messages_pb2 as messages
 from paperclip.workspaces.v1 import workspaces_pb2 as pb
 from workspace_service import access
-from workspace_service.workspaces import load_workspace, workspace_id_of
+from workspace_service.workspaces import load_workspace, uuid_argument
 
 _STATUS = {
     "running": messages.OPERATION_STATUS_RUNNING,
@@ -83,7 +83,7 @@ async def get_operation(
     db: Database, actor: Actor, operation_id: str
 ) -> messages.WorkspaceOperation:
     """One operation with the kept tail of its output."""
-    canonical = workspace_id_of("operation_id", operation_id)
+    canonical = uuid_argument("operation_id", operation_id)
     async with db.unit_of_work() as tx:
         row = await tx.fetchrow(_GET, {"id": canonical})
     if row is None:
@@ -100,7 +100,7 @@ async def list_operations(
     db: Database, actor: Actor, request: pb.ListWorkspaceOperationsRequest
 ) -> pb.ListWorkspaceOperationsResponse:
     """A page of a workspace's operations, newest first, without output."""
-    workspace_id = workspace_id_of("workspace_id", request.workspace_id)
+    workspace_id = uuid_argument("workspace_id", request.workspace_id)
     page = parse_page(request.page_size, request.page_token, workspace_id=workspace_id)
     after_t = page.cursor_time("t") if page.cursor else None
     after_id = page.cursor_uuid("i") if page.cursor else None

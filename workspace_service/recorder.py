@@ -18,11 +18,9 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
-import psutil
-
 from common.actor import Actor
 from common.db import Database
-from common.process_tree import kill_tree
+from common.process_tree import create_time_of, kill_tree
 from common.sql import sql
 from workspace_service.output_tail import OutputTail
 
@@ -269,7 +267,7 @@ async def _execute(
     except OSError as exc:
         return f"could not start the command in {cwd}: {exc.strerror or exc}"
     assert proc.stdout is not None and proc.stderr is not None
-    create_time = _create_time(proc.pid)
+    create_time = create_time_of(proc.pid, default=0.0)
     readers = [
         asyncio.create_task(_pump(proc.stdout, op.stdout)),
         asyncio.create_task(_pump(proc.stderr, op.stderr)),
@@ -300,10 +298,3 @@ async def _execute(
 async def _pump(stream: asyncio.StreamReader, tail: OutputTail) -> None:
     while chunk := await stream.read(_READ_BYTES):
         tail.write(chunk)
-
-
-def _create_time(pid: int) -> float:
-    try:
-        return float(psutil.Process(pid).create_time())
-    except psutil.Error:
-        return 0.0

@@ -18,9 +18,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-import psutil
-
-from common.process_tree import kill_tree, process_alive
+from common.process_tree import create_time_of, kill_tree, process_alive
 from workspace_service.model import RuntimeServiceRecord
 
 LOG_DIR = "workspace-service-logs"
@@ -120,10 +118,8 @@ async def spawn_service(
         raise SpawnError(f"could not start the command in {cwd}: {detail}") from exc
     finally:
         os.close(fd)  # the child has its own copy
-    try:
-        create_time = psutil.Process(proc.pid).create_time()
-    except psutil.Error:
-        create_time = 0.0  # unreachable while unreaped; 0 never matches a live process
+    # Unreachable while unreaped; 0 would never match a live process.
+    create_time = create_time_of(proc.pid, default=0.0)
     exited = asyncio.create_task(proc.wait(), name=f"service-exit-{proc.pid}")
     return ServiceProcess(proc.pid, proc.pid, create_time, log_path, exited)
 

@@ -13,7 +13,7 @@ from common.actor import Actor
 from common.audit import record_activity
 from common.authz import require_company_access
 from common.errors import FailedPrecondition, NotFound, PaperclipError
-from common.sql import Row
+from common.sql import Row, Tx
 from common.validation import MAX_NAME, Violations
 from paperclip.workspaces.v1 import workspace_messages_pb2 as messages
 from paperclip.workspaces.v1 import workspaces_pb2 as pb
@@ -21,6 +21,7 @@ from workspace_service import access, git_worktree, provisioning, reuse, store
 from workspace_service.config_validation import check_config
 from workspace_service.deps import WorkspaceDeps
 from workspace_service.model import MODE_FROM_PROTO, STRATEGY_FROM_PROTO, WorkspaceRecord
+from workspace_service.recorder import Recorder
 from workspace_service.workspace_config import Config, config_from_proto, has_host_commands
 from workspace_service.workspaces import company_not_found, optional_uuid, workspace_proto
 
@@ -68,12 +69,13 @@ async def create_workspace(
         await access.require_manage(
             tx, actor, company_id=new.company_id, issue_id=new.source_issue_id
         )
-    lock_key = f"issue:{new.source_issue_id}" if new.source_issue_id else f"new:{id(request)}"
-    async with deps.locks.hold(lock_key):
-        if new.reuse_existing and new.source_issue_id:
-            reused = await reuse.reuse_open_workspace(deps, actor, new)
-            if reused is not None:
-                return reused
+    if not (new.reuse_existing and new.source_issue_id):
+        return await _create(deps, actor, new, issue)
+    # Two reuse requests of one issue must not both find nothing and both create.
+    async with deps.locks.hold(f"issue:{new.source_issue_id}"):
+        reused = await reuse.reuse_open_workspace(deps, actor, new)
+        if reused is not None:
+            return reused
         return await _create(deps, actor, new, issue)
 
 
@@ -106,7 +108,7 @@ async def _create(
         return await workspace_proto(tx, workspace)
 
 
-async def _provision(recorder: Any, workspace: WorkspaceRecord) -> None:
+async def _provision(recorder: Recorder, workspace: WorkspaceRecord) -> None:
     try:
         await provisioning.provision(recorder, workspace)
     except PaperclipError as exc:
@@ -114,7 +116,7 @@ async def _provision(recorder: Any, workspace: WorkspaceRecord) -> None:
         raise
 
 
-async def _realize(recorder: Any, new: NewWorkspace, issue: Row | None) -> dict[str, Any]:
+async def _realize(recorder: Recorder, new: NewWorkspace, issue: Row | None) -> dict[str, Any]:
     """Make the directory or worktree; the row's values."""
     values: dict[str, Any] = {
         "company_id": new.company_id,
@@ -188,7 +190,7 @@ def _make_directory(cwd: str) -> bool:
     return True
 
 
-async def _issue(tx: Any, new: NewWorkspace) -> Row | None:
+async def _issue(tx: Tx, new: NewWorkspace) -> Row | None:
     if new.source_issue_id is None:
         return None
     issue = await store.get_issue(tx, new.source_issue_id)

@@ -14,7 +14,6 @@ from google.protobuf.json_format import MessageToDict
 
 from common.actor import Actor
 from common.audit import record_activity
-from common.authz import require_company_access
 from common.errors import FailedPrecondition
 from common.validation import MAX_NAME, Violations
 from paperclip.workspaces.v1 import workspace_messages_pb2 as messages
@@ -61,7 +60,6 @@ async def update_workspace(
     assert workspace_id is not None
     async with deps.db.unit_of_work() as tx:
         workspace = await load_workspace(tx, workspace_id, for_update=True)
-        require_company_access(actor, workspace.company_id, write=True)
         await access.require_manage(
             tx, actor, company_id=workspace.company_id, issue_id=workspace.source_issue_id
         )

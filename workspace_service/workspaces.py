@@ -40,8 +40,8 @@ async def load_workspace(tx: Tx, workspace_id: str, *, for_update: bool = False)
     return workspace
 
 
-def workspace_id_of(field: str, value: str) -> str:
-    """A workspace id argument, validated (INVALID_ARGUMENT naming ``field``)."""
+def uuid_argument(field: str, value: str) -> str:
+    """A required UUID argument, canonical (INVALID_ARGUMENT naming ``field``)."""
     parsed = parse_uuid(field, value)
     assert parsed is not None
     return parsed
@@ -56,7 +56,7 @@ async def get_workspace(
     deps: WorkspaceDeps, actor: Actor, workspace_id: str
 ) -> messages.ExecutionWorkspace:
     """One workspace, for anyone who may read its company."""
-    canonical = workspace_id_of("id", workspace_id)
+    canonical = uuid_argument("id", workspace_id)
     async with deps.db.unit_of_work() as tx:
         workspace = await load_workspace(tx, canonical)
         access.require_read(actor, workspace)
@@ -67,7 +67,7 @@ async def list_runtime_services(
     deps: WorkspaceDeps, actor: Actor, workspace_id: str
 ) -> pb.ListRuntimeServicesResponse:
     """The runtime service records of a workspace, by service index."""
-    canonical = workspace_id_of("workspace_id", workspace_id)
+    canonical = uuid_argument("workspace_id", workspace_id)
     async with deps.db.unit_of_work() as tx:
         workspace = await load_workspace(tx, canonical)
         access.require_read(actor, workspace)
