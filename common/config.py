@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import socket
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,6 +49,12 @@ class Settings:
     #: How often the workspace service stops the services of closed issues' workspaces
     #: when no notification arrives.
     workspace_reap_seconds: float
+    #: The name of the machine (or pod) this process runs on: agent processes, runtime
+    #: services and workspace directories belong to it.
+    host: str = ""
+    #: ``host:port`` at which other processes reach this one when it listens on a
+    #: wildcard or a port picked at start (unset: the listen address).
+    advertise_addr: str | None = None
 
     @property
     def embedded(self) -> bool:
@@ -126,4 +133,6 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         workspace_reap_seconds=float(
             _int(env, "PAPERCLIP_WORKSPACE_REAP_SECONDS", 30, low=1, high=3600)
         ),
+        host=(env.get("PAPERCLIP_HOST") or "").strip() or socket.gethostname(),
+        advertise_addr=(env.get("PAPERCLIP_ADVERTISE_ADDR") or "").strip() or None,
     )

@@ -8,43 +8,38 @@ from dataclasses import dataclass
 
 import grpc.aio
 
-from common.config import Settings
+from common.channels import backend_channel, grpc_target, replica_addresses
+from common.config import ConfigError, Settings
 from common.db import Database
 from common.embedded_pg import asyncpg_dsn
 from common.server import RunningServer, ServiceSpec, start_server
 from gateway.api import AuthApi
 from gateway.authn import AuthCache, BearerAuthenticator, listen_for_invalidations
-from gateway.backend_health import follow_backends
+from gateway.backend_health import SERVING, follow_backends
+from gateway.client import GATEWAY_HEALTH_SERVICE, IDEMPOTENT_METHODS
 from gateway.proxy import Proxy
 from gateway.routes import PUBLIC_SERVICES, build_routes
 from paperclip.gateway.v1 import auth_pb2_grpc
 
 AUTH_SERVICE = "paperclip.gateway.v1.AuthService"
 
-BACKEND_CHANNEL_OPTIONS: tuple[tuple[str, int], ...] = (
-    # Long-lived channels to the backends: keep them warm and notice dead peers.
-    ("grpc.keepalive_time_ms", 30_000),
-    ("grpc.keepalive_timeout_ms", 10_000),
-    ("grpc.keepalive_permit_without_calls", 1),
-    ("grpc.max_receive_message_length", 16 * 1024 * 1024),
-    ("grpc.max_send_message_length", 16 * 1024 * 1024),
-    # Fail fast when a backend is down (UNAVAILABLE goes back to the client, whose
-    # retry policy decides) instead of queueing calls on a reconnecting channel.
-    ("grpc.initial_reconnect_backoff_ms", 200),
-    ("grpc.max_reconnect_backoff_ms", 2_000),
-)
-
 
 def backend_addresses(settings: Settings) -> dict[str, str]:
-    """Where each backend listens; the gateway needs real addresses, not port 0."""
+    """Where each backend listens (one replica, a list, or a ``dns:///`` name); the
+    gateway needs real addresses, not port 0."""
     addresses = {
         "issue_service": settings.issue_service_addr,
         "run_service": settings.run_service_addr,
         "workspace_service": settings.workspace_service_addr,
     }
     for name, address in addresses.items():
-        if address.endswith(":0"):
-            raise SystemExit(f"gateway: PAPERCLIP_{name.upper()}_ADDR must name the running {name}")
+        setting = f"PAPERCLIP_{name.upper()}_ADDR"
+        if any(entry.endswith(":0") for entry in replica_addresses(address)):
+            raise SystemExit(f"gateway: {setting} must name the running {name}")
+        try:
+            grpc_target(address, setting=setting)
+        except ConfigError as exc:
+            raise SystemExit(f"gateway: {exc}") from exc
     return addresses
 
 
@@ -67,8 +62,12 @@ async def start_gateway(
     db: Database, settings: Settings, *, address: str, backends: Mapping[str, str]
 ) -> Gateway:
     """Serve the public services on ``address``, routed to ``backends``."""
+    # Balanced over each backend's healthy replicas; the calls a client may repeat are
+    # retried on UNAVAILABLE (another replica answers), all others are sent once.
     channels = {
-        name: grpc.aio.insecure_channel(target, options=BACKEND_CHANNEL_OPTIONS)
+        name: backend_channel(
+            target, idempotent_methods=IDEMPOTENT_METHODS, setting=f"PAPERCLIP_{name.upper()}_ADDR"
+        )
         for name, target in backends.items()
     }
     cache = AuthCache()
@@ -89,6 +88,8 @@ async def start_gateway(
         reflected=list(PUBLIC_SERVICES),
         serving=False,
     )
+    # The gateway itself takes calls from now until shutdown: what clients balance on.
+    await running.health.set(GATEWAY_HEALTH_SERVICE, SERVING)
     assert settings.database_url is not None
     running.background += [
         asyncio.create_task(listen_for_invalidations(asyncpg_dsn(settings.database_url), cache)),

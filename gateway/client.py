@@ -28,6 +28,7 @@ import grpc
 import grpc.aio
 from google.protobuf.descriptor import MethodDescriptor, ServiceDescriptor
 
+from common.channels import balanced_service_config, grpc_target
 from common.config import ConfigError
 from common.errors import PaperclipError, from_rpc_error
 from gateway.routes import LONG_RUNNING_METHODS
@@ -47,6 +48,10 @@ DEFAULT_TIMEOUT_SECONDS = 30.0
 #: Ceiling for server-streaming calls (WatchRun: a watch lives as long as the run) and
 #: for the workspace calls that run commands (``routes.LONG_RUNNING_METHODS``).
 STREAM_TIMEOUT_SECONDS = 3600.0
+
+#: The health service name a gateway reports SERVING while it takes calls (whatever its
+#: backends' state): what clients balance on.
+GATEWAY_HEALTH_SERVICE = "paperclip.gateway"
 
 #: The services the gateway serves publicly; their methods get a service-config entry.
 PUBLIC_SERVICES: tuple[ServiceDescriptor, ...] = (
@@ -126,7 +131,9 @@ def _duration(seconds: float) -> str:
 
 def build_service_config(timeouts: Mapping[str, float] | None = None) -> str:
     """The channel's service config (JSON): a timeout per public method, retries for
-    ``IDEMPOTENT_METHODS``, and ``timeouts`` (``"pkg.Service/Method": seconds``) on top.
+    ``IDEMPOTENT_METHODS``, and ``timeouts`` (``"pkg.Service/Method": seconds``) on top;
+    calls are balanced (``round_robin``) over the gateways whose ``paperclip.gateway``
+    health is SERVING.
 
     A call's deadline is the earlier of this timeout and the ``timeout=`` it passes, so
     ``timeouts`` is how a caller raises a ceiling.
@@ -161,7 +168,9 @@ def build_service_config(timeouts: Mapping[str, float] | None = None) -> str:
         if path in IDEMPOTENT_METHODS:
             entry["retryPolicy"] = RETRY_POLICY
         method_config.append(entry)
-    return json.dumps({"methodConfig": method_config, "retryThrottling": RETRY_THROTTLING})
+    config = balanced_service_config(method_config, health_service=GATEWAY_HEALTH_SERVICE)
+    config["retryThrottling"] = RETRY_THROTTLING
+    return json.dumps(config)
 
 
 def channel_options(service_config: str) -> list[tuple[str, str | int]]:
@@ -295,7 +304,9 @@ class PaperclipClient:
     def __init__(
         self, target: str, token: str, *, timeouts: Mapping[str, float] | None = None
     ) -> None:
-        """Connect (lazily) to ``target`` (``host:port``, plaintext) as ``token``.
+        """Connect (lazily) to ``target`` (plaintext) as ``token``: one gateway
+        (``host:port``), several (``10.0.0.5:50051,10.0.0.6:50051``) or a ``dns:///``
+        name; calls are balanced over the healthy ones.
 
         ``timeouts`` maps ``"package.Service/Method"`` to seconds, replacing the
         default ceilings (30 s, 3600 s for streams) for those methods.
@@ -308,7 +319,7 @@ class PaperclipClient:
         self.target = target
         headers = _CallHeaders(token)
         self.channel: grpc.aio.Channel = grpc.aio.insecure_channel(
-            target,
+            grpc_target(target, setting="gateway address"),
             options=channel_options(build_service_config(timeouts)),
             interceptors=[_UnaryInterceptor(headers), _StreamInterceptor(headers)],
         )
@@ -354,6 +365,7 @@ class PaperclipClient:
 __all__ = [
     "API_URL_ENV",
     "DEFAULT_TIMEOUT_SECONDS",
+    "GATEWAY_HEALTH_SERVICE",
     "IDEMPOTENT_METHODS",
     "PUBLIC_SERVICES",
     "REQUEST_ID_HEADER",

@@ -19,6 +19,7 @@ import grpc
 import grpc.aio
 
 from common.actor import Actor, ActorType, service_actor, sign_actor
+from common.channels import backend_channel, service_methods
 from common.config import Settings
 from common.errors import from_rpc_error
 from paperclip.issues.v1 import (
@@ -32,6 +33,11 @@ from run_service.acknowledged_call import until_acknowledged
 logger = logging.getLogger(__name__)
 
 SERVICE_NAME = "run_service"
+#: Every lock call is a compare-and-set and CheckoutIssue is idempotent for the same run:
+#: all are retried on UNAVAILABLE by the channel (another replica answers).
+IDEMPOTENT_METHODS = service_methods("paperclip.issues.v1.IssueLockService") | {
+    "paperclip.issues.v1.IssueService/CheckoutIssue"
+}
 #: Deadline of one call to the issue service.
 CALL_TIMEOUT_SECONDS = 10.0
 
@@ -53,7 +59,11 @@ class IssueClient:
         issue_locks_pb2_grpc.IssueLockServiceAsyncStub, issues_pb2_grpc.IssueServiceAsyncStub
     ]:
         if self._channel is None:
-            self._channel = grpc.aio.insecure_channel(self._settings.issue_service_addr)
+            self._channel = backend_channel(
+                self._settings.issue_service_addr,
+                idempotent_methods=IDEMPOTENT_METHODS,
+                setting="PAPERCLIP_ISSUE_SERVICE_ADDR",
+            )
             self._locks = issue_locks_pb2_grpc.IssueLockServiceStub(self._channel)
             self._issues = issues_pb2_grpc.IssueServiceStub(self._channel)
         assert self._locks is not None and self._issues is not None

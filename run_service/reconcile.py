@@ -50,12 +50,14 @@ import grpc.aio
 
 from common.actor import Actor, service_actor, sign_actor
 from common.authz import require_instance_admin
+from common.channels import backend_channel
 from common.config import Settings
 from common.db import Database
 from common.errors import PaperclipError, from_rpc_error
 from common.sql import Row, Tx, sql
 from paperclip.issues.v1 import issue_locks_pb2, issue_locks_pb2_grpc
 from paperclip.runs.v1 import runs_pb2
+from run_service import issue_client
 from run_service import wake_rules as rules
 from run_service.runner import Runner
 from run_service.wakes import enqueue_wake
@@ -354,7 +356,11 @@ class _Escalator:
     async def escalate(self, issue_id: str, body: str, key: str) -> bool:
         """Whether this call escalated (False: the key was used before)."""
         if self._stub is None:
-            self._channel = grpc.aio.insecure_channel(self._settings.issue_service_addr)
+            self._channel = backend_channel(
+                self._settings.issue_service_addr,
+                idempotent_methods=issue_client.IDEMPOTENT_METHODS,
+                setting="PAPERCLIP_ISSUE_SERVICE_ADDR",
+            )
             self._stub = issue_locks_pb2_grpc.IssueLockServiceStub(self._channel)
         metadata = sign_actor(service_actor(SERVICE_NAME), self._settings.internal_key)
         try:

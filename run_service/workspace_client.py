@@ -18,6 +18,7 @@ import grpc
 import grpc.aio
 
 from common.actor import service_actor, sign_actor
+from common.channels import backend_channel, replica_addresses, service_methods
 from common.config import Settings
 from paperclip.runs.v1 import run_messages_pb2
 from paperclip.workspaces.v1 import workspace_leases_pb2, workspace_leases_pb2_grpc
@@ -27,13 +28,15 @@ from run_service.run_store import RUN_STATUS_TO_PROTO
 logger = logging.getLogger(__name__)
 
 SERVICE_NAME = "run_service"
+#: ReleaseRunLeases is a compare-and-set: retried on UNAVAILABLE by the channel.
+IDEMPOTENT_METHODS = service_methods("paperclip.workspaces.v1.WorkspaceLeaseService")
 #: Deadline of one call to the workspace service.
 CALL_TIMEOUT_SECONDS = 10.0
 
 
 def configured(addr: str) -> bool:
     """Whether ``addr`` names a workspace service to call (set, and not port 0)."""
-    return bool(addr) and not addr.endswith(":0")
+    return bool(addr) and not any(entry.endswith(":0") for entry in replica_addresses(addr))
 
 
 class WorkspaceClient:
@@ -49,7 +52,11 @@ class WorkspaceClient:
 
     def _stub(self) -> workspace_leases_pb2_grpc.WorkspaceLeaseServiceAsyncStub:
         if self._leases is None:
-            self._channel = grpc.aio.insecure_channel(self._settings.workspace_service_addr)
+            self._channel = backend_channel(
+                self._settings.workspace_service_addr,
+                idempotent_methods=IDEMPOTENT_METHODS,
+                setting="PAPERCLIP_WORKSPACE_SERVICE_ADDR",
+            )
             self._leases = workspace_leases_pb2_grpc.WorkspaceLeaseServiceStub(self._channel)
         return self._leases
 
