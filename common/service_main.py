@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import socket
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -14,7 +15,7 @@ from common.db import Database
 from common.embedded_pg import normalize_database_url
 from common.log import configure_logging
 from common.process_group import die_with_parent
-from common.server import ServiceSpec, serve_until_signalled, start_server
+from common.server import ServiceSpec, host_of, serve_until_signalled, start_server
 
 Job = Coroutine[Any, Any, None]
 
@@ -28,6 +29,8 @@ class Wiring:
     specs: Sequence[ServiceSpec]
     jobs: Sequence[Job] = ()
     on_stop: Sequence[Callable[[], Awaitable[None]]] = field(default_factory=list)
+    #: Background work that needs the address other processes reach this one at.
+    on_listen: Sequence[Callable[[str], Job]] = ()
 
 
 WiringFactory = Callable[[Database, Settings], Wiring]
@@ -47,14 +50,15 @@ async def _main(
         max_overflow=settings.db_max_overflow,
         name=service,
     )
-    if settings.metrics_addr:
-        host, _, port = settings.metrics_addr.rpartition(":")
-        start_http_server(int(port), addr=host or "0.0.0.0")
+    start_metrics(settings)
     wiring = factory(db, settings)
     running = await start_server(wiring.specs, address, settings.internal_key)
     # Background work starts after the server listens: recovery never delays start-up.
     for job in wiring.jobs:
         running.background.append(asyncio.create_task(job))
+    advertised = advertised_address(settings, address, running.port)
+    for start in wiring.on_listen:
+        running.background.append(asyncio.create_task(start(advertised)))
 
     async def stop() -> None:
         for hook in wiring.on_stop:
@@ -64,6 +68,28 @@ async def _main(
     await serve_until_signalled(
         running, service=service, address=address, ready_file=settings.ready_file, on_stop=stop
     )
+
+
+def start_metrics(settings: Settings) -> None:
+    """Serve Prometheus metrics at ``PAPERCLIP_METRICS_ADDR`` when it is set."""
+    if settings.metrics_addr:
+        host, _, port = settings.metrics_addr.rpartition(":")
+        start_http_server(int(port), addr=host or "0.0.0.0")
+
+
+def advertised_address(settings: Settings, address: str, port: int) -> str:
+    """``host:port`` at which other processes reach this one: ``PAPERCLIP_ADVERTISE_ADDR``,
+    else the listen address with its bound port (a wildcard host becomes this machine's
+    address)."""
+    if settings.advertise_addr:
+        return settings.advertise_addr
+    host = host_of(address).strip("[]")
+    if host in ("", "0.0.0.0", "::"):
+        try:
+            host = socket.gethostbyname(socket.gethostname())
+        except OSError:
+            host = "127.0.0.1"
+    return f"{host}:{port}"
 
 
 def run(service: str, address_of: Callable[[Settings], str], factory: WiringFactory) -> None:

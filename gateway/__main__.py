@@ -10,12 +10,14 @@ from common.embedded_pg import normalize_database_url
 from common.log import configure_logging
 from common.process_group import die_with_parent
 from common.server import serve_until_signalled
+from common.service_main import start_metrics
 from gateway.app import backend_addresses, start_gateway
 
 
 async def _main(settings: Settings) -> None:
     if settings.database_url is None:
         raise SystemExit("gateway: PAPERCLIP_DATABASE_URL is required (make run sets it)")
+    start_metrics(settings)
     db = Database(
         normalize_database_url(settings.database_url),
         pool_size=settings.db_pool_size,

@@ -73,7 +73,6 @@ import asyncio
 import contextlib
 import json
 import logging
-import socket
 import uuid
 from collections.abc import Coroutine
 from dataclasses import dataclass, field
@@ -227,6 +226,7 @@ class RecoveryHost(Protocol):
     issues: IssueClient
     workspaces: WorkspaceClient
     node_id: str
+    hostname: str
     companies: set[str] | None
 
     def wake(self) -> None:
@@ -274,7 +274,7 @@ class NodeRecovery:
 
     def __init__(self, host: RecoveryHost) -> None:
         self._host = host
-        self.hostname = socket.gethostname()
+        self.hostname = host.hostname
         self.adopted: dict[str, AdoptedRun] = {}
         #: Periodic passes (tests switch them off to drive passes themselves).
         self.periodic = True

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import socket
 from typing import Protocol
 
 from common.actor import Actor
@@ -63,6 +62,9 @@ CANCEL_CHANNEL = "paperclip_run_cancel"
 
 class RunControl(Protocol):
     """What CancelRun and ReportRunActivity need of this node's runner."""
+
+    #: The machine (or pod) whose processes this node can signal.
+    hostname: str
 
     async def cancel(self, run_id: str, reason: str) -> bool:
         """Start terminating a run this node supervises (False: not supervised here)."""
@@ -226,7 +228,7 @@ async def _cancel_unsupervised(
         info = await tx.fetchrow(_GRACE, {"id": run_id})
     grace = _grace_of(info)
     host = info["host"] if info is not None else None
-    local = host is not None and host == socket.gethostname()
+    local = host is not None and host == runner.hostname
     pid, pgid, started = run["process_pid"], run["process_group_id"], run["process_started_at"]
     if local and pid and started is not None:
         await kill_tree(int(pid), int(pgid or 0), started.timestamp(), float(grace))

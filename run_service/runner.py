@@ -47,7 +47,6 @@ import asyncio
 import contextlib
 import logging
 import os
-import socket
 from collections.abc import Awaitable, Callable, Coroutine
 from datetime import UTC, datetime
 from typing import Any
@@ -130,6 +129,8 @@ class Runner:
     ) -> None:
         self.db = db
         self.settings = settings
+        #: The machine (or pod) this node runs its agents' processes on.
+        self.hostname = settings.host
         #: Dispatch scope: None (production) claims queued runs of every company; a set
         #: limits this runner to those companies (tests share one database; the set may
         #: change while running).
@@ -277,7 +278,7 @@ class Runner:
             node = await tx.fetchval(
                 _REGISTER,
                 {
-                    "host": socket.gethostname(),
+                    "host": self.hostname,
                     "boot": boot_id(),
                     "pid": os.getpid(),
                     "started": datetime.fromtimestamp(me.create_time(), UTC),

@@ -22,18 +22,28 @@ from workspace_service import (
     workspaces,
 )
 from workspace_service.deps import WorkspaceDeps
+from workspace_service.host_routing import HostRouter
 
 
 class WorkspaceServicer(workspaces_pb2_grpc.WorkspaceServiceServicer):
-    """Execution workspaces, their runtime services, operations and leases."""
+    """Execution workspaces, their runtime services, operations and leases.
 
-    def __init__(self, deps: WorkspaceDeps) -> None:
+    The calls that touch a workspace's directory or processes are served on its host
+    (``host_routing``): from another host's replica they are forwarded there."""
+
+    def __init__(self, deps: WorkspaceDeps, router: HostRouter | None = None) -> None:
         self._deps = deps
+        self._router = router or HostRouter(deps.db, deps.host)
 
     async def CreateExecutionWorkspace(
         self, request: pb.CreateExecutionWorkspaceRequest, context: Context
     ) -> messages.ExecutionWorkspace:
-        """Make (or reuse) a workspace and provision it."""
+        """Make (or reuse) a workspace and provision it, on the host of the caller's run."""
+        remote = await self._router.for_new_workspace(current_actor(), context)
+        if remote is not None:
+            return await remote.call(
+                "CreateExecutionWorkspace", request, context, messages.ExecutionWorkspace
+            )
         return await workspace_create.create_workspace(self._deps, current_actor(), request)
 
     async def GetExecutionWorkspace(
@@ -58,6 +68,9 @@ class WorkspaceServicer(workspaces_pb2_grpc.WorkspaceServiceServicer):
         self, request: pb.GetCloseReadinessRequest, context: Context
     ) -> pb.CloseReadiness:
         """Whether the workspace may be archived now, and what archiving would do."""
+        remote = await self._router.for_workspace(request.workspace_id, context)
+        if remote is not None:
+            return await remote.call("GetCloseReadiness", request, context, pb.CloseReadiness)
         return await close_readiness.get_close_readiness(
             self._deps, current_actor(), request.workspace_id
         )
@@ -66,12 +79,22 @@ class WorkspaceServicer(workspaces_pb2_grpc.WorkspaceServiceServicer):
         self, request: pb.ArchiveExecutionWorkspaceRequest, context: Context
     ) -> pb.ArchiveExecutionWorkspaceResponse:
         """Close the workspace and clean up after it."""
+        remote = await self._router.for_workspace(request.workspace_id, context)
+        if remote is not None:
+            return await remote.call(
+                "ArchiveExecutionWorkspace", request, context, pb.ArchiveExecutionWorkspaceResponse
+            )
         return await archive.archive_workspace(self._deps, current_actor(), request.workspace_id)
 
     async def ControlRuntimeServices(
         self, request: pb.ControlRuntimeServicesRequest, context: Context
     ) -> pb.ControlRuntimeServicesResponse:
         """Start, stop or restart services, or run a job."""
+        remote = await self._router.for_workspace(request.workspace_id, context)
+        if remote is not None:
+            return await remote.call(
+                "ControlRuntimeServices", request, context, pb.ControlRuntimeServicesResponse
+            )
         return await control.control_runtime_services(self._deps, current_actor(), request)
 
     async def ListRuntimeServices(

@@ -17,7 +17,9 @@ from paperclip.workspaces.v1 import (
 )
 from workspace_service import issue_reaper, lease_sweep
 from workspace_service.api import WorkspaceServicer
-from workspace_service.deps import WorkspaceDeps, this_host
+from workspace_service.deps import WorkspaceDeps
+from workspace_service.host_routing import HostRouter
+from workspace_service.hosts import HostRegistration
 from workspace_service.lease_api import WorkspaceLeaseServicer
 from workspace_service.runtime_services import RuntimeSupervisor
 
@@ -26,16 +28,17 @@ LEASE_SERVICE = workspace_leases_pb2.DESCRIPTOR.services_by_name["WorkspaceLease
 
 
 def build_deps(db: Database, settings: Settings, host: str | None = None) -> WorkspaceDeps:
-    """The dependencies of one workspace-service process on ``host``."""
-    name = host or this_host()
+    """The dependencies of one workspace-service process on ``host`` (default: the
+    ``PAPERCLIP_HOST`` setting)."""
+    name = host or settings.host
     return WorkspaceDeps(
         db=db, settings=settings, runtime=RuntimeSupervisor(db, settings, name), host=name
     )
 
 
-def service_specs(deps: WorkspaceDeps) -> list[ServiceSpec]:
+def service_specs(deps: WorkspaceDeps, router: HostRouter | None = None) -> list[ServiceSpec]:
     """``WorkspaceService`` (public) and ``WorkspaceLeaseService`` (internal)."""
-    servicer = WorkspaceServicer(deps)
+    servicer = WorkspaceServicer(deps, router)
     lease_servicer = WorkspaceLeaseServicer(deps.db)
 
     def register_public(server: grpc.aio.Server) -> None:
@@ -56,9 +59,12 @@ def wiring(db: Database, settings: Settings) -> Wiring:
     """The workspace service process: its services; once it listens, the start-up pass
     over this host's recorded runtime services (adopt, clean up, restart desired ones),
     the lease sweep and the reaper of closed issues' services (each one replica at a
-    time); on the way out, this process's services are stopped (their desired state is
-    kept, so the next start brings them back)."""
+    time), and the registration of this host (``hosts``); on the way out, the
+    registration is removed and this process's services are stopped (their desired
+    state is kept, so the next start brings them back)."""
     deps = build_deps(db, settings)
+    router = HostRouter(db, deps.host)
+    registration = HostRegistration(db, deps.host)
     assert settings.database_url is not None
     jobs = [
         deps.runtime.startup(),
@@ -67,4 +73,9 @@ def wiring(db: Database, settings: Settings) -> Wiring:
             deps, asyncpg_dsn(settings.database_url), interval=settings.workspace_reap_seconds
         ),
     ]
-    return Wiring(specs=service_specs(deps), jobs=jobs, on_stop=[deps.runtime.shutdown])
+    return Wiring(
+        specs=service_specs(deps, router),
+        jobs=jobs,
+        on_stop=[registration.release, router.close, deps.runtime.shutdown],
+        on_listen=[registration.keep],
+    )

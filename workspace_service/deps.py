@@ -3,7 +3,6 @@ host they run on and the supervisor of this host's runtime service processes."""
 
 from __future__ import annotations
 
-import socket
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -15,11 +14,6 @@ from workspace_service.recorder import OperationContext, Recorder
 
 if TYPE_CHECKING:
     from workspace_service.runtime_services import RuntimeSupervisor
-
-
-def this_host() -> str:
-    """The name runtime services and operations of this machine are recorded under."""
-    return socket.gethostname()
 
 
 @dataclass(frozen=True)

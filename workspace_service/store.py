@@ -15,7 +15,7 @@ _COLUMNS = """
     id, company_id, project_id, source_issue_id, name, mode, strategy_type, status, cwd,
     repo_url, repo_path, base_ref, branch_name, provider_type, provider_ref,
     created_by_runtime, config, metadata, cleanup_reason, last_used_at, opened_at,
-    closed_at, cleanup_eligible_at, created_at, updated_at
+    closed_at, cleanup_eligible_at, created_at, updated_at, host
 """
 #: Columns a service function may set through ``update_workspace``.
 UPDATABLE = frozenset(
@@ -49,11 +49,11 @@ _INSERT = sql(
     INSERT INTO workspaces.execution_workspaces (
         company_id, project_id, source_issue_id, name, mode, strategy_type, cwd, repo_url,
         repo_path, base_ref, branch_name, provider_type, provider_ref, created_by_runtime,
-        config, metadata
+        config, metadata, host
     ) VALUES (
         :company_id, :project_id, :source_issue_id, :name, :mode, :strategy_type, :cwd,
         :repo_url, :repo_path, :base_ref, :branch_name, :provider_type, :provider_ref,
-        :created_by_runtime, :config::jsonb, :metadata::jsonb
+        :created_by_runtime, :config::jsonb, :metadata::jsonb, :host
     )
     RETURNING {_COLUMNS}
     """
@@ -115,6 +115,7 @@ async def insert_workspace(tx: Tx, values: Mapping[str, Any]) -> WorkspaceRecord
     params = dict(values)
     params["config"] = None if params.get("config") is None else json.dumps(params["config"])
     params["metadata"] = json.dumps(params.get("metadata") or {})
+    params.setdefault("host", None)
     row = await tx.fetchrow(_INSERT, params)
     assert row is not None
     return WorkspaceRecord.from_row(row)

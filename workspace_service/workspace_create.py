@@ -85,7 +85,7 @@ async def _create(
     recorder = deps.recorder(actor, company_id=new.company_id, issue_id=new.source_issue_id)
     values = await _realize(recorder, new, issue)
     async with deps.db.unit_of_work() as tx:
-        workspace = await store.insert_workspace(tx, values)
+        workspace = await store.insert_workspace(tx, {**values, "host": deps.host})
         record_activity(
             tx,
             actor=actor,

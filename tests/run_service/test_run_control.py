@@ -54,6 +54,7 @@ class FakeRunner:
     cancels: list[tuple[str, str]] = field(default_factory=list)
     touches: list[str] = field(default_factory=list)
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
+    hostname: str = field(default_factory=socket.gethostname)
 
     async def cancel(self, run_id: str, reason: str) -> bool:
         self.cancels.append((run_id, reason))
