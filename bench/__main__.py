@@ -21,21 +21,16 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import subprocess
 import sys
 import tempfile
-import time
-import uuid
-from collections.abc import Iterator, Mapping
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
 import asyncpg
 import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from bench import run_cycle, workspace_cycle
+from bench import replicas, run_cycle, workspace_cycle
 from bench.bench_database import bench_database
 from bench.gateway_cycle import (
     aims,
@@ -45,69 +40,13 @@ from bench.gateway_cycle import (
     get_company_via_gateway,
 )
 from bench.issue_cycle import bare_round_trip, grpc_cycle, raw_cycle, seed
+from bench.processes import JWT_SECRET, KEY, service_process, wait_serving
 from bench.stats import Operation, Result, run_load
 from common.embedded_pg import asyncpg_dsn
 
 CLIENT_COUNTS = (1, 16)
 SECONDS = float(os.environ.get("PAPERCLIP_BENCH_SECONDS", "5"))
 RESULTS = Path(__file__).with_name("results")
-KEY = uuid.uuid4().hex.encode()
-JWT_SECRET = uuid.uuid4().hex.encode()
-START_TIMEOUT_S = 60.0
-STOP_TIMEOUT_S = 15.0
-
-
-@contextmanager
-def service_process(
-    module: str, database_url: str, home: Path, extra: Mapping[str, str]
-) -> Iterator[str]:
-    """``python -m <module>`` as one of the bench's server processes; yields its address
-    and stops it (SIGTERM, then SIGKILL) on the way out, whatever happened."""
-    ready = home / f"{module}.ready"
-    ready.unlink(missing_ok=True)
-    # One metrics port is for one process; the bench's processes would clash.
-    inherited = {k: v for k, v in os.environ.items() if k != "PAPERCLIP_METRICS_ADDR"}
-    env = {
-        **inherited,
-        "PAPERCLIP_HOME": str(home),
-        "PAPERCLIP_DATABASE_URL": database_url,
-        "PAPERCLIP_INTERNAL_KEY": KEY.decode(),
-        "PAPERCLIP_JWT_SECRET": JWT_SECRET.decode(),
-        "PAPERCLIP_READY_FILE": str(ready),
-        "PAPERCLIP_LOG_LEVEL": "WARNING",
-        "PAPERCLIP_DB_POOL_SIZE": "20",
-        **extra,
-    }
-    proc = subprocess.Popen([sys.executable, "-m", module], env=env)
-    try:
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while not ready.exists():
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"{module} did not start")
-            time.sleep(0.05)
-        yield str(json.loads(ready.read_text())["addr"])
-    finally:
-        if proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(timeout=STOP_TIMEOUT_S)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-
-
-async def _wait_serving(address: str) -> None:
-    """The gateway reports SERVING once it has seen its backends serve."""
-    async with grpc.aio.insecure_channel(address) as channel:
-        stub: Any = health_pb2_grpc.HealthStub(channel)
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while True:
-            reply = await stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=5)
-            if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                return
-            if time.monotonic() > deadline:
-                raise RuntimeError("the gateway never reported SERVING")
-            await asyncio.sleep(0.1)
 
 
 def _print_result(result: Result) -> None:
@@ -180,7 +119,9 @@ def ratios(results: list[Result]) -> dict[str, float]:
     return {**out, **gateway_ratios(results)}
 
 
-def _run(home: Path, external: str | None) -> tuple[list[Result], dict[str, Any], dict[str, Any]]:
+def _run(
+    home: Path, external: str | None
+) -> tuple[list[Result], dict[str, Any], dict[str, Any], dict[str, Any]]:
     """Start the database and the processes, measure, stop everything (in reverse)."""
     with ExitStack() as stack:
         database_url = stack.enter_context(bench_database(home, external))
@@ -225,13 +166,20 @@ def _run(home: Path, external: str | None) -> tuple[list[Result], dict[str, Any]
                 },
             )
         )
-        asyncio.run(_wait_serving(gateway))
+        asyncio.run(wait_serving(gateway))
         print(
             f"checkout/release cycle, {SECONDS:g} s per workload "
             f"({os.cpu_count()} cores, database {'external' if external else 'embedded'}; "
             "client, services, gateway and database share the machine)"
         )
         results = asyncio.run(measure(database_url, address, gateway))
+        print("\nreplicas: two issue replicas against one, the gateway's hop", flush=True)
+        replica_figures = replicas.measure_replicas(
+            replicas.Backends(database_url, address, runs, workspaces),
+            home,
+            seconds=SECONDS,
+            report=_print_result,
+        )
         first_runs.close()
         runs = stack.enter_context(
             service_process(
@@ -253,7 +201,7 @@ def _run(home: Path, external: str | None) -> tuple[list[Result], dict[str, Any]
         workspaces_figures = asyncio.run(
             workspace_cycle.measure_workspaces(database_url, workspaces, home, KEY)
         )
-        return results, runs_figures, workspaces_figures
+        return results, runs_figures, workspaces_figures, replica_figures
 
 
 def _table(results: list[Result]) -> str:
@@ -268,13 +216,14 @@ def _table(results: list[Result]) -> str:
 def main() -> int:
     external = os.environ.get("PAPERCLIP_BENCH_DATABASE_URL")
     with tempfile.TemporaryDirectory(prefix="paperclip-bench-") as tmp:
-        results, runs_figures, workspaces_figures = _run(Path(tmp), external)
+        results, runs_figures, workspaces_figures, replica_figures = _run(Path(tmp), external)
     figures = ratios(results)
     summary = {
         "results": [r.as_dict() for r in results],
         "ratios": figures,
         "runs": runs_figures,
         "workspaces": workspaces_figures,
+        "replicas": replica_figures,
     }
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "issue_cycle.json").write_text(json.dumps(summary, indent=2))
@@ -287,6 +236,10 @@ def main() -> int:
     print(run_cycle.table(runs_figures))
     print(json.dumps(runs_figures["figures"], indent=2))
     print("\n".join(run_cycle.aims(runs_figures)))
+    print()
+    print(replicas.table(replica_figures))
+    print(json.dumps(replica_figures["figures"], indent=2))
+    print("\n".join(replicas.aims(replica_figures)))
     print()
     print(workspace_cycle.table(workspaces_figures))
     print(json.dumps(workspaces_figures["figures"], indent=2))

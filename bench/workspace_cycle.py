@@ -72,6 +72,7 @@ import grpc
 import psutil
 
 from bench.bench_database import bench_database
+from bench.processes import KEY, pid_of, service_process
 from bench.stats import Series
 from common.actor import service_actor, sign_actor
 from common.embedded_pg import asyncpg_dsn
@@ -102,12 +103,8 @@ AIM_RSS_GROWTH_MIB = 20.0
 
 
 def ready_pid(home: Path) -> int:
-    """The pid of the workspace service process ``bench.__main__.service_process``
-    started in ``home``: the process writes it into its own ready file."""
-    pid = int(json.loads((home / f"{MODULE}.ready").read_text())["pid"])
-    if MODULE not in " ".join(psutil.Process(pid).cmdline()):
-        raise RuntimeError(f"pid {pid} of the ready file is not the workspace service")
-    return pid
+    """The pid of the workspace service process ``service_process`` started in ``home``."""
+    return pid_of(home, MODULE)
 
 
 # --- seeding -------------------------------------------------------------------------
@@ -493,9 +490,6 @@ def aims(workspaces: dict[str, Any]) -> list[str]:
 def main() -> int:
     """This section alone: its own database (embedded unless PAPERCLIP_BENCH_DATABASE_URL
     names a server) and workspace service process; prints, writes nothing."""
-    # Imported here: ``python -m bench`` imports this module from its __main__.
-    from bench.__main__ import KEY, service_process  # noqa: PLC0415
-
     external = os.environ.get("PAPERCLIP_BENCH_DATABASE_URL")
     with tempfile.TemporaryDirectory(prefix="paperclip-bench-") as tmp, ExitStack() as stack:
         home = Path(tmp)
