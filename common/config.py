@@ -49,6 +49,13 @@ class Settings:
     #: How often the workspace service stops the services of closed issues' workspaces
     #: when no notification arrives.
     workspace_reap_seconds: float
+    #: The wake-loop breaker: this many runs of one (agent, issue, wake reason) within
+    #: ``wake_loop_window_seconds`` and no status change or board action stop further
+    #: wakes of it (0: no breaker).
+    wake_loop_runs: int = 10
+    wake_loop_window_seconds: int = 1800
+    #: A run still queued after this long ends failed (``queue_timeout``; 0: never).
+    max_queued_seconds: int = 14_400
     #: The name of the machine (or pod) this process runs on: agent processes, runtime
     #: services and workspace directories belong to it.
     host: str = ""
@@ -133,6 +140,11 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         workspace_reap_seconds=float(
             _int(env, "PAPERCLIP_WORKSPACE_REAP_SECONDS", 30, low=1, high=3600)
         ),
+        wake_loop_runs=_int(env, "PAPERCLIP_WAKE_LOOP_RUNS", 10, low=0, high=10_000),
+        wake_loop_window_seconds=_int(
+            env, "PAPERCLIP_WAKE_LOOP_WINDOW_SECONDS", 1800, low=60, high=604_800
+        ),
+        max_queued_seconds=_int(env, "PAPERCLIP_MAX_QUEUED_SECONDS", 14_400, low=0, high=2_592_000),
         host=(env.get("PAPERCLIP_HOST") or "").strip() or socket.gethostname(),
         advertise_addr=(env.get("PAPERCLIP_ADVERTISE_ADDR") or "").strip() or None,
     )

@@ -34,6 +34,11 @@ SERVER_OPTIONS: tuple[tuple[str, int], ...] = (
     # Let clients keep connections alive with pings of their own, without calls.
     ("grpc.keepalive_permit_without_calls", 1),
     ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+    # Ask clients to reconnect every 5 minutes (calls in flight may finish, streams
+    # included, within the hour a stream may last): a client resolving a `dns:///` name
+    # resolves it again, so replicas added since get calls.
+    ("grpc.max_connection_age_ms", 300_000),
+    ("grpc.max_connection_age_grace_ms", 3_600_000),
     # 16 MiB: run logs and workspace output pages fit; larger pages are paginated.
     ("grpc.max_receive_message_length", 16 * 1024 * 1024),
     ("grpc.max_send_message_length", 16 * 1024 * 1024),

@@ -14,6 +14,7 @@ from issue_service import (
     issues,
     locks,
     reopen,
+    system_comments,
 )
 from paperclip.issues.v1 import (
     issue_locks_pb2,
@@ -218,6 +219,19 @@ class IssueLockApi(issue_locks_pb2_grpc.IssueLockServiceServicer):
         return issue_locks_pb2.EscalateStrandedIssueResponse(
             issue=issue, comment=comment, escalated=escalated
         )
+
+    async def AddSystemComment(
+        self, request: issue_locks_pb2.AddSystemCommentRequest, context: Context
+    ) -> issue_locks_pb2.AddSystemCommentResponse:
+        comment = await system_comments.add_system_comment(
+            self.db,
+            current_actor(),
+            issue_id=request.issue_id,
+            body=request.body,
+            idempotency_key=request.idempotency_key,
+            source=request.source,
+        )
+        return issue_locks_pb2.AddSystemCommentResponse(comment=comment, added=comment is not None)
 
     async def ReopenIssue(
         self, request: issue_locks_pb2.ReopenIssueRequest, context: Context

@@ -41,6 +41,7 @@ RuntimeField = Literal[
     "grace_seconds",
     "heartbeat_interval_seconds",
     "wake_on_demand",
+    "daily_run_budget",
 ]
 RUNTIME_FIELDS: tuple[RuntimeField, ...] = (
     "max_concurrent_runs",
@@ -49,6 +50,7 @@ RUNTIME_FIELDS: tuple[RuntimeField, ...] = (
     "grace_seconds",
     "heartbeat_interval_seconds",
     "wake_on_demand",
+    "daily_run_budget",
 )
 #: Inclusive ranges of the integer runtime fields (heartbeat: 0, or this range).
 _RANGES: dict[str, tuple[int, int]] = {
@@ -57,6 +59,7 @@ _RANGES: dict[str, tuple[int, int]] = {
     "idle_timeout_seconds": (0, 604_800),
     "grace_seconds": (1, 600),
     "heartbeat_interval_seconds": (30, 604_800),
+    "daily_run_budget": (0, 100_000),
 }
 
 
@@ -70,6 +73,8 @@ class RuntimeLimits:
     grace_seconds: int = 15
     heartbeat_interval_seconds: int = 0
     wake_on_demand: bool = True
+    #: Runs per 24 hours; 0: no budget.
+    daily_run_budget: int = 0
 
     def to_json(self) -> dict[str, int | bool]:
         """Every field by name (the audit form, and the column values)."""
@@ -90,6 +95,7 @@ class RuntimeLimits:
                 data.get("heartbeat_interval_seconds", default.heartbeat_interval_seconds)
             ),
             wake_on_demand=bool(data.get("wake_on_demand", default.wake_on_demand)),
+            daily_run_budget=int(data.get("daily_run_budget", default.daily_run_budget)),
         )
 
     def to_proto(self) -> agents_pb2.RuntimeConfig:
@@ -101,6 +107,7 @@ class RuntimeLimits:
             grace_seconds=self.grace_seconds,
             heartbeat_interval_seconds=self.heartbeat_interval_seconds,
             wake_on_demand=self.wake_on_demand,
+            daily_run_budget=self.daily_run_budget,
         )
 
 
@@ -273,6 +280,8 @@ def check_runtime(
                 in_range = in_range or value == 0
                 if not in_range:
                     v.add(f"{path}.{name}", f"must be 0 (disabled) or between {low} and {high}")
+            elif not in_range and low == 0:
+                v.add(f"{path}.{name}", f"must be 0 (disabled) or at most {high}")
             elif not in_range:
                 v.add(f"{path}.{name}", f"must be between {low} and {high}")
     return values

@@ -40,7 +40,7 @@ _UNIQUE_VIOLATION = "23505"
 _COLUMNS = """
     id, company_id, name, role, status, adapter_type, adapter_config,
     max_concurrent_runs, timeout_seconds, idle_timeout_seconds, grace_seconds,
-    heartbeat_interval_seconds, wake_on_demand, created_at, updated_at
+    heartbeat_interval_seconds, wake_on_demand, daily_run_budget, created_at, updated_at
 """
 
 
@@ -122,11 +122,11 @@ async def insert_agent(tx: Tx, new: NewAgent) -> AgentRecord:
             INSERT INTO runs.agents
                 (company_id, name, name_key, role, status, adapter_type, adapter_config,
                  max_concurrent_runs, timeout_seconds, idle_timeout_seconds, grace_seconds,
-                 heartbeat_interval_seconds, wake_on_demand)
+                 heartbeat_interval_seconds, wake_on_demand, daily_run_budget)
             VALUES (:company_id, :name, :name_key, :role, 'active', :adapter_type,
                     CAST(:adapter_config AS jsonb), :max_concurrent_runs, :timeout_seconds,
                     :idle_timeout_seconds, :grace_seconds, :heartbeat_interval_seconds,
-                    :wake_on_demand)
+                    :wake_on_demand, :daily_run_budget)
             ON CONFLICT (company_id, name_key) DO NOTHING
             RETURNING {_COLUMNS}
             """
@@ -203,6 +203,7 @@ async def update_agent(tx: Tx, record: AgentRecord) -> AgentRecord:
                     grace_seconds = :grace_seconds,
                     heartbeat_interval_seconds = :heartbeat_interval_seconds,
                     wake_on_demand = :wake_on_demand,
+                    daily_run_budget = :daily_run_budget,
                     updated_at = now()
                 WHERE id = :id
                 RETURNING {_COLUMNS}

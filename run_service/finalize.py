@@ -70,10 +70,12 @@ _TERMINAL_UPDATE = sql(
         stdout_bytes = coalesce(:stdout_bytes, stdout_bytes),
         stderr_bytes = coalesce(:stderr_bytes, stderr_bytes),
         log_truncated = log_truncated OR coalesce(:truncated, false)
-    WHERE id = :id AND status IN ('queued', 'running')
+    WHERE id = :id AND status = ANY(CAST(:from_statuses AS text[]))
     RETURNING agent_id, issue_id, wakeup_request_id
     """
 )
+#: The statuses a run may be finalized from.
+ACTIVE_STATUSES = ("queued", "running")
 _FINISH_WAKE = sql(
     """
     UPDATE runs.wakeup_requests SET status = :status, finished_at = now()
@@ -161,13 +163,21 @@ def result_of(outcome: Outcome, *, cancel_reason: str | None = None) -> RunResul
     return RunResult("failed", "adapter_failed", f"Process {outcome.detail}", **counts)
 
 
-async def finalize_run(db: Database, run_id: str, result: RunResult) -> bool:
-    """The terminal write (see the module docstring); True if this call made it."""
+async def finalize_run(
+    db: Database,
+    run_id: str,
+    result: RunResult,
+    *,
+    from_statuses: tuple[str, ...] = ACTIVE_STATUSES,
+) -> bool:
+    """The terminal write (see the module docstring) while the run is in one of
+    ``from_statuses``; True if this call made it."""
     async with db.unit_of_work() as tx:
         row = await tx.fetchrow(
             _TERMINAL_UPDATE,
             {
                 "id": run_id,
+                "from_statuses": list(from_statuses),
                 "status": result.status,
                 "error_code": result.error_code,
                 "error": result.error,

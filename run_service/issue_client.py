@@ -147,6 +147,24 @@ class IssueClient:
             raise from_rpc_error(exc) from exc
         return reply.reopened_from if reply.reopened else None
 
+    async def add_system_comment(
+        self, *, issue_id: str, body: str, idempotency_key: str, source: str
+    ) -> bool:
+        """A comment on the issue by the system actor (a notice; it wakes nobody); False
+        when ``idempotency_key`` was used before."""
+        locks, _ = self._stubs()
+        try:
+            reply = await locks.AddSystemComment(
+                issue_locks_pb2.AddSystemCommentRequest(
+                    issue_id=issue_id, body=body, idempotency_key=idempotency_key, source=source
+                ),
+                metadata=self._metadata(),
+                timeout=CALL_TIMEOUT_SECONDS,
+            )
+        except grpc.aio.AioRpcError as exc:
+            raise from_rpc_error(exc) from exc
+        return bool(reply.added)
+
     async def release_run_locks(self, run_id: str) -> list[str] | None:
         """Clear every lock the (terminal) run holds; the issues it touched.
 

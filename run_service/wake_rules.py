@@ -249,6 +249,13 @@ FAIL_DEFERRED = sql(
     WHERE id = :id
     """
 )
+SKIP_DEFERRED = sql(
+    """
+    UPDATE runs.wakeup_requests
+    SET status = 'skipped', skip_reason = :why, finished_at = now()
+    WHERE id = :id
+    """
+)
 PROMOTE_DEFERRED = sql(
     "UPDATE runs.wakeup_requests SET status = 'queued', run_id = :run WHERE id = :id"
 )

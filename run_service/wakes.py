@@ -33,6 +33,7 @@ from common.db import Database
 from common.errors import Aborted, NotFound, PermissionDenied
 from common.sql import Row, Tx, sql
 from paperclip.runs.v1 import runs_pb2
+from run_service import wake_breaker
 from run_service import wake_rules as rules
 from run_service.run_store import WAKEUP_COLUMNS, run_to_proto, wakeup_to_proto
 
@@ -200,7 +201,11 @@ async def _queue_run(
     tx: Tx, base: dict[str, Any], context: dict[str, Any]
 ) -> tuple[Row, Row | None] | None:
     """Insert a queued run and its queued wake; None if another active run of the
-    agent on the issue won the race (the savepoint undoes the insert)."""
+    agent on the issue won the race (the savepoint undoes the insert). A wake the
+    breaker stops (``wake_breaker``) is recorded skipped instead."""
+    trip = await wake_breaker.check(tx, base)
+    if trip is not None:
+        return await _insert_wake(tx, base, status="skipped", skip_reason=trip.skip_reason), None
     wake_id = str(uuid.uuid4())
     run = await insert_queued_run(
         tx,
@@ -328,6 +333,18 @@ async def promote_deferred(db: Database, issue_id: str) -> str | None:
                 await tx.execute(
                     rules.FAIL_DEFERRED, {"id": wake["id"], "why": rules.NOT_INVOKABLE}
                 )
+                continue
+            trip = await wake_breaker.check(
+                tx,
+                {
+                    "company": wake["company_id"],
+                    "agent": str(wake["agent_id"]),
+                    "issue": issue_id,
+                    "reason": wake["reason"],
+                },
+            )
+            if trip is not None:
+                await tx.execute(rules.SKIP_DEFERRED, {"id": wake["id"], "why": trip.skip_reason})
                 continue
             run = await insert_queued_run(
                 tx,

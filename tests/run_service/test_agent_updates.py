@@ -235,6 +235,7 @@ async def test_whole_runtime_config_replaces_every_field(
         grace_seconds=30,
         heartbeat_interval_seconds=0,
         wake_on_demand=False,
+        daily_run_budget=0,
     )
 
 

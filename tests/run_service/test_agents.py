@@ -28,6 +28,7 @@ RuntimeField = Literal[
     "grace_seconds",
     "heartbeat_interval_seconds",
     "wake_on_demand",
+    "daily_run_budget",
 ]
 RUNTIME_DEFAULTS: dict[RuntimeField, int | bool] = {
     "max_concurrent_runs": 5,
@@ -36,6 +37,7 @@ RUNTIME_DEFAULTS: dict[RuntimeField, int | bool] = {
     "grace_seconds": 15,
     "heartbeat_interval_seconds": 0,
     "wake_on_demand": True,
+    "daily_run_budget": 0,
 }
 
 
@@ -73,6 +75,7 @@ async def test_create_agent_keeps_explicit_runtime_config(owner: Clients, compan
         grace_seconds=600,
         heartbeat_interval_seconds=30,
         wake_on_demand=False,
+        daily_run_budget=100_000,
     )
     created = await owner.runs.CreateAgent(
         process_agent(company_id, "Explicit", runtime_config=runtime)

@@ -12,10 +12,15 @@ from typing import Any
 
 import asyncpg
 import pytest
+from alembic import command
+from alembic.config import Config
+from alembic.script import ScriptDirectory
+from sqlalchemy.engine import Connection
+from sqlalchemy.ext.asyncio import create_async_engine
 
 from common.db import Database
-from common.embedded_pg import asyncpg_dsn
-from common.migrate import migrate
+from common.embedded_pg import asyncpg_dsn, normalize_database_url
+from common.migrate import MIGRATIONS_DIR, migrate
 from paperclip.runs.v1 import run_messages_pb2 as pb
 from run_service.wakes import ONE_ACTIVE_RUN_INDEX, insert_queued_run, promote_deferred
 from tests.databases import fresh_database
@@ -167,10 +172,10 @@ async def test_migration_settles_duplicates_then_enforces_the_index(server_url: 
     running run (else the oldest queued), cancels the others with a reason and an event,
     coalesces their wakes into the one kept, and then the index refuses a duplicate."""
     async with fresh_database(server_url, "paperclip_one_active") as url:
+        await _downgrade(url, "0006")
         conn = await asyncpg.connect(asyncpg_dsn(url))
         try:
             await conn.execute(f"DROP INDEX runs.{ONE_ACTIVE_RUN_INDEX}")
-            await conn.execute("UPDATE alembic_version SET version_num = '0006'")
             seeded = await _seed_duplicates(conn)
             await migrate(url)
             await _check_settled(conn, seeded)
@@ -179,9 +184,33 @@ async def test_migration_settles_duplicates_then_enforces_the_index(server_url: 
                     _INSERT_QUEUED, seeded["company"], seeded["agent"], seeded["issue_a"]
                 )
             assert refused.value.constraint_name == ONE_ACTIVE_RUN_INDEX
-            assert await conn.fetchval("SELECT version_num FROM alembic_version") == "0007"
+            head = ScriptDirectory.from_config(_alembic_config()).get_current_head()
+            assert await conn.fetchval("SELECT version_num FROM alembic_version") == head
         finally:
             await conn.close()
+
+
+def _alembic_config() -> Config:
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS_DIR))
+    return config
+
+
+async def _downgrade(url: str, revision: str) -> None:
+    """Take the database at ``url`` back to ``revision`` (as a database made then)."""
+    engine = create_async_engine(normalize_database_url(url), pool_size=1)
+    try:
+        async with engine.connect() as conn:
+
+            def downgrade(sync_conn: Connection) -> None:
+                config = _alembic_config()
+                config.attributes["connection"] = sync_conn
+                command.downgrade(config, revision)
+
+            await conn.run_sync(downgrade)
+            await conn.commit()
+    finally:
+        await engine.dispose()
 
 
 async def _seed_duplicates(conn: asyncpg.Connection) -> dict[str, Any]:
