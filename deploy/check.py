@@ -222,7 +222,8 @@ def containers(pod: Mapping[str, Any]) -> list[Mapping[str, Any]]:
     return [*(pod.get("initContainers") or []), *(pod.get("containers") or [])]
 
 
-def _references(pod: Mapping[str, Any]) -> Iterator[tuple[str, str]]:
+def references(pod: Mapping[str, Any]) -> Iterator[tuple[str, str]]:
+    """(kind, name) of each Secret and ConfigMap a pod spec reads."""
     for container in containers(pod):
         for source in container.get("envFrom") or []:
             for field, kind in (("secretRef", "Secret"), ("configMapRef", "ConfigMap")):
@@ -246,7 +247,7 @@ def missing_references(objects: Sequence[Object]) -> dict[str, list[str]]:
     missing: dict[str, list[str]] = {}
     for obj in objects:
         for pod in pod_specs(obj):
-            for ref in sorted(set(_references(pod))):
+            for ref in sorted(set(references(pod))):
                 if ref not in rendered and ref not in EXTERNAL:
                     missing.setdefault(describe(obj), []).append(f"{ref[0]} {ref[1]}")
     return missing

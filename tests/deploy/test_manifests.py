@@ -316,6 +316,27 @@ def test_callers_reach_each_backend_through_its_headless_service(
     assert seen == 5  # gateway: three backends; run service: issue and workspace
 
 
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_what_the_migration_job_needs_is_applied_with_it_first(
+    rendered: dict[str, list[Object]], overlay: str
+) -> None:
+    objects = rendered[overlay]
+    first = {
+        (o["kind"], o["metadata"]["name"])
+        for o in objects
+        if o["metadata"].get("labels", {}).get("paperclip.dev/apply-first") == "true"
+    }
+    job = named(objects, "Job", "paperclip-migrate")
+    (pod,) = check.pod_specs(job)
+    needs = {("Namespace", "paperclip"), ("Job", "paperclip-migrate")}
+    needs.add(("ServiceAccount", pod["serviceAccountName"]))
+    needs |= set(check.references(pod)) - check.EXTERNAL
+    if overlay == "local":
+        needs.add(("Cluster", "paperclip-db"))
+    assert needs <= first
+    assert not [o for o in workloads(objects) if (o["kind"], o["metadata"]["name"]) in first]
+
+
 def test_every_command_is_python_m_a_module_of_the_suite(
     rendered: dict[str, list[Object]],
 ) -> None:
