@@ -1,5 +1,3 @@
-# syntax=docker/dockerfile:1
-#
 # One image for every process of the suite; the command names the process:
 #   python -m issue_service | run_service | workspace_service | gateway | common.migrate
 # Build from the repository root:  docker build -t paperclip-core:<version> .
@@ -11,6 +9,7 @@ ARG PYTHON_IMAGE=python:3.11-slim-trixie
 # --- builder: the virtualenv and the generated protobuf package -----------------------
 FROM ${PYTHON_IMAGE} AS builder
 
+SHELL ["/bin/bash", "-eu", "-o", "pipefail", "-c"]
 ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
 
@@ -21,22 +20,21 @@ WORKDIR /src
 # only: this stage has no compiler either, and a missing wheel should fail the build
 # rather than start compiling. This layer is rebuilt only when pyproject.toml changes.
 COPY pyproject.toml ./
-RUN python - <<'PY'
-import tomllib
-from pathlib import Path
-
-project = tomllib.loads(Path("pyproject.toml").read_text())["project"]
-Path("requirements.txt").write_text("\n".join(project["dependencies"]) + "\n")
-tools = [d for d in project["optional-dependencies"]["dev"] if d.startswith("grpcio-tools==")]
-Path("protoc-requirements.txt").write_text("\n".join(tools) + "\n")
-PY
+RUN python -c 'import pathlib, tomllib; \
+    project = tomllib.loads(pathlib.Path("pyproject.toml").read_text())["project"]; \
+    dev = project["optional-dependencies"]["dev"]; \
+    tools = [d for d in dev if d.startswith("grpcio-tools==")]; \
+    pathlib.Path("requirements.txt").write_text("\n".join(project["dependencies"]) + "\n"); \
+    pathlib.Path("protoc-requirements.txt").write_text("\n".join(tools) + "\n")'
 RUN python -m venv /opt/paperclip/venv \
     && /opt/paperclip/venv/bin/pip install --only-binary=:all: -r requirements.txt \
     && python -m venv /opt/protoc \
     && /opt/protoc/bin/pip install --only-binary=:all: -r protoc-requirements.txt
 
 # The generated package `paperclip/` (what `make proto` produces, minus the .pyi stubs).
+# The .proto paths have no spaces: the unquoted $(find ...) is the list of files.
 COPY protos ./protos
+# hadolint ignore=SC2046
 RUN mkdir -p /app \
     && /opt/protoc/bin/python -m grpc_tools.protoc \
         -Iprotos \
@@ -58,6 +56,8 @@ FROM ${PYTHON_IMAGE}
 
 # git: the workspace service makes git worktrees. tini: PID 1 that forwards SIGTERM to
 # the service and reaps orphaned grandchildren of the agents and runtime services.
+# Their versions are the base image's Debian release's (pin the base image by digest).
+# hadolint ignore=DL3008
 RUN apt-get update \
     && apt-get install -y --no-install-recommends git tini \
     && rm -rf /var/lib/apt/lists/*

@@ -15,6 +15,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import dockerfile  # type: ignore[import-not-found]
 import pytest
 
 from common.server import SHUTDOWN_GRACE_SECONDS
@@ -371,52 +372,39 @@ def test_local_overlay_runs_one_replica_of_each_on_cloudnative_pg(
 # -- the Dockerfile ------------------------------------------------------------------
 
 
-def dockerfile_stages() -> list[list[tuple[str, str]]]:
-    """The Dockerfile's stages, each a list of (INSTRUCTION, arguments); continuation
-    lines joined and heredoc bodies appended to their instruction."""
-    lines = (REPO / "Dockerfile").read_text().splitlines()
-    stages: list[list[tuple[str, str]]] = [[]]
-    i = 0
-    while i < len(lines):
-        line = lines[i].strip()
-        i += 1
-        if not line or line.startswith("#"):
-            continue
-        while line.endswith("\\") and i < len(lines):
-            line = line[:-1].rstrip() + " " + lines[i].strip()
-            i += 1
-        heredoc = re.search(r"<<-?['\"]?(\w+)['\"]?", line)
-        if heredoc:
-            while i < len(lines) and lines[i].strip() != heredoc[1]:
-                line += "\n" + lines[i]
-                i += 1
-            i += 1
-        keyword, _, rest = line.partition(" ")
-        if keyword.upper() == "FROM":
+def dockerfile_stages() -> list[list[dockerfile.Command]]:
+    """The Dockerfile's stages, parsed by BuildKit's own parser (the ``dockerfile``
+    package): each a list of instructions, starting with its FROM."""
+    stages: list[list[dockerfile.Command]] = []
+    for command in dockerfile.parse_file(str(REPO / "Dockerfile")):
+        if command.cmd.upper() == "FROM":
             stages.append([])
-        stages[-1].append((keyword.upper(), rest.strip()))
-    return stages[1:]
+        if stages:
+            stages[-1].append(command)
+    return stages
 
 
-def instructions(stage: Sequence[tuple[str, str]], keyword: str) -> list[str]:
-    """The arguments of every ``keyword`` instruction of ``stage``."""
-    return [rest for name, rest in stage if name == keyword]
+def instructions(stage: Sequence[dockerfile.Command], keyword: str) -> list[dockerfile.Command]:
+    """Every ``keyword`` instruction of ``stage``."""
+    return [command for command in stage if command.cmd.upper() == keyword]
 
 
 def test_dockerfile_builds_in_a_builder_stage_and_runs_in_a_slim_final_one() -> None:
     stages = dockerfile_stages()
     assert len(stages) == 2
     builder, final = stages
-    assert instructions(builder, "FROM") == ["${PYTHON_IMAGE} AS builder"]
-    assert instructions(final, "FROM") == ["${PYTHON_IMAGE}"]
-    text = (REPO / "Dockerfile").read_text()
-    assert re.search(r"^ARG PYTHON_IMAGE=python:3\.11[\w.-]*-slim", text, re.MULTILINE)
-    built = "\n".join(instructions(builder, "RUN"))
+    assert builder[0].value == ("${PYTHON_IMAGE}", "AS", "builder")
+    assert final[0].value == ("${PYTHON_IMAGE}",)
+    base = dockerfile.parse_file(str(REPO / "Dockerfile"))[0]
+    assert base.cmd.upper() == "ARG"
+    assert re.fullmatch(r"PYTHON_IMAGE=python:3\.11[\w.-]*-slim[\w.-]*", base.value[0])
+    built = "\n".join(c.value[0] for c in instructions(builder, "RUN"))
     assert "grpc_tools.protoc" in built
     assert "python -m venv /opt/paperclip/venv" in built
-    assert instructions(final, "COPY")[:2] == [
-        "--from=builder /opt/paperclip/venv /opt/paperclip/venv",
-        "--from=builder /app /app",
+    copies = [(c.flags, c.value) for c in instructions(final, "COPY")]
+    assert copies == [
+        (("--from=builder",), ("/opt/paperclip/venv", "/opt/paperclip/venv")),
+        (("--from=builder",), ("/app", "/app")),
     ]
 
 
@@ -425,7 +413,7 @@ def test_final_stage_has_no_compiler_and_runs_as_a_numeric_non_root_user() -> No
     packages = [
         word
         for run in instructions(final, "RUN")
-        for command in run.split("&&")
+        for command in run.value[0].split("&&")
         if "apt-get install" in command
         for word in command.split()
         if not word.startswith("-") and word not in ("apt-get", "install")
@@ -435,26 +423,25 @@ def test_final_stage_has_no_compiler_and_runs_as_a_numeric_non_root_user() -> No
     assert not compilers & set(packages)
     assert not [p for p in packages if p.endswith("-dev")]
     (user,) = instructions(final, "USER")
-    uid = user.split(":")[0]
+    uid = user.value[0].split(":")[0]
     assert uid.isdigit() and int(uid) != 0
-    assert instructions(final, "ENTRYPOINT") == ['["/usr/bin/tini", "--"]']
+    (entrypoint,) = instructions(final, "ENTRYPOINT")
+    assert entrypoint.json and entrypoint.value == ("/usr/bin/tini", "--")
     (cmd,) = instructions(final, "CMD")
-    assert re.fullmatch(r'\["python", "-m", "[a-z_.]+"\]', cmd)
+    assert cmd.json and cmd.value[:2] == ("python", "-m")
+    assert importlib.util.find_spec(cmd.value[2]) is not None
 
 
 def test_dockerignore_lets_in_exactly_what_the_dockerfile_copies() -> None:
-    allowed = {
-        line[1:].rstrip("/")
-        for line in (REPO / ".dockerignore").read_text().splitlines()
-        if line.startswith("!")
-    }
+    lines = (REPO / ".dockerignore").read_text().splitlines()
+    assert "*" in lines
+    allowed = {line[1:].rstrip("/") for line in lines if line.startswith("!")}
     copied = {
-        rest.split()[0]
+        command.value[0]
         for stage in dockerfile_stages()
-        for rest in instructions(stage, "COPY")
-        if not rest.startswith("--from=")
+        for command in instructions(stage, "COPY")
+        if not command.flags
     }
-    assert "*" in (REPO / ".dockerignore").read_text().splitlines()
     assert copied == allowed
     for source in copied:
         assert (REPO / source).exists(), source
