@@ -1,7 +1,7 @@
 # One image for every process of the suite; the command names the process:
 #   python -m issue_service | run_service | workspace_service | gateway | common.migrate
 # Build from the repository root:  docker build -t paperclip-core:<version> .
-# The Kubernetes manifests (deploy/kubernetes) set the command per container.
+# The Kubernetes manifests (deploy/kubernetes) pass it as args, keeping tini as PID 1.
 
 # Pin a patch release or a digest in production (python:3.11.x-slim-trixie@sha256:...).
 ARG PYTHON_IMAGE=python:3.11-slim-trixie
