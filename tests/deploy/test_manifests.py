@@ -170,6 +170,20 @@ def test_deploy_check_names_an_invalid_custom_resource(tmp_path: Path) -> None:
     assert "spec.instances: must be a positive integer" in done.stderr
 
 
+def test_deploy_check_fails_clearly_without_kubectl() -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "deploy.check"],
+        cwd=REPO,
+        env={"PATH": "/nonexistent"},
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=60,
+    )
+    assert done.returncode == 2
+    assert "deploy-check: kubectl not found" in done.stderr
+
+
 def test_an_unknown_kind_is_an_error_not_a_skip() -> None:
     obj = {"apiVersion": "postgresql.cnpg.io/v2", "kind": "Cluster", "metadata": {"name": "x"}}
     assert check.validate(obj) == [
