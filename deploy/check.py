@@ -10,7 +10,8 @@ validate each rendered object offline.
   get a schema-less check of the fields the suite relies on; any other kind without a
   schema is an error (a typo in ``apiVersion`` must not pass unchecked).
 - In a deployable overlay (``overlays/*``) every Secret and ConfigMap a pod refers to
-  must be rendered too, or be one an operator of the overlay creates (``EXTERNAL``).
+  must be rendered too, or be one an operator makes for a rendered custom resource
+  (``operator_made``).
 
 Each problem names the kustomization, the object and the source files defining it.
 Exit status: 0 when everything is valid, 1 on invalid manifests, 2 when the check cannot
@@ -87,8 +88,16 @@ def _check_cnpg_cluster(obj: Object) -> list[str]:
 CUSTOM_KINDS: dict[tuple[str, str], Callable[[Object], list[str]]] = {
     ("postgresql.cnpg.io/v1", "Cluster"): _check_cnpg_cluster,
 }
-#: Secrets created outside the manifests: by the CloudNativePG operator for its Cluster.
-EXTERNAL = {("Secret", "paperclip-db-app")}
+
+
+def operator_made(objects: Sequence[Object]) -> set[tuple[str, str]]:
+    """The objects operators create for the rendered custom resources: the Secret
+    ``<name>-app`` (the application's credentials) of each CloudNativePG Cluster."""
+    return {
+        ("Secret", f"{o['metadata']['name']}-app")
+        for o in objects
+        if (o.get("apiVersion"), o.get("kind")) == ("postgresql.cnpg.io/v1", "Cluster")
+    }
 
 
 # -- rendering -----------------------------------------------------------------------
@@ -119,12 +128,13 @@ def kustomizations(root: Path, *, components: bool = False) -> list[Path]:
 
 def render(directory: Path) -> list[Object]:
     """The objects ``kubectl kustomize directory`` renders."""
-    done = subprocess.run(
-        [kubectl(), "kustomize", str(directory)],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
+    binary = kubectl()
+    try:
+        done = subprocess.run(
+            [binary, "kustomize", str(directory)], capture_output=True, text=True, check=False
+        )
+    except OSError as exc:
+        raise CheckError(f"cannot run {binary}: {exc}") from exc
     if done.returncode != 0:
         raise CheckError(f"kubectl kustomize {directory} failed: {done.stderr.strip()}")
     return [doc for doc in yaml.safe_load_all(done.stdout) if doc]
@@ -244,11 +254,12 @@ def references(pod: Mapping[str, Any]) -> Iterator[tuple[str, str]]:
 def missing_references(objects: Sequence[Object]) -> dict[str, list[str]]:
     """Object description -> the Secrets and ConfigMaps it names that are not rendered."""
     rendered = {(o.get("kind"), (o.get("metadata") or {}).get("name")) for o in objects}
+    rendered |= operator_made(objects)
     missing: dict[str, list[str]] = {}
     for obj in objects:
         for pod in pod_specs(obj):
             for ref in sorted(set(references(pod))):
-                if ref not in rendered and ref not in EXTERNAL:
+                if ref not in rendered:
                     missing.setdefault(describe(obj), []).append(f"{ref[0]} {ref[1]}")
     return missing
 

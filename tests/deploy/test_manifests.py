@@ -57,7 +57,8 @@ def run_check(root: Path) -> subprocess.CompletedProcess[str]:
 def broken_copy(tmp_path: Path, relative: str, old: str, new: str) -> Path:
     """A copy of the manifests with the first ``old`` in ``relative`` replaced."""
     root = tmp_path / "kubernetes"
-    shutil.copytree(MANIFESTS, root)
+    if not root.exists():
+        shutil.copytree(MANIFESTS, root)
     path = root / relative
     text = path.read_text()
     assert old in text, f"{relative} no longer contains {old!r}: update the test"
@@ -158,6 +159,22 @@ def test_deploy_check_names_a_workload_whose_secret_the_overlay_lacks(tmp_path: 
     assert "overlays/local: Deployment paperclip/gateway: refers to Secret paperclip-secrets" in (
         done.stderr
     )
+
+
+def test_deploy_check_names_a_reference_to_a_database_secret_without_its_cluster(
+    tmp_path: Path,
+) -> None:
+    # The Cluster renamed: its operator would make other-db-app, not paperclip-db-app.
+    broken_copy(tmp_path, "components/cloudnative-pg/cluster.yaml", "paperclip-db", "other-db")
+    root = broken_copy(
+        tmp_path, "overlays/local/small.yaml", "name: paperclip-db\n", "name: other-db\n"
+    )
+    done = run_check(root)
+    assert done.returncode == 1
+    assert (
+        "overlays/local: Deployment paperclip/gateway: refers to Secret paperclip-db-app, "
+        "which the overlay does not define"
+    ) in done.stderr
 
 
 def test_deploy_check_names_an_invalid_custom_resource(tmp_path: Path) -> None:
@@ -345,7 +362,7 @@ def test_what_the_migration_job_needs_is_applied_with_it_first(
     (pod,) = check.pod_specs(job)
     needs = {("Namespace", "paperclip"), ("Job", "paperclip-migrate")}
     needs.add(("ServiceAccount", pod["serviceAccountName"]))
-    needs |= set(check.references(pod)) - check.EXTERNAL
+    needs |= set(check.references(pod)) - check.operator_made(objects)
     if overlay == "local":
         needs.add(("Cluster", "paperclip-db"))
     assert needs <= first
