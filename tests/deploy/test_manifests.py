@@ -227,6 +227,20 @@ def test_every_server_has_grpc_readiness_and_liveness_probes_on_its_port(
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
+def test_every_env_reference_names_a_variable_defined_before_it(
+    rendered: dict[str, list[Object]], overlay: str
+) -> None:
+    # Kubernetes expands $(NAME) only from entries earlier in the list, and a strategic
+    # merge patch may move the entries it touches to the front.
+    for workload, container in all_containers(rendered[overlay]):
+        defined: set[str] = set()
+        for entry in container.get("env", []):
+            for name in re.findall(r"\$\(([A-Z_]+)\)", entry.get("value", "")):
+                assert name in defined, (workload, container["name"], entry["name"], name)
+            defined.add(entry["name"])
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
 def test_gateway_liveness_checks_the_gateway_itself_and_readiness_its_backends(
     rendered: dict[str, list[Object]], overlay: str
 ) -> None:
