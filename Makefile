@@ -21,7 +21,7 @@ ifneq ($(strip $(shell cat $(PROTO_STAMP) 2>/dev/null)),$(strip $(PROTOS)))
 $(PROTO_STAMP): .FORCE
 endif
 
-.PHONY: install proto run test lint bench clean .FORCE
+.PHONY: install proto run test lint deploy-check bench clean .FORCE
 
 install: $(INSTALLED) proto
 
@@ -61,6 +61,11 @@ lint: install
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 	cd protos && ../$(BIN)/buf lint
+
+# Renders every kustomization under deploy/kubernetes (kubectl kustomize, offline) and
+# validates each object against the Kubernetes schemas (kubernetes-validate).
+deploy-check: install
+	$(PY) -m deploy.check
 
 bench: install
 	$(PY) -m bench
