@@ -31,6 +31,12 @@ RETRY_POLICY: dict[str, object] = {
     "retryableStatusCodes": ["UNAVAILABLE"],
 }
 #: Stop retrying while most attempts fail, so a down service is not hammered.
+#: The health service name every server reports SERVING while it accepts calls (and
+#: NOT_SERVING once it drains): what channels balancing over replicas check. A replica
+#: whose database is down stays in rotation and says so (``DATABASE_UNAVAILABLE``); its
+#: overall status (``""``) is NOT_SERVING meanwhile.
+LIVE_HEALTH_SERVICE = "paperclip.live"
+
 RETRY_THROTTLING: dict[str, object] = {"maxTokens": 20, "tokenRatio": 0.1}
 
 BACKEND_OPTIONS: tuple[tuple[str, int], ...] = (
@@ -132,7 +138,11 @@ def backend_channel(
     interceptors: Sequence[grpc.aio.ClientInterceptor] = (),
 ) -> grpc.aio.Channel:
     """A balanced, health-checked channel to a service of the suite at ``address``."""
-    config = json.dumps(balanced_service_config(retry_entries(idempotent_methods)))
+    config = json.dumps(
+        balanced_service_config(
+            retry_entries(idempotent_methods), health_service=LIVE_HEALTH_SERVICE
+        )
+    )
     return grpc.aio.insecure_channel(
         grpc_target(address, setting=setting),
         options=[*BACKEND_OPTIONS, ("grpc.service_config", config)],

@@ -16,7 +16,7 @@ import asyncpg
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
-from common.errors import Aborted, Unavailable
+from common.errors import Aborted, PaperclipError, Unavailable
 from common.sql import Tx
 
 #: SQLSTATEs that mean "another transaction won; the caller may retry".
@@ -24,6 +24,13 @@ _CONCURRENCY_STATES = {
     "40001": "serialization failure",
     "40P01": "deadlock detected",
     "55P03": "lock not available",
+}
+#: SQLSTATEs of a server that is going away, coming back or full: retry later.
+_UNAVAILABLE_STATES = {
+    "57P01": "the server is shutting down",
+    "57P02": "the server crashed",
+    "57P03": "the server is starting up",
+    "53300": "too many connections",
 }
 #: A row lock not granted within this time aborts the statement instead of queueing
 #: requests forever behind a stuck transaction.
@@ -80,16 +87,28 @@ class Database:
             async with self.engine.connect() as conn:
                 pooled = await conn.get_raw_connection()
                 driver: asyncpg.Connection = pooled.driver_connection  # type: ignore[assignment]
+                reusable = False
                 try:
                     async with driver.transaction():
                         tx = Tx(driver)
                         yield tx
                         await tx.flush()
+                    reusable = True
+                except (asyncpg.PostgresError, PaperclipError):
+                    # Refused by the server or by a rule: rolled back, the connection is fine.
+                    reusable = not (driver.is_closed() or driver.is_in_transaction())
+                    raise
                 finally:
-                    if driver.is_closed() or driver.is_in_transaction():
-                        # Interrupted mid-statement: never hand this connection out again.
+                    if not reusable:
+                        # Interrupted mid-statement (cancelled, timed out, the server went
+                        # away): never hand this connection out again.
                         await conn.invalidate()
-        except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError) as exc:
+        except (
+            asyncpg.PostgresError,
+            asyncpg.InterfaceError,
+            asyncpg.InternalClientError,
+            OSError,
+        ) as exc:
             mapped = translate_db_error(exc)
             if mapped is exc:
                 raise
@@ -108,10 +127,20 @@ def translate_db_error(exc: BaseException) -> BaseException:
             f"concurrent modification: {_CONCURRENCY_STATES[state]}",
             reason="CONCURRENT_MODIFICATION",
         )
-    if state is not None and state.startswith("08"):
-        return Unavailable("database connection failed", reason="DATABASE_UNAVAILABLE")
+    if state is not None and (state.startswith("08") or state in _UNAVAILABLE_STATES):
+        return Unavailable(
+            f"database unavailable: {_UNAVAILABLE_STATES.get(state, 'connection failed')}",
+            reason="DATABASE_UNAVAILABLE",
+        )
     if state is None and isinstance(
-        exc, (InterfaceError, OperationalError, asyncpg.InterfaceError, OSError)
+        exc,
+        (
+            InterfaceError,
+            OperationalError,
+            asyncpg.InterfaceError,
+            asyncpg.InternalClientError,
+            OSError,
+        ),
     ):
         return Unavailable("database unavailable", reason="DATABASE_UNAVAILABLE")
     return exc

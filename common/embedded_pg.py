@@ -120,6 +120,28 @@ class EmbeddedPostgres:
             self._lock.release()
             atexit.unregister(self.stop)
 
+    def alive(self) -> bool:
+        """Whether the server's postmaster still runs."""
+        if self._stopped:
+            return False
+        process = self._server.get_postmaster_info().process
+        return process is not None and postmaster.is_alive(process)
+
+    def restart(self) -> None:
+        """Start the server again after its postmaster died: same data directory, socket
+        and port, so every URL handed out stays valid. Raises ``EmbeddedPostgresError``
+        while processes of the dead server still hold its shared memory (they exit on
+        their own within moments) or when it cannot start."""
+        _forget_server(self._server, self.data_dir)
+        self._server = _start_server(self.data_dir)
+        info = self._server.get_postmaster_info()
+        if Path(info.socket_dir) != self.socket_dir or int(info.port) != self.port:
+            raise EmbeddedPostgresError(
+                f"embedded PostgreSQL came back at {info.socket_dir}:{info.port}, not at "
+                f"{self.socket_dir}:{self.port}"
+            )
+        logger.warning("embedded postgres restarted", extra={"data_dir": str(self.data_dir)})
+
     def _dsn_tail(self, database: str) -> str:
         host = quote(str(self.socket_dir), safe="/")
         return f"{SUPERUSER}@/{quote(database, safe='')}?host={host}&port={self.port}"

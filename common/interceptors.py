@@ -21,6 +21,7 @@ from sqlalchemy.exc import DBAPIError
 from common.actor import Actor, verify_actor
 from common.db import translate_db_error
 from common.errors import Internal, PaperclipError, WireStatus, to_wire_status
+from common.metrics import count_refusal
 from common.request_context import CURRENT_ACTOR, REQUEST_ID
 
 log = logging.getLogger("paperclip.rpc")
@@ -69,6 +70,7 @@ class _Call:
         if isinstance(mapped, PaperclipError):
             error = mapped
             log.info("rpc refused", extra={"method": self.method, "reason": error.reason})
+            count_refusal(error.reason)
         else:
             log.error("rpc failed", exc_info=exc, extra={"method": self.method})
             error = Internal("internal error")

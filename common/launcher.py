@@ -50,6 +50,9 @@ SERVICES: tuple[ProcessSpec, ...] = (
 READY_TIMEOUT_S = 60.0
 #: Longer than the services' own shutdown grace, so a clean stop is never cut short.
 STOP_GRACE_S = 10.0
+#: Each service serves its Prometheus metrics on a port of its own on this host.
+METRICS_HOST = "127.0.0.1"
+
 _TICK_S = 0.1
 
 
@@ -98,15 +101,16 @@ def main() -> int:
 def _run(settings: Settings, stop: StopSignal) -> int:
     with ExitStack() as stack:
         stack.enter_context(_instance_lock(settings.home))
-        url, database = stack.enter_context(_database(settings))
+        url, database, embedded = stack.enter_context(_database(settings))
         _migrate(url, database)
         token_file = asyncio.run(_board_token(url, settings.home))
         children: list[Child] = []
         stack.callback(process_group.stop_all, children, grace=STOP_GRACE_S)
-        _start_services(settings, url, children, stop)
-        stack.enter_context(_suite_ready_file(settings, children))
-        _print_banner(settings, database, children, token_file)
-        status = _supervise(children, stop)
+        metrics: dict[str, str] = {}
+        _start_services(settings, url, children, stop, metrics)
+        stack.enter_context(_suite_ready_file(settings, children, metrics))
+        _print_banner(settings, database, children, token_file, metrics)
+        status = _supervise(children, stop, DatabaseWatch(embedded))
     return status
 
 
@@ -135,20 +139,68 @@ def _instance_lock(home: Path) -> Iterator[None]:
 
 
 @contextmanager
-def _database(settings: Settings) -> Iterator[tuple[str, str]]:
-    """Yield the SQLAlchemy URL of the suite's database and a description without secrets."""
+def _database(settings: Settings) -> Iterator[tuple[str, str, EmbeddedPostgres | None]]:
+    """Yield the SQLAlchemy URL of the suite's database, a description without secrets
+    and the embedded server (None with an external database)."""
     if settings.database_url is not None:
         try:
             url = normalize_database_url(settings.database_url)
         except ValueError as exc:
             raise LauncherError(f"PAPERCLIP_DATABASE_URL: {exc}") from exc
-        yield url, f"external, {redact_database_url(settings.database_url)}"
+        yield url, f"external, {redact_database_url(settings.database_url)}", None
         return
     server = EmbeddedPostgres.start(settings.home / "pgdata")
     try:
-        yield server.url, f"embedded, data in {server.data_dir}"
+        yield server.url, f"embedded, data in {server.data_dir}", server
     finally:
         server.stop()
+
+
+class DatabaseWatch:
+    """Brings the embedded PostgreSQL back when it dies while the suite runs.
+
+    The services keep running meanwhile (they answer UNAVAILABLE with reason
+    ``DATABASE_UNAVAILABLE`` and report NOT_SERVING) and serve again on their own once
+    it is back. A restart that fails (the dead server's processes still exiting) is
+    retried every ``RETRY_S`` seconds; the outage is reported when it starts, when it
+    ends, and every ``REPORT_EVERY`` failed attempts in between."""
+
+    RETRY_S = 1.0
+    REPORT_EVERY = 30
+
+    def __init__(self, server: EmbeddedPostgres | None) -> None:
+        self._server = server
+        self._down_since: float | None = None
+        self._next_try = 0.0
+        self._failures = 0
+
+    def check(self) -> None:
+        """One look (cheap: a process check); a restart attempt when it is due."""
+        server = self._server
+        if server is None or server.alive():
+            return
+        now = time.monotonic()
+        if self._down_since is None:
+            self._down_since = now
+            print("paperclip: the embedded PostgreSQL stopped; restarting it", file=sys.stderr)
+            logger.error("embedded postgres died", extra={"data_dir": str(server.data_dir)})
+        if now < self._next_try:
+            return
+        try:
+            server.restart()
+        except EmbeddedPostgresError as exc:
+            self._failures += 1
+            self._next_try = now + self.RETRY_S
+            if self._failures % self.REPORT_EVERY == 1:
+                logger.warning(
+                    "embedded postgres restart failed; retrying",
+                    extra={"attempts": self._failures, "error": str(exc)},
+                )
+            return
+        down_s = now - self._down_since
+        print(f"paperclip: the embedded PostgreSQL is back after {down_s:.1f} s", file=sys.stderr)
+        logger.warning("embedded postgres back", extra={"down_s": round(down_s, 1)})
+        self._down_since, self._failures, self._next_try = None, 0, 0.0
 
 
 def _concrete(address: str) -> str:
@@ -161,7 +213,14 @@ def _concrete(address: str) -> str:
         return f"{host}:{probe.getsockname()[1]}"
 
 
-def _start_services(settings: Settings, url: str, children: list[Child], stop: StopSignal) -> None:
+def _start_services(
+    settings: Settings,
+    url: str,
+    children: list[Child],
+    stop: StopSignal,
+    metrics: dict[str, str],
+) -> None:
+    """Start every service in order; ``metrics`` gets each one's metrics address."""
     # One metrics port is for one process; the services of one launcher would clash.
     inherited = {k: v for k, v in os.environ.items() if k != "PAPERCLIP_METRICS_ADDR"}
     env = {
@@ -179,7 +238,11 @@ def _start_services(settings: Settings, url: str, children: list[Child], stop: S
     for spec in SERVICES:
         if stop.requested:
             raise StartInterruptedError(f"stop requested before {spec.module} started")
-        child = process_group.spawn(spec, env, run_dir / f"{spec.module}.json")
+        metrics_addr = _concrete(f"{METRICS_HOST}:0")
+        metrics[spec.module] = metrics_addr
+        child = process_group.spawn(
+            spec, {**env, "PAPERCLIP_METRICS_ADDR": metrics_addr}, run_dir / f"{spec.module}.json"
+        )
         children.append(child)
         addr = process_group.wait_ready(
             child, timeout=READY_TIMEOUT_S, stop_requested=lambda: stop.requested
@@ -188,14 +251,21 @@ def _start_services(settings: Settings, url: str, children: list[Child], stop: S
 
 
 @contextmanager
-def _suite_ready_file(settings: Settings, children: list[Child]) -> Iterator[None]:
+def _suite_ready_file(
+    settings: Settings, children: list[Child], metrics: dict[str, str]
+) -> Iterator[None]:
     """Announce the whole suite in ``PAPERCLIP_READY_FILE``, as a service announces itself."""
     path = settings.ready_file
     if path is None:
         yield
         return
     services = {child.spec.module: child.addr for child in children}
-    body = {"service": "launcher", "addr": children[-1].addr, "pid": os.getpid()}
+    body = {
+        "service": "launcher",
+        "addr": children[-1].addr,
+        "pid": os.getpid(),
+        "metrics": metrics,
+    }
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps({**body, "services": services}))
@@ -221,9 +291,16 @@ def _grpcurl() -> str:
 
 
 def _print_banner(
-    settings: Settings, database: str, children: list[Child], token_file: Path
+    settings: Settings,
+    database: str,
+    children: list[Child],
+    token_file: Path,
+    metrics: dict[str, str],
 ) -> None:
-    rows = [(child.spec.module, child.addr) for child in children]
+    rows = [
+        (child.spec.module, f"{child.addr}  (metrics http://{metrics[child.spec.module]}/metrics)")
+        for child in children
+    ]
     rows += [
         ("database", database),
         ("PAPERCLIP_HOME", str(settings.home)),
@@ -241,16 +318,20 @@ def _print_banner(
     ]
     lines += ["Ctrl-C to stop.", ""]
     print("\n".join(lines), flush=True)
-    logger.info("suite ready", extra={"services": dict(rows[: len(children)])})
+    logger.info(
+        "suite ready",
+        extra={"services": {c.spec.module: c.addr for c in children}, "metrics": metrics},
+    )
 
 
-def _supervise(children: list[Child], stop: StopSignal) -> int:
+def _supervise(children: list[Child], stop: StopSignal, database: DatabaseWatch) -> int:
     while not stop.requested:
         crashed = process_group.first_exited(children)
         if crashed is not None:
             status = process_group.describe_exit(crashed.process.returncode)
             print(f"paperclip: {crashed.spec.module} {status}; stopping", file=sys.stderr)
             return 1
+        database.check()
         time.sleep(_TICK_S)
     logger.info("stopping", extra={"signal": stop.signum})
     return 0

@@ -16,6 +16,7 @@ from collections.abc import Awaitable, Callable
 
 import asyncpg
 
+from common import outage
 from common.errors import PaperclipError
 
 logger = logging.getLogger(__name__)
@@ -60,6 +61,10 @@ async def _listen(
         conn: asyncpg.Connection = await asyncpg.connect(dsn)
         await conn.add_listener(channel, callback)
         return conn
-    except (asyncpg.PostgresError, OSError):
-        logger.warning("cannot LISTEN on %s; polling only until the next pass", channel)
+    except (asyncpg.PostgresError, OSError) as exc:
+        logger.warning(
+            "cannot LISTEN on %s; polling only until the next pass",
+            channel,
+            extra=outage.tagged(exc, error=str(exc)),
+        )
         return None

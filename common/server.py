@@ -16,6 +16,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from common.channels import LIVE_HEALTH_SERVICE
 from common.interceptors import Authenticator, ServiceInterceptor, SignedActorAuthenticator
 
 log = logging.getLogger("paperclip.server")
@@ -117,6 +118,7 @@ async def start_server(
     )
     for name in [*names, *reflected, ""]:
         await health_servicer.set(name, status)
+    await health_servicer.set(LIVE_HEALTH_SERVICE, health_pb2.HealthCheckResponse.SERVING)
     return RunningServer(server, port, health_servicer, names)
 
 

@@ -14,6 +14,7 @@ from common.config import Settings, load_settings
 from common.db import Database
 from common.embedded_pg import normalize_database_url
 from common.log import configure_logging
+from common.outage import watch_database
 from common.process_group import die_with_parent
 from common.server import ServiceSpec, host_of, serve_until_signalled, start_server
 
@@ -53,6 +54,9 @@ async def _main(
     start_metrics(settings)
     wiring = factory(db, settings)
     running = await start_server(wiring.specs, address, settings.internal_key)
+    running.background.append(
+        asyncio.create_task(watch_database(db, running.health, running.services))
+    )
     # Background work starts after the server listens: recovery never delays start-up.
     for job in wiring.jobs:
         running.background.append(asyncio.create_task(job))

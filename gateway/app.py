@@ -12,6 +12,7 @@ from common.channels import backend_channel, grpc_target, replica_addresses
 from common.config import ConfigError, Settings
 from common.db import Database
 from common.embedded_pg import asyncpg_dsn
+from common.outage import watch_database
 from common.server import RunningServer, ServiceSpec, start_server
 from gateway.api import AuthApi
 from gateway.authn import AuthCache, BearerAuthenticator, listen_for_invalidations
@@ -96,5 +97,6 @@ async def start_gateway(
         asyncio.create_task(
             follow_backends(running.health, channels, PUBLIC_SERVICES, (AUTH_SERVICE,))
         ),
+        asyncio.create_task(watch_database(db, None, ())),
     ]
     return Gateway(running, channels)

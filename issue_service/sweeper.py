@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 
+from common import metrics
 from common.actor import SYSTEM_ACTOR
 from common.audit import record_activity
 from common.db import Database
@@ -84,7 +85,7 @@ async def sweep_forever(db: Database, *, interval: float = DEFAULT_INTERVAL_SECO
     while True:
         await asyncio.sleep(interval)
         try:
-            cleared = await sweep_once(db)
+            cleared = await metrics.timed_pass("issue_lock_sweep", sweep_once(db))
             if cleared:
                 log.info("stale locks cleared", extra={"issues": len(cleared)})
         except asyncio.CancelledError:

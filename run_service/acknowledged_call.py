@@ -63,7 +63,13 @@ async def until_acknowledged(
                 return None
             logger.warning(
                 f"{name} failed, retrying",
-                extra={"run_id": run_id, "code": exc.code().name, "attempt": attempt},
+                extra={
+                    "run_id": run_id,
+                    "code": exc.code().name,
+                    # The peer's reason (DATABASE_UNAVAILABLE folds into an outage's log).
+                    "reason": from_rpc_error(exc).reason,
+                    "attempt": attempt,
+                },
             )
         if closing.is_set():
             logger.warning(f"giving up {name} on shutdown", extra={"run_id": run_id})

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import grpc
 
+from common import metrics
 from common.config import Settings
 from common.db import Database
 from common.embedded_pg import asyncpg_dsn
@@ -51,6 +52,7 @@ def wiring(db: Database, settings: Settings) -> Wiring:
         reconcile.reconcile_forever(db, runner, interval=reconcile.INTERVAL_SECONDS),
         timers.tick_forever(db, interval=timers.TICK_SECONDS),
         wake_breaker.announce_forever(db, runner.issues),
+        metrics.run_gauges(db),
         queue_age.expire_forever(db, runner, settings.max_queued_seconds),
     ]
     return Wiring(specs=service_specs(db, runner), jobs=jobs, on_stop=[runner.stop])

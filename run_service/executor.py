@@ -30,6 +30,7 @@ import asyncio
 import codecs
 import logging
 import os
+import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -37,7 +38,7 @@ from typing import Any
 
 from common.config import Settings
 from common.db import Database
-from common.errors import FailedPrecondition, NotFound, PaperclipError
+from common.errors import FailedPrecondition, NotFound, PaperclipError, Unavailable
 from common.run_tokens import mint_run_token
 from common.sql import sql
 from paperclip.issues.v1 import issues_pb2
@@ -59,6 +60,9 @@ logger = logging.getLogger(__name__)
 #: Output is written at most this often, or as soon as this much is pending.
 FLUSH_INTERVAL_S = 0.1
 FLUSH_BYTES = 64 * 1024
+#: How long the end of a run (its last output, its terminal write) waits for a database
+#: that is unavailable before giving up (the recovery pass then finds the run).
+FINISH_RETRY_S = 600.0
 #: Service variables passed on to agents (nothing else of the service's env is).
 BASE_ENV_NAMES = ("PATH", "HOME", "LANG", "LC_ALL")
 DEFAULT_PATH = "/usr/local/bin:/usr/bin:/bin"
@@ -217,22 +221,29 @@ class OutputWriter:
         async with self._lock:
             if not self._dirty:
                 return
-            events, self._pending, self._pending_bytes = self._pending, [], 0
-            self._dirty = False
-            async with self._db.unit_of_work() as tx:
-                status = await tx.fetchval(_LOCK_RUN_STATUS, {"id": self._run_id})
-                if status not in run_store.ACTIVE:
-                    return
-                await run_store.append_events(tx, self._run_id, events)
-                await tx.execute(
-                    _OUTPUT_PROGRESS,
-                    {
-                        "id": self._run_id,
-                        "out": self._stored["stdout"],
-                        "err": self._stored["stderr"],
-                        "cut": self._truncated,
-                    },
-                )
+            events, pending_bytes = self._pending, self._pending_bytes
+            self._pending, self._pending_bytes, self._dirty = [], 0, False
+            try:
+                async with self._db.unit_of_work() as tx:
+                    status = await tx.fetchval(_LOCK_RUN_STATUS, {"id": self._run_id})
+                    if status not in run_store.ACTIVE:
+                        return
+                    await run_store.append_events(tx, self._run_id, events)
+                    await tx.execute(
+                        _OUTPUT_PROGRESS,
+                        {
+                            "id": self._run_id,
+                            "out": self._stored["stdout"],
+                            "err": self._stored["stderr"],
+                            "cut": self._truncated,
+                        },
+                    )
+            except BaseException:
+                # Not written (the database is away, say): kept for the next flush.
+                self._pending[:0] = events
+                self._pending_bytes += pending_bytes
+                self._dirty = True
+                raise
 
     async def close(self) -> None:
         """Decode what the decoders still hold and write everything pending."""
@@ -245,10 +256,19 @@ class OutputWriter:
                 self._pending.append((stream, tail, None))
                 self._dirty = True
         self._enabled = True
-        try:
-            await self.flush()
-        except Exception:
-            logger.exception("writing run output failed", extra={"run_id": self._run_id})
+        deadline = time.monotonic() + FINISH_RETRY_S
+        while True:
+            try:
+                await self.flush()
+                return
+            except Unavailable:
+                if time.monotonic() > deadline:
+                    logger.exception("writing run output failed", extra={"run_id": self._run_id})
+                    return
+                await asyncio.sleep(1.0)  # the database is away: the output waits for it
+            except Exception:
+                logger.exception("writing run output failed", extra={"run_id": self._run_id})
+                return
 
 
 async def execute(ctx: ExecutorContext, execution: Execution) -> None:
@@ -278,10 +298,23 @@ async def execute(ctx: ExecutorContext, execution: Execution) -> None:
 
 
 async def _finish(ctx: ExecutorContext, execution: Execution, result: finalize.RunResult) -> None:
-    try:
-        await finalize.finalize_run(ctx.db, execution.run_id, result)
-    except Exception:
-        logger.exception("terminal write failed", extra={"run_id": execution.run_id})
+    """The terminal write, repeated while the database is unavailable (for up to
+    ``FINISH_RETRY_S``): a run that ends during an outage is recorded once it is back."""
+    deadline = time.monotonic() + FINISH_RETRY_S
+    delay = 0.2
+    while True:
+        try:
+            await finalize.finalize_run(ctx.db, execution.run_id, result)
+            return
+        except Unavailable:
+            if time.monotonic() + delay > deadline:
+                logger.exception("terminal write failed", extra={"run_id": execution.run_id})
+                return
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 5.0)
+        except Exception:
+            logger.exception("terminal write failed", extra={"run_id": execution.run_id})
+            return
 
 
 async def _execute(ctx: ExecutorContext, execution: Execution) -> bool:

@@ -36,6 +36,7 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
+from common import metrics
 from common.actor import service_actor
 from common.db import Database
 from common.errors import PaperclipError
@@ -217,6 +218,7 @@ async def finalize_run(
         "run finished",
         extra={"run_id": run_id, "status": result.status, "error_code": result.error_code},
     )
+    metrics.count_outcome(result.status, result.error_code)
     return True
 
 

@@ -19,6 +19,7 @@ import asyncio
 import logging
 from typing import Protocol
 
+from common import metrics
 from common.db import Database
 from common.sql import sql
 from run_service import finalize
@@ -87,7 +88,7 @@ async def expire_forever(
     """A pass every ``interval`` seconds until cancelled (a failed pass is logged)."""
     while True:
         try:
-            await expire_queued(db, host, max_queued_seconds)
+            await metrics.timed_pass("run_queue_age", expire_queued(db, host, max_queued_seconds))
         except asyncio.CancelledError:
             raise
         except Exception:

@@ -48,6 +48,7 @@ from dataclasses import dataclass, field
 import grpc
 import grpc.aio
 
+from common import metrics
 from common.actor import Actor, service_actor, sign_actor
 from common.authz import require_instance_admin
 from common.channels import backend_channel
@@ -388,7 +389,7 @@ async def reconcile_forever(
     actor = service_actor(SERVICE_NAME)
     while True:
         try:
-            await reconcile_stranded_issues(db, runner, actor)
+            await metrics.timed_pass("run_reconcile", reconcile_stranded_issues(db, runner, actor))
         except asyncio.CancelledError:
             raise
         except Exception:

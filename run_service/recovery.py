@@ -81,10 +81,12 @@ from typing import Any, Protocol
 
 import asyncpg
 
+from common import metrics
 from common.actor import Actor
 from common.authz import require_instance_admin
 from common.db import Database
 from common.errors import FailedPrecondition, PaperclipError
+from common.outage import OUTAGE
 from common.process_tree import group_members, kill_tree, process_alive
 from common.sql import Row, Tx, sql
 from paperclip.runs.v1 import runs_pb2
@@ -108,6 +110,10 @@ AFTER_STEPS_WAIT_SECONDS = 5.0
 DEFAULT_GRACE_SECONDS = 15
 #: pg advisory lock key of the sweep (one replica at a time).
 SWEEP_LOCK_KEY = "runs.reap_orphaned_runs"
+#: After a database outage, how long nodes of other hosts are not taken for dead on an
+#: expired lease alone: a lease and a renewal interval (``runner.LEASE_SECONDS`` 15 s,
+#: ``RENEW_SECONDS`` 5 s).
+OUTAGE_GRACE_SECONDS = 20.0
 
 DETACHED_CODE = "process_detached"
 LOST_CODE = "process_lost"
@@ -301,7 +307,9 @@ class NodeRecovery:
 
     async def _safe_pass(self, *, boot: bool) -> None:
         try:
-            result = await self.reap_pass(lock="none" if boot else "try")
+            result = await metrics.timed_pass(
+                "run_recovery", self.reap_pass(lock="none" if boot else "try")
+            )
         except asyncio.CancelledError:
             raise
         except Exception:
@@ -386,7 +394,9 @@ class NodeRecovery:
                     or not process_alive(int(n["pid"]), n["process_started_at"].timestamp())
                 )
             else:
-                gone = bool(n["expired"])
+                # Right after a database outage every lease may have run out: nodes get
+                # a lease's time to renew before another host's are taken for dead.
+                gone = bool(n["expired"]) and not OUTAGE.ended_within(OUTAGE_GRACE_SECONDS)
             if not gone:
                 continue
             if not local and n["host"] in live_hosts:
@@ -489,6 +499,7 @@ class NodeRecovery:
                 _RUNTIME_STATE, {"agent": run["agent_id"], "run": run_id, "error": error}
             )
             retry_id = await _insert_retry(tx, run) if retry else None
+        metrics.count_outcome("failed", LOST_CODE)
         logger.warning(
             "run process lost", extra={"run_id": run_id, "retry_run_id": retry_id, "error": error}
         )

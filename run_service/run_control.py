@@ -24,6 +24,7 @@ import asyncio
 import logging
 from typing import Protocol
 
+from common import metrics
 from common.actor import Actor
 from common.audit import record_activity
 from common.authz import require_company_access
@@ -290,6 +291,7 @@ async def _wait_terminal(db: Database, run_id: str, grace: int) -> pb.Run:
 async def _after_cancel(db: Database, runner: RunControl, run: Row) -> None:
     """``finalize.after_terminal`` for a run cancelled here: waits a little, then lets
     it go on in the background (ReleaseRunLocks retries while the issue service is down)."""
+    metrics.count_outcome("cancelled", "cancelled")
     issues = getattr(runner, "issues", None)
     run_id = str(run["id"])
     if not isinstance(issues, IssueClient):

@@ -54,6 +54,7 @@ from typing import Any
 import asyncpg
 import psutil
 
+from common import metrics, outage
 from common.config import Settings
 from common.db import Database
 from common.embedded_pg import asyncpg_dsn
@@ -310,7 +311,7 @@ class Runner:
             try:
                 conn = await asyncpg.connect(asyncpg_dsn(url))
             except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
-                logger.warning("LISTEN connection failed", extra={"error": str(exc)})
+                logger.warning("LISTEN connection failed", extra=outage.tagged(exc, error=str(exc)))
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 10.0)
                 continue
@@ -376,6 +377,7 @@ class Runner:
 
     async def _dispatch_once(self) -> bool:
         """One pass; True when it filled every free slot (there may be more to claim)."""
+        metrics.NODE_RUNS_RUNNING.set(len(self._executions) + len(self.recovery.adopted))
         capacity = self.settings.max_processes - len(self._executions) - len(self.recovery.adopted)
         if capacity <= 0 or self._stopping:
             return False

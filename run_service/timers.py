@@ -29,6 +29,7 @@ from collections.abc import Collection
 from dataclasses import dataclass
 from typing import Any
 
+from common import metrics
 from common.actor import service_actor
 from common.db import Database
 from common.sql import sql
@@ -152,7 +153,7 @@ async def tick_forever(db: Database, *, interval: float = TICK_SECONDS) -> None:
     """A tick every ``interval`` seconds until cancelled (a failed tick is logged)."""
     while True:
         try:
-            await tick_timers(db)
+            await metrics.timed_pass("run_timer_tick", tick_timers(db))
         except asyncio.CancelledError:
             raise
         except Exception:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import grpc
 
+from common import metrics
 from common.config import Settings
 from common.db import Database
 from common.embedded_pg import asyncpg_dsn
@@ -72,6 +73,7 @@ def wiring(db: Database, settings: Settings) -> Wiring:
         issue_reaper.reap_forever(
             deps, asyncpg_dsn(settings.database_url), interval=settings.workspace_reap_seconds
         ),
+        metrics.lease_gauges(db),
     ]
     return Wiring(
         specs=service_specs(deps, router),

@@ -18,6 +18,7 @@ import asyncio
 import logging
 from dataclasses import dataclass, field
 
+from common import metrics
 from common.actor import SYSTEM_ACTOR
 from common.db import Database
 from common.sql import sql
@@ -104,7 +105,7 @@ async def sweep_forever(db: Database, *, interval: float, batch: int = DEFAULT_B
     while True:
         result = SweepResult()
         try:
-            result = await sweep_once(db, batch=batch)
+            result = await metrics.timed_pass("workspace_lease_sweep", sweep_once(db, batch=batch))
             if result.expired or result.released:
                 log.info(
                     "leases swept",

@@ -18,6 +18,7 @@ from typing import Any
 import dockerfile  # type: ignore[import-not-found]
 import pytest
 
+from common.channels import LIVE_HEALTH_SERVICE
 from common.server import SHUTDOWN_GRACE_SECONDS
 from deploy import check
 from gateway.client import GATEWAY_HEALTH_SERVICE
@@ -241,12 +242,24 @@ def test_every_env_reference_names_a_variable_defined_before_it(
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
-def test_gateway_liveness_checks_the_gateway_itself_and_readiness_its_backends(
+def test_probes_check_the_process_itself_not_what_it_depends_on(
     rendered: dict[str, list[Object]], overlay: str
 ) -> None:
-    (gateway,) = servers(named(rendered[overlay], "Deployment", "gateway"))
-    assert gateway["livenessProbe"]["grpc"]["service"] == GATEWAY_HEALTH_SERVICE
-    assert gateway["readinessProbe"]["grpc"]["service"] == ""
+    # A database or backend outage must neither restart pods nor empty the Services:
+    # the replicas keep answering, with the reason (UNAVAILABLE DATABASE_UNAVAILABLE).
+    for workload in workloads(rendered[overlay]):
+        for container in servers(workload):
+            expected = (
+                GATEWAY_HEALTH_SERVICE
+                if workload["metadata"]["name"] == "gateway"
+                else LIVE_HEALTH_SERVICE
+            )
+            for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+                assert container[probe]["grpc"]["service"] == expected, (
+                    workload["metadata"]["name"],
+                    container["name"],
+                    probe,
+                )
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)

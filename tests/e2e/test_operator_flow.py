@@ -40,7 +40,9 @@ def _free_port() -> int:
 class Launcher:
     """One ``python -m common.launcher`` process on a given home and gateway address."""
 
-    def __init__(self, home: Path, gateway: str, log: Path) -> None:
+    def __init__(
+        self, home: Path, gateway: str, log: Path, extra: dict[str, str] | None = None
+    ) -> None:
         self.home = home
         self.gateway = gateway
         self.log = log
@@ -51,6 +53,7 @@ class Launcher:
             PAPERCLIP_GATEWAY_ADDR=gateway,
             PAPERCLIP_READY_FILE=str(self.ready),
         )
+        env.update(extra or {})
         with log.open("ab") as out:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "common.launcher"],
