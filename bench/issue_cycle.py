@@ -145,7 +145,7 @@ _AUDIT_MINIMAL = (
 )
 
 
-async def _same_sql_cycle(conn: asyncpg.Connection, seat: Seat, actor: Actor) -> None:
+async def same_sql_cycle(conn: asyncpg.Connection, seat: Seat, actor: Actor) -> None:
     """The statements the service issues for one cycle, without gRPC or rules."""
     async with conn.transaction():
         tx = Tx(conn)
@@ -199,7 +199,7 @@ async def _same_sql_cycle(conn: asyncpg.Connection, seat: Seat, actor: Actor) ->
         await tx.flush()
 
 
-async def _minimal_sql_cycle(conn: asyncpg.Connection, seat: Seat) -> None:
+async def minimal_sql_cycle(conn: asyncpg.Connection, seat: Seat) -> None:
     """One conditional UPDATE and one audit row per transaction."""
     s = seat
     async with conn.transaction():
@@ -224,8 +224,42 @@ def raw_cycle(pool: asyncpg.Pool, seats: Sequence[Seat], *, minimal: bool) -> Op
     async def cycle(index: int) -> None:
         async with pool.acquire() as conn:
             if minimal:
-                await _minimal_sql_cycle(conn, seats[index])  # type: ignore[arg-type]
+                await minimal_sql_cycle(conn, seats[index])  # type: ignore[arg-type]
             else:
-                await _same_sql_cycle(conn, seats[index], actors[index])  # type: ignore[arg-type]
+                await same_sql_cycle(conn, seats[index], actors[index])  # type: ignore[arg-type]
 
     return cycle
+
+
+#: What issue 12 aims at; the bench reports whether a run met it, it does not enforce it.
+AIM_SERVICE_OVER_MINIMAL_C16 = 0.25
+AIM_STATEMENTS_OVER_MINIMAL = 1.5
+
+
+def statement_ratios(statements: dict[str, float]) -> dict[str, float]:
+    """Statements per cycle (``bench.cycle_statements``) and the service's over the
+    minimal SQL's."""
+    out = {f"statements_per_cycle_{name}": count for name, count in statements.items()}
+    out["service_statements_over_raw_minimal_sql"] = round(
+        statements["service"] / statements["raw_minimal_sql"], 3
+    )
+    return out
+
+
+def checkout_aims(ratios: dict[str, float]) -> list[str]:
+    """One line per checkout aim of issue 12, saying whether this run met it."""
+
+    def verdict(ok: bool) -> str:
+        return "met" if ok else "NOT met"
+
+    throughput = ratios["service_over_raw_minimal_sql_c16"]
+    statements = ratios["service_statements_over_raw_minimal_sql"]
+    return [
+        f"aim: cycle via service >= {AIM_SERVICE_OVER_MINIMAL_C16:.0%} of the raw_minimal_sql "
+        f"ceiling at 16 clients: {throughput:.1%}, "
+        f"{verdict(throughput >= AIM_SERVICE_OVER_MINIMAL_C16)}",
+        f"aim: service statements per cycle <= {AIM_STATEMENTS_OVER_MINIMAL:g}x the minimal "
+        f"SQL's: {ratios['statements_per_cycle_service']:g} vs "
+        f"{ratios['statements_per_cycle_raw_minimal_sql']:g} (x{statements:.2f}), "
+        f"{verdict(statements <= AIM_STATEMENTS_OVER_MINIMAL)}",
+    ]
