@@ -15,6 +15,7 @@ from contextlib import asynccontextmanager
 import asyncpg
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
+from sqlalchemy.util import greenlet_spawn
 
 from common.errors import Aborted, Unavailable
 from common.sql import Tx
@@ -77,18 +78,22 @@ class Database:
     async def unit_of_work(self) -> AsyncIterator[Tx]:
         """One transaction on a pooled asyncpg connection (see the module docstring)."""
         try:
-            async with self.engine.connect() as conn:
-                pooled = await conn.get_raw_connection()
-                driver: asyncpg.Connection = pooled.driver_connection  # type: ignore[assignment]
-                try:
-                    async with driver.transaction():
-                        tx = Tx(driver)
-                        yield tx
-                        await tx.flush()
-                finally:
-                    if driver.is_closed() or driver.is_in_transaction():
-                        # Interrupted mid-statement: never hand this connection out again.
-                        await conn.invalidate()
+            # The pool's raw connection, not an engine Connection: a unit of work never
+            # executes through SQLAlchemy, and skipping that layer halves the cost of
+            # checking a connection out and back in.
+            pooled = await self.engine.raw_connection()
+            driver: asyncpg.Connection = pooled.driver_connection  # type: ignore[assignment]
+            try:
+                async with driver.transaction():
+                    tx = Tx(driver)
+                    yield tx
+                    await tx.flush()
+            finally:
+                if driver.is_closed() or driver.is_in_transaction():
+                    # Interrupted mid-statement: never hand this connection out again.
+                    await greenlet_spawn(pooled.invalidate)
+                else:
+                    await greenlet_spawn(pooled.close)
         except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError) as exc:
             mapped = translate_db_error(exc)
             if mapped is exc:
