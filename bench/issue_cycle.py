@@ -25,10 +25,8 @@ from bench.stats import Operation
 from common.actor import Actor, ActorType, sign_actor
 from common.audit import record_activity
 from common.sql import Tx
-from issue_service import store
-from issue_service.checkout import CHECKOUT_UPDATE
+from issue_service.checkout_statements import lock_and_check_out, lock_and_release
 from issue_service.events import EventType, emit
-from issue_service.status_rules import LOCK_COLUMNS_CLEARED
 from paperclip.issues.v1 import issues_pb2, issues_pb2_grpc
 
 
@@ -149,18 +147,14 @@ async def same_sql_cycle(conn: asyncpg.Connection, seat: Seat, actor: Actor) -> 
     """The statements the service issues for one cycle, without gRPC or rules."""
     async with conn.transaction():
         tx = Tx(conn)
-        found = await store.lock_issue_for_checkout(tx, seat.issue_id, seat.agent_id)
-        assert found is not None
-        await tx.fetchrow(
-            CHECKOUT_UPDATE,
-            {
-                "id": seat.issue_id,
-                "agent": seat.agent_id,
-                "run": seat.run_id,
-                "name_key": "bench",
-                "expected": ["todo"],
-            },
+        locked = await lock_and_check_out(
+            tx,
+            issue_id=seat.issue_id,
+            agent_id=seat.agent_id,
+            run_id=seat.run_id,
+            expected=["todo"],
         )
+        assert locked is not None and locked.changed is not None
         record_activity(
             tx,
             actor=actor,
@@ -168,18 +162,13 @@ async def same_sql_cycle(conn: asyncpg.Connection, seat: Seat, actor: Actor) -> 
             action="issue.checked_out",
             entity_type="issue",
             entity_id=seat.issue_id,
-            details={"agentId": seat.agent_id},
+            details={"agentId": seat.agent_id, "runId": seat.run_id},
         )
         await tx.flush()
     async with conn.transaction():
         tx = Tx(conn)
-        await store.lock_issue(tx, seat.issue_id)
-        values: dict[str, object] = {
-            **LOCK_COLUMNS_CLEARED,
-            "assignee_agent_id": None,
-            "status": "todo",
-        }
-        await store.update_issue_row(tx, seat.issue_id, values)
+        released = await lock_and_release(tx, issue_id=seat.issue_id, actor_run_id=seat.run_id)
+        assert released is not None and released.changed is not None
         record_activity(
             tx,
             actor=actor,
@@ -194,7 +183,11 @@ async def same_sql_cycle(conn: asyncpg.Connection, seat: Seat, actor: Actor) -> 
             company_id=seat.company_id,
             issue_id=seat.issue_id,
             type=EventType.RELEASED,
-            payload={"status": "todo"},
+            payload={
+                "previousAssigneeAgentId": seat.agent_id,
+                "previousStatus": "in_progress",
+                "status": "todo",
+            },
         )
         await tx.flush()
 
