@@ -55,8 +55,11 @@ _IMAGES = """
     ORDER BY image
 """
 
+# Each fast path starts with a comment naming it: pg_stat_activity keeps only the head
+# of a statement (1 KiB by default), and these would show only column names there.
 _LOCK_AND_CHECK_OUT = sql(
     f"""
+    -- checkout: lock the issues.issues row, check it out on the fast path
     WITH locked AS MATERIALIZED ({store.LOCK_FOR_CHECKOUT}),
     changed AS (
         UPDATE issues.issues
@@ -79,6 +82,7 @@ _LOCK_AND_CHECK_OUT = sql(
 
 _LOCK_AND_RELEASE = sql(
     f"""
+    -- release: lock the issues.issues row, release it on the fast path
     WITH locked AS MATERIALIZED ({store.LOCK_BY_ID}),
     changed AS (
         UPDATE issues.issues
