@@ -15,6 +15,7 @@ from contextlib import asynccontextmanager
 import asyncpg
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
+from sqlalchemy.pool import PoolProxiedConnection
 from sqlalchemy.util import greenlet_spawn
 
 from common.errors import Aborted, Unavailable
@@ -81,7 +82,7 @@ class Database:
             # The pool's raw connection, not an engine Connection: a unit of work never
             # executes through SQLAlchemy, and skipping that layer halves the cost of
             # checking a connection out and back in.
-            pooled = await self.engine.raw_connection()
+            pooled = await self._checkout()
             driver: asyncpg.Connection = pooled.driver_connection  # type: ignore[assignment]
             try:
                 async with driver.transaction():
@@ -99,6 +100,22 @@ class Database:
             if mapped is exc:
                 raise
             raise mapped from exc
+
+    async def _checkout(self) -> PoolProxiedConnection:
+        """A pooled connection; a failed connect raises what ``engine.connect()`` would
+        (the driver's error wrapped in ``DBAPIError``), which the raw pool does not."""
+        dialect = self.engine.dialect
+        try:
+            return await self.engine.raw_connection()
+        except dialect.loaded_dbapi.Error as exc:
+            raise DBAPIError.instance(
+                None,
+                None,
+                exc,
+                dialect.loaded_dbapi.Error,
+                connection_invalidated=dialect.is_disconnect(exc, None, None),
+                dialect=dialect,
+            ) from exc
 
     async def dispose(self) -> None:
         """Close every pooled connection."""
