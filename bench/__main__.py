@@ -1,6 +1,8 @@
 """``python -m bench``: the issue service's checkout/release cycle at 1 and 16 clients,
 directly and through the gateway, next to a bare gRPC round trip and raw-SQL ceilings
-measured in the same run, plus the gateway's own overhead per call at one client; then
+measured in the same run, with the statements per cycle of the service and of each
+ceiling (``bench.cycle_statements``), plus the gateway's own overhead per call at one
+client; then
 the run service (``bench.run_cycle``): wake -> child started latency next to a bare
 spawn of the same program, sustained runs per second, and the ReapOrphanedRuns and
 ReconcileStrandedIssues passes over 100,000 finished runs and 10,000 issues; then the
@@ -32,6 +34,7 @@ import grpc
 
 from bench import replicas, run_cycle, workspace_cycle
 from bench.bench_database import bench_database
+from bench.cycle_statements import statements_per_cycle
 from bench.gateway_cycle import (
     aims,
     gateway_cycle,
@@ -39,7 +42,14 @@ from bench.gateway_cycle import (
     get_company_direct,
     get_company_via_gateway,
 )
-from bench.issue_cycle import bare_round_trip, grpc_cycle, raw_cycle, seed
+from bench.issue_cycle import (
+    bare_round_trip,
+    checkout_aims,
+    grpc_cycle,
+    raw_cycle,
+    seed,
+    statement_ratios,
+)
 from bench.processes import JWT_SECRET, KEY, service_process, wait_serving
 from bench.stats import Operation, Result, run_load
 from common.embedded_pg import asyncpg_dsn
@@ -101,9 +111,10 @@ async def measure(database_url: str, address: str, gateway: str) -> list[Result]
     return results
 
 
-def ratios(results: list[Result]) -> dict[str, float]:
-    """Service throughput as a fraction of each ceiling, per client count, then the
-    gateway's figures (``bench.gateway_cycle.gateway_ratios``)."""
+def ratios(results: list[Result], statements: dict[str, float]) -> dict[str, float]:
+    """Service throughput as a fraction of each ceiling, per client count, the
+    statements per cycle (``bench.issue_cycle.statement_ratios``), then the gateway's
+    figures (``bench.gateway_cycle.gateway_ratios``)."""
     by = {(r.name, r.clients): r for r in results}
     out: dict[str, float] = {}
     for clients in CLIENT_COUNTS:
@@ -116,12 +127,12 @@ def ratios(results: list[Result]) -> dict[str, float]:
         out[f"service_cycle_p50_minus_2x_bare_p50_ms_c{clients}"] = round(
             by[("checkout_release_via_service", clients)].p50_ms - 2 * bare.p50_ms, 3
         )
-    return {**out, **gateway_ratios(results)}
+    return {**out, **statement_ratios(statements), **gateway_ratios(results)}
 
 
 def _run(
     home: Path, external: str | None
-) -> tuple[list[Result], dict[str, Any], dict[str, Any], dict[str, Any]]:
+) -> tuple[list[Result], dict[str, float], dict[str, Any], dict[str, Any], dict[str, Any]]:
     """Start the database and the processes, measure, stop everything (in reverse)."""
     with ExitStack() as stack:
         database_url = stack.enter_context(bench_database(home, external))
@@ -173,6 +184,7 @@ def _run(
             "client, services, gateway and database share the machine)"
         )
         results = asyncio.run(measure(database_url, address, gateway))
+        statements = asyncio.run(statements_per_cycle(database_url))
         print("\nreplicas: two issue replicas against one, the gateway's hop", flush=True)
         replica_figures = replicas.measure_replicas(
             replicas.Backends(database_url, address, runs, workspaces),
@@ -201,7 +213,7 @@ def _run(
         workspaces_figures = asyncio.run(
             workspace_cycle.measure_workspaces(database_url, workspaces, home, KEY)
         )
-        return results, runs_figures, workspaces_figures, replica_figures
+        return results, statements, runs_figures, workspaces_figures, replica_figures
 
 
 def _table(results: list[Result]) -> str:
@@ -216,8 +228,10 @@ def _table(results: list[Result]) -> str:
 def main() -> int:
     external = os.environ.get("PAPERCLIP_BENCH_DATABASE_URL")
     with tempfile.TemporaryDirectory(prefix="paperclip-bench-") as tmp:
-        results, runs_figures, workspaces_figures, replica_figures = _run(Path(tmp), external)
-    figures = ratios(results)
+        results, statements, runs_figures, workspaces_figures, replica_figures = _run(
+            Path(tmp), external
+        )
+    figures = ratios(results, statements)
     summary = {
         "results": [r.as_dict() for r in results],
         "ratios": figures,
@@ -231,6 +245,7 @@ def main() -> int:
     print(_table(results))
     print()
     print(json.dumps(figures, indent=2))
+    print("\n".join(checkout_aims(figures)))
     print("\n".join(aims(figures)))
     print()
     print(run_cycle.table(runs_figures))

@@ -25,10 +25,8 @@ from bench.stats import Operation
 from common.actor import Actor, ActorType, sign_actor
 from common.audit import record_activity
 from common.sql import Tx
-from issue_service import store
-from issue_service.checkout import CHECKOUT_UPDATE
+from issue_service.checkout_statements import lock_and_check_out, lock_and_release
 from issue_service.events import EventType, emit
-from issue_service.status_rules import LOCK_COLUMNS_CLEARED
 from paperclip.issues.v1 import issues_pb2, issues_pb2_grpc
 
 
@@ -145,22 +143,18 @@ _AUDIT_MINIMAL = (
 )
 
 
-async def _same_sql_cycle(conn: asyncpg.Connection, seat: Seat, actor: Actor) -> None:
+async def same_sql_cycle(conn: asyncpg.Connection, seat: Seat, actor: Actor) -> None:
     """The statements the service issues for one cycle, without gRPC or rules."""
     async with conn.transaction():
         tx = Tx(conn)
-        found = await store.lock_issue_for_checkout(tx, seat.issue_id, seat.agent_id)
-        assert found is not None
-        await tx.fetchrow(
-            CHECKOUT_UPDATE,
-            {
-                "id": seat.issue_id,
-                "agent": seat.agent_id,
-                "run": seat.run_id,
-                "name_key": "bench",
-                "expected": ["todo"],
-            },
+        locked = await lock_and_check_out(
+            tx,
+            issue_id=seat.issue_id,
+            agent_id=seat.agent_id,
+            run_id=seat.run_id,
+            expected=["todo"],
         )
+        assert locked is not None and locked.changed is not None
         record_activity(
             tx,
             actor=actor,
@@ -168,18 +162,13 @@ async def _same_sql_cycle(conn: asyncpg.Connection, seat: Seat, actor: Actor) ->
             action="issue.checked_out",
             entity_type="issue",
             entity_id=seat.issue_id,
-            details={"agentId": seat.agent_id},
+            details={"agentId": seat.agent_id, "runId": seat.run_id},
         )
         await tx.flush()
     async with conn.transaction():
         tx = Tx(conn)
-        await store.lock_issue(tx, seat.issue_id)
-        values: dict[str, object] = {
-            **LOCK_COLUMNS_CLEARED,
-            "assignee_agent_id": None,
-            "status": "todo",
-        }
-        await store.update_issue_row(tx, seat.issue_id, values)
+        released = await lock_and_release(tx, issue_id=seat.issue_id, actor_run_id=seat.run_id)
+        assert released is not None and released.changed is not None
         record_activity(
             tx,
             actor=actor,
@@ -194,12 +183,16 @@ async def _same_sql_cycle(conn: asyncpg.Connection, seat: Seat, actor: Actor) ->
             company_id=seat.company_id,
             issue_id=seat.issue_id,
             type=EventType.RELEASED,
-            payload={"status": "todo"},
+            payload={
+                "previousAssigneeAgentId": seat.agent_id,
+                "previousStatus": "in_progress",
+                "status": "todo",
+            },
         )
         await tx.flush()
 
 
-async def _minimal_sql_cycle(conn: asyncpg.Connection, seat: Seat) -> None:
+async def minimal_sql_cycle(conn: asyncpg.Connection, seat: Seat) -> None:
     """One conditional UPDATE and one audit row per transaction."""
     s = seat
     async with conn.transaction():
@@ -224,8 +217,42 @@ def raw_cycle(pool: asyncpg.Pool, seats: Sequence[Seat], *, minimal: bool) -> Op
     async def cycle(index: int) -> None:
         async with pool.acquire() as conn:
             if minimal:
-                await _minimal_sql_cycle(conn, seats[index])  # type: ignore[arg-type]
+                await minimal_sql_cycle(conn, seats[index])  # type: ignore[arg-type]
             else:
-                await _same_sql_cycle(conn, seats[index], actors[index])  # type: ignore[arg-type]
+                await same_sql_cycle(conn, seats[index], actors[index])  # type: ignore[arg-type]
 
     return cycle
+
+
+#: What issue 12 aims at; the bench reports whether a run met it, it does not enforce it.
+AIM_SERVICE_OVER_MINIMAL_C16 = 0.25
+AIM_STATEMENTS_OVER_MINIMAL = 1.5
+
+
+def statement_ratios(statements: dict[str, float]) -> dict[str, float]:
+    """Statements per cycle (``bench.cycle_statements``) and the service's over the
+    minimal SQL's."""
+    out = {f"statements_per_cycle_{name}": count for name, count in statements.items()}
+    out["service_statements_over_raw_minimal_sql"] = round(
+        statements["service"] / statements["raw_minimal_sql"], 3
+    )
+    return out
+
+
+def checkout_aims(ratios: dict[str, float]) -> list[str]:
+    """One line per checkout aim of issue 12, saying whether this run met it."""
+
+    def verdict(ok: bool) -> str:
+        return "met" if ok else "NOT met"
+
+    throughput = ratios["service_over_raw_minimal_sql_c16"]
+    statements = ratios["service_statements_over_raw_minimal_sql"]
+    return [
+        f"aim: cycle via service >= {AIM_SERVICE_OVER_MINIMAL_C16:.0%} of the raw_minimal_sql "
+        f"ceiling at 16 clients: {throughput:.1%}, "
+        f"{verdict(throughput >= AIM_SERVICE_OVER_MINIMAL_C16)}",
+        f"aim: service statements per cycle <= {AIM_STATEMENTS_OVER_MINIMAL:g}x the minimal "
+        f"SQL's: {ratios['statements_per_cycle_service']:g} vs "
+        f"{ratios['statements_per_cycle_raw_minimal_sql']:g} (x{statements:.2f}), "
+        f"{verdict(statements <= AIM_STATEMENTS_OVER_MINIMAL)}",
+    ]

@@ -3,6 +3,8 @@
 Checkout is one conditional UPDATE ... RETURNING on the row the terminal-run check
 has locked; when it matches nothing, the same locked row tells whether the caller may
 adopt an unowned or stale lock, already owns it (idempotent), or lost to a live holder.
+On the common path of checkout and release the statement that locks the row also
+makes the change (``checkout_statements``); the rules run on the locked row either way.
 """
 
 from __future__ import annotations
@@ -19,47 +21,24 @@ from common.authz import (
 )
 from common.db import Database
 from common.errors import FailedPrecondition, NotFound, invalid
-from common.sql import Row, Tx, sql
+from common.sql import Row, Tx
 from common.validation import parse_uuid, require_enum
 from issue_service import store
+from issue_service.checkout_statements import (
+    CHECKOUT_UPDATE,
+    lock_and_check_out,
+    lock_and_release,
+)
 from issue_service.events import EventType, emit
-from issue_service.locks import clear_if_terminal, lock_and_clear_terminal
+from issue_service.locks import clear_if_terminal
 from issue_service.model import STATUS_PROTO_VALUES, Status, run_is_stale
 from issue_service.ownership import adopt_lock, conflict_metadata, enforce_agent_write
 from issue_service.status_rules import LOCK_COLUMNS_CLEARED
 from paperclip.issues.v1 import issues_pb2
 
-CHECKOUT_UPDATE = sql(
-    f"""
-    UPDATE issues.issues
-    SET assignee_agent_id = :agent, assignee_user_id = NULL,
-        checkout_run_id = :run, execution_run_id = :run,
-        execution_agent_name_key = CASE WHEN CAST(:run AS uuid) IS NULL THEN NULL
-                                        ELSE :name_key END,
-        execution_locked_at = CASE WHEN CAST(:run AS uuid) IS NULL THEN NULL ELSE now() END,
-        status = 'in_progress', started_at = coalesce(started_at, now()), updated_at = now(),
-        completed_at = NULL, cancelled_at = NULL
-    WHERE id = :id
-      AND status = ANY(CAST(:expected AS text[]))
-      AND (assignee_agent_id IS NULL
-           OR (assignee_agent_id = :agent
-               AND (checkout_run_id IS NULL OR checkout_run_id = :run)))
-      AND (execution_run_id IS NULL OR execution_run_id = :run)
-    RETURNING {store.ISSUE_COLUMNS}
-    """
-)
-
 
 def _not_found() -> NotFound:
     return NotFound("issue not found", reason="ISSUE_NOT_FOUND")
-
-
-async def _locked_issue(tx: Tx, actor: Actor, issue_id: str) -> Row:
-    locked = await lock_and_clear_terminal(tx, issue_id)
-    if locked is None:
-        raise _not_found()
-    require_company_access(actor, str(locked.row["company_id"]), write=True)
-    return locked.row
 
 
 def _check_assignable(row: Row, agent_id: str, info: store.AgentInfo | None) -> str:
@@ -173,12 +152,17 @@ async def checkout_issue(
     require_acting_as(actor, agent)
     run_id = require_agent_run(actor) if actor.is_agent else None
     async with db.unit_of_work() as tx:
-        found = await store.lock_issue_for_checkout(tx, issue, agent)
-        if found is None:
+        locked = await lock_and_check_out(
+            tx, issue_id=issue, agent_id=agent, run_id=run_id, expected=expected
+        )
+        if locked is None:
             raise _not_found()
-        row, info, blockers = found
+        row = locked.row
+        info = store.agent_of_checkout_row(row, agent)
+        blockers = [str(b) for b in row["open_blockers"]]
         require_company_access(actor, str(row["company_id"]), write=True)
-        row = (await clear_if_terminal(tx, row)).row
+        if locked.changed is None:
+            row = (await clear_if_terminal(tx, row)).row
         name_key = _check_assignable(row, agent, info)
         _refuse_if_blocked(issue, blockers)
         params = {
@@ -191,7 +175,9 @@ async def checkout_issue(
         if run_id is not None and _owned_by(row, agent, run_id):
             # A repeat by the owning run: no new lock time, no second audit row.
             return store.issue_to_proto(row)
-        updated = await tx.fetchrow(CHECKOUT_UPDATE, params)
+        updated = locked.changed
+        if updated is None:
+            updated = await tx.fetchrow(CHECKOUT_UPDATE, params)
         changed = updated is not None
         if updated is None:
             row, changed = await _adopt_or_conflict(
@@ -226,12 +212,29 @@ async def checkout_issue(
         return store.issue_to_proto(row)
 
 
+async def _release_row(tx: Tx, row: Row) -> Row:
+    """Unassign and unlock a locked issue; back to todo when in progress."""
+    values = dict(LOCK_COLUMNS_CLEARED)
+    values["assignee_agent_id"] = None
+    if row["status"] == Status.IN_PROGRESS:
+        values["status"] = Status.TODO.value
+    return await store.update_issue_row(tx, str(row["id"]), values)
+
+
 async def release_issue(db: Database, actor: Actor, *, issue_id: str) -> issues_pb2.Issue:
     """Give the issue up: back to todo (when in progress), unassigned, unlocked."""
     issue = parse_uuid("issue_id", issue_id)
     assert issue
     async with db.unit_of_work() as tx:
-        row = await _locked_issue(tx, actor, issue)
+        locked = await lock_and_release(
+            tx, issue_id=issue, actor_run_id=actor.run_id if actor.is_agent else None
+        )
+        if locked is None:
+            raise _not_found()
+        row = locked.row
+        if locked.changed is None:
+            row = (await clear_if_terminal(tx, row)).row
+        require_company_access(actor, str(row["company_id"]), write=True)
         if actor.is_agent:
             run_id = require_agent_run(actor)
             if store.opt_str(row["assignee_agent_id"]) != actor.agent_id:
@@ -251,11 +254,9 @@ async def release_issue(db: Database, actor: Actor, *, issue_id: str) -> issues_
                     reason="ISSUE_OWNERSHIP_CONFLICT",
                     metadata=conflict_metadata(row, actor_run_id=run_id, holder_live="true"),
                 )
-        values = dict(LOCK_COLUMNS_CLEARED)
-        values["assignee_agent_id"] = None
-        if row["status"] == Status.IN_PROGRESS:
-            values["status"] = Status.TODO.value
-        updated = await store.update_issue_row(tx, issue, values)
+        updated = locked.changed
+        if updated is None:
+            updated = await _release_row(tx, row)
         company = str(row["company_id"])
         record_activity(
             tx,

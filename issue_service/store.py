@@ -6,11 +6,13 @@ import re
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
+
+from google.protobuf import timestamp_pb2
 
 from common.errors import NotFound, invalid
 from common.protoconv import text as opt
-from common.protoconv import timestamp
 from common.sql import Row, Tx, sql
 from issue_service.model import Priority, Status
 from paperclip.issues.v1 import issues_pb2
@@ -34,15 +36,18 @@ EXECUTION_RUN_STATUS = """
     (SELECT r.status FROM runs.heartbeat_runs r WHERE r.id = issues.execution_run_id)
         AS execution_run_status
 """
-_LOCK_BY_ID = sql(
+#: ``lock_issue``'s statement, as text for statements that start with it.
+LOCK_BY_ID = (
     f"SELECT {ISSUE_COLUMNS}, {EXECUTION_RUN_STATUS} FROM issues.issues "
     "WHERE id = :id FOR UPDATE OF issues"
 )
+_LOCK_BY_ID = sql(LOCK_BY_ID)
 _SELECT_BY_IDENTIFIER = sql(
     f"SELECT {ISSUE_COLUMNS} FROM issues.issues WHERE identifier = :identifier"
 )
-_LOCK_FOR_CHECKOUT = sql(
-    f"""
+#: The issue locked as ``lock_issue`` does, with the agent it is checked out for
+#: (``agent_*``, NULL when there is no such agent) and its unresolved blockers.
+LOCK_FOR_CHECKOUT = f"""
     SELECT {ISSUE_COLUMNS}, {EXECUTION_RUN_STATUS},
         agent.company_id AS agent_company_id, agent.status AS agent_status,
         agent.name_key AS agent_name_key,
@@ -53,8 +58,7 @@ _LOCK_FOR_CHECKOUT = sql(
     FROM issues.issues LEFT JOIN runs.agents agent ON agent.id = :agent
     WHERE issues.id = :id
     FOR UPDATE OF issues
-    """
-)
+"""
 _RUN_STATUS = sql("SELECT status FROM runs.heartbeat_runs WHERE id = :id")
 _RUN_STATUS_SHARE = sql("SELECT status FROM runs.heartbeat_runs WHERE id = :id FOR SHARE")
 _AGENT = sql("SELECT id, company_id, status, name_key FROM runs.agents WHERE id = :id")
@@ -89,6 +93,23 @@ class AgentInfo:
     company_id: str
     status: str
     name_key: str
+
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+def timestamp(value: datetime | None) -> timestamp_pb2.Timestamp | None:
+    """``common.protoconv.timestamp`` by integer arithmetic. An issue carries up to six
+    timestamps and is built on every call that answers one; ``FromDatetime`` (pure
+    Python) cost several times this."""
+    if value is None:
+        return None
+    if value.tzinfo is None:
+        value = value.replace(tzinfo=UTC)
+    delta = value - _EPOCH
+    return timestamp_pb2.Timestamp(
+        seconds=delta.days * 86400 + delta.seconds, nanos=delta.microseconds * 1000
+    )
 
 
 def issue_to_proto(row: Row) -> issues_pb2.Issue:
@@ -156,22 +177,13 @@ async def lock_issue(tx: Tx, issue_id: str) -> Row | None:
     return await tx.fetchrow(_LOCK_BY_ID, {"id": issue_id})
 
 
-async def lock_issue_for_checkout(
-    tx: Tx, issue_id: str, agent_id: str
-) -> tuple[Row, AgentInfo | None, list[str]] | None:
-    """Lock the issue (as ``lock_issue``) and read, in the same round trip, the agent
-    it is checked out for and the issue's unresolved blockers."""
-    row = await tx.fetchrow(_LOCK_FOR_CHECKOUT, {"id": issue_id, "agent": agent_id})
-    if row is None:
+def agent_of_checkout_row(row: Row, agent_id: str) -> AgentInfo | None:
+    """The agent read with the issue by ``LOCK_FOR_CHECKOUT`` (None: no such agent)."""
+    if row["agent_company_id"] is None:
         return None
-    agent = (
-        None
-        if row["agent_company_id"] is None
-        else AgentInfo(
-            agent_id, str(row["agent_company_id"]), row["agent_status"], row["agent_name_key"]
-        )
+    return AgentInfo(
+        agent_id, str(row["agent_company_id"]), row["agent_status"], row["agent_name_key"]
     )
-    return row, agent, [str(b) for b in row["open_blockers"]]
 
 
 async def run_status(tx: Tx, run_id: str, *, lock: bool = False) -> str | None:
