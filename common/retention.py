@@ -112,6 +112,8 @@ class TableResult:
     deleted: int = 0
     batches: int = 0
     seconds: float = 0.0
+    #: The duration of each batch, in order.
+    batch_seconds: list[float] = field(default_factory=list)
 
 
 @dataclass
@@ -167,8 +169,10 @@ async def run_policy(
     started = time.monotonic()
     cursor: Cursor = None
     while True:
+        begun = time.monotonic()
         async with db.unit_of_work() as tx:
             step = await policy.step(tx, batch, cutoff, cursor)
+        result.batch_seconds.append(time.monotonic() - begun)
         result.batches += 1
         result.deleted += step.deleted
         BATCHES.labels(policy.table).inc()

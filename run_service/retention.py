@@ -61,8 +61,9 @@ RUN_EVENTS = sql(
     gone AS (
         DELETE FROM runs.run_events
         WHERE ctid = ANY(ARRAY(
-            SELECT e.ctid FROM runs.run_events e
-            WHERE e.run_id IN (SELECT id FROM eligible)
+            SELECT e.ctid FROM eligible c
+            CROSS JOIN LATERAL (
+                SELECT ctid FROM runs.run_events WHERE run_id = c.id) e
             LIMIT :limit))
         RETURNING 1
     ),
