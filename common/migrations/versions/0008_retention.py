@@ -18,14 +18,14 @@ while queued or running: an ended run's token was already ended by
 otherwise send a notification per row.
 
 Revision ID: 0008_retention
-Revises: 0007
+Revises: 0008
 Create Date: 2026-12-03
 """
 
 from alembic import op
 
 revision = "0008_retention"
-down_revision = "0007"
+down_revision = "0008"
 branch_labels = None
 depends_on = None
 
