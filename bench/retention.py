@@ -5,8 +5,8 @@ events each), then swept by the run service's policies (``run_service.retention`
 the default horizons, batch and pause) in this process, the same code its periodic job
 runs. Figures: time per batch (p50, p99, max) and in total per table; the checkout
 cycle's throughput through the issue service while the sweep runs, as a ratio to the
-same load without it (aim >= 0.8); table and index sizes before, after the sweep and
-after a plain VACUUM.
+mean of the same load without it just before and just after (aim >= 0.8); table and
+index sizes before, after the sweep and after a plain VACUUM.
 
 Standalone: ``python -m bench.retention`` (its own database and issue service).
 """
@@ -84,8 +84,9 @@ async def _seed(conn: asyncpg.Connection) -> None:
         await conn.execute(_SEED_EVENTS, agent, EVENTS_PER_RUN)
     finally:
         await conn.execute("ALTER TABLE runs.run_events ENABLE TRIGGER run_events_notify")
-    await conn.execute("ANALYZE runs.heartbeat_runs")
-    await conn.execute("ANALYZE runs.run_events")
+    # Settled before anything is timed: no autovacuum of the seed during the loads.
+    await conn.execute("VACUUM (ANALYZE) runs.heartbeat_runs")
+    await conn.execute("VACUUM (ANALYZE) runs.run_events")
 
 
 async def _sizes(conn: asyncpg.Connection) -> dict[str, dict[str, int]]:
@@ -154,10 +155,13 @@ async def measure_retention(database_url: str, issue_address: str, key: bytes) -
         await conn.execute("VACUUM runs.run_events")
         await conn.execute("VACUUM runs.heartbeat_runs")
         vacuumed = await _sizes(conn)
+        # The same load once more without the sweep: the machine's drift shows.
+        alone_after = await run_load("checkout_release", cycle, clients=CLIENTS, seconds=SECONDS)
     finally:
         await channel.close()
         await db.dispose()
         await conn.close()
+    baseline = (alone.ops_per_s + alone_after.ops_per_s) / 2
     tables = {
         t.label: {
             "deleted": t.deleted,
@@ -180,7 +184,8 @@ async def measure_retention(database_url: str, issue_address: str, key: bytes) -
         "tables": tables,
         "checkout_alone": alone.as_dict(),
         "checkout_during_sweep": during.as_dict(),
-        "ratio": round(during.ops_per_s / alone.ops_per_s, 3) if alone.ops_per_s else 0.0,
+        "checkout_alone_after": alone_after.as_dict(),
+        "ratio": round(during.ops_per_s / baseline, 3) if baseline else 0.0,
         "sizes": {"before": before, "after": after, "after_vacuum": vacuumed},
     }
 
@@ -204,10 +209,12 @@ def table(figures: dict[str, Any]) -> str:
             f"{t['p50_ms']:>7} {t['p99_ms']:>7} {t['max_ms']:>7}"
         )
     alone, during = figures["checkout_alone"], figures["checkout_during_sweep"]
+    after = figures["checkout_alone_after"]
     lines.append(
-        f"checkout/release x{alone['clients']}: {alone['ops_per_s']:.0f}/s alone, "
-        f"{during['ops_per_s']:.0f}/s during the sweep (p99 {alone['p99_ms']:.1f} -> "
-        f"{during['p99_ms']:.1f} ms), ratio {figures['ratio']:.2f}"
+        f"checkout/release x{alone['clients']}: {alone['ops_per_s']:.0f}/s alone before, "
+        f"{during['ops_per_s']:.0f}/s during the sweep, {after['ops_per_s']:.0f}/s alone after "
+        f"(p99 {alone['p99_ms']:.1f} / {during['p99_ms']:.1f} / {after['p99_ms']:.1f} ms); "
+        f"ratio to the mean of the two alone {figures['ratio']:.2f}"
     )
     for table_name in TABLES:
         sizes = [figures["sizes"][k][table_name] for k in ("before", "after", "after_vacuum")]
