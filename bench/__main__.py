@@ -26,13 +26,14 @@ import os
 import sys
 import tempfile
 from contextlib import ExitStack
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import asyncpg
 import grpc
 
-from bench import replicas, run_cycle, workspace_cycle
+from bench import replicas, retention, run_cycle, workspace_cycle
 from bench.bench_database import bench_database
 from bench.cycle_statements import statements_per_cycle
 from bench.gateway_cycle import (
@@ -130,9 +131,19 @@ def ratios(results: list[Result], statements: dict[str, float]) -> dict[str, flo
     return {**out, **statement_ratios(statements), **gateway_ratios(results)}
 
 
-def _run(
-    home: Path, external: str | None
-) -> tuple[list[Result], dict[str, float], dict[str, Any], dict[str, Any], dict[str, Any]]:
+@dataclass
+class Sections:
+    """What each section of one bench run measured."""
+
+    results: list[Result]
+    statements: dict[str, float]
+    runs: dict[str, Any]
+    workspaces: dict[str, Any]
+    replicas: dict[str, Any]
+    retention: dict[str, Any]
+
+
+def _run(home: Path, external: str | None) -> Sections:
     """Start the database and the processes, measure, stop everything (in reverse)."""
     with ExitStack() as stack:
         database_url = stack.enter_context(bench_database(home, external))
@@ -213,7 +224,16 @@ def _run(
         workspaces_figures = asyncio.run(
             workspace_cycle.measure_workspaces(database_url, workspaces, home, KEY)
         )
-        return results, statements, runs_figures, workspaces_figures, replica_figures
+        print("\nretention: the sweep over 1M run events and 100k finished runs", flush=True)
+        retention_figures = asyncio.run(retention.measure_retention(database_url, address, KEY))
+        return Sections(
+            results,
+            statements,
+            runs_figures,
+            workspaces_figures,
+            replica_figures,
+            retention_figures,
+        )
 
 
 def _table(results: list[Result]) -> str:
@@ -228,16 +248,18 @@ def _table(results: list[Result]) -> str:
 def main() -> int:
     external = os.environ.get("PAPERCLIP_BENCH_DATABASE_URL")
     with tempfile.TemporaryDirectory(prefix="paperclip-bench-") as tmp:
-        results, statements, runs_figures, workspaces_figures, replica_figures = _run(
-            Path(tmp), external
-        )
-    figures = ratios(results, statements)
+        measured = _run(Path(tmp), external)
+    results = measured.results
+    runs_figures, workspaces_figures = measured.runs, measured.workspaces
+    replica_figures = measured.replicas
+    figures = ratios(results, measured.statements)
     summary = {
         "results": [r.as_dict() for r in results],
         "ratios": figures,
         "runs": runs_figures,
         "workspaces": workspaces_figures,
         "replicas": replica_figures,
+        "retention": measured.retention,
     }
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "issue_cycle.json").write_text(json.dumps(summary, indent=2))
@@ -259,6 +281,9 @@ def main() -> int:
     print(workspace_cycle.table(workspaces_figures))
     print(json.dumps(workspaces_figures["figures"], indent=2))
     print("\n".join(workspace_cycle.aims(workspaces_figures)))
+    print()
+    print(retention.table(measured.retention))
+    print("\n".join(retention.aims(measured.retention)))
     print(f"written to {RESULTS / 'issue_cycle.json'}")
     return 0
 

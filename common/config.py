@@ -62,6 +62,25 @@ class Settings:
     #: ``host:port`` at which other processes reach this one when it listens on a
     #: wildcard or a port picked at start (unset: the listen address).
     advertise_addr: str | None = None
+    #: Retention (README "Retention"): seconds between two sweeps of each service
+    #: (0: no sweep), rows per DELETE statement and the pause between two of them.
+    retention_sweep_seconds: float = 300.0
+    retention_batch_rows: int = 5000
+    retention_batch_pause_seconds: float = 0.05
+    #: Days a row is kept once it is no longer needed (0: kept for ever).
+    retention_run_events_days: int = 14
+    retention_runs_days: int = 30
+    retention_skipped_wakes_days: int = 3
+    retention_wakes_days: int = 30
+    retention_activity_days: int = 90
+    retention_issue_events_days: int = 1
+    retention_workspace_operations_days: int = 30
+    retention_leases_days: int = 7
+    #: A runtime service's log is rotated once it exceeds this size (0: never), keeping
+    #: this many rotated files, checked this often.
+    retention_runtime_log_bytes: int = 10 * 1024 * 1024
+    retention_runtime_log_files: int = 3
+    retention_runtime_log_check_seconds: float = 2.0
 
     @property
     def embedded(self) -> bool:
@@ -147,4 +166,36 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         max_queued_seconds=_int(env, "PAPERCLIP_MAX_QUEUED_SECONDS", 14_400, low=0, high=2_592_000),
         host=(env.get("PAPERCLIP_HOST") or "").strip() or socket.gethostname(),
         advertise_addr=(env.get("PAPERCLIP_ADVERTISE_ADDR") or "").strip() or None,
+        retention_sweep_seconds=float(
+            _int(env, "PAPERCLIP_RETENTION_SWEEP_SECONDS", 300, low=0, high=86_400)
+        ),
+        retention_batch_rows=_int(env, "PAPERCLIP_RETENTION_BATCH_ROWS", 5000, low=1, high=10**6),
+        retention_batch_pause_seconds=(
+            _int(env, "PAPERCLIP_RETENTION_BATCH_PAUSE_MS", 50, low=0, high=60_000) / 1000
+        ),
+        retention_run_events_days=_days(env, "PAPERCLIP_RETENTION_RUN_EVENTS_DAYS", 14),
+        retention_runs_days=_days(env, "PAPERCLIP_RETENTION_RUNS_DAYS", 30),
+        retention_skipped_wakes_days=_days(env, "PAPERCLIP_RETENTION_SKIPPED_WAKES_DAYS", 3),
+        retention_wakes_days=_days(env, "PAPERCLIP_RETENTION_WAKES_DAYS", 30),
+        retention_activity_days=_days(env, "PAPERCLIP_RETENTION_ACTIVITY_DAYS", 90),
+        retention_issue_events_days=_days(env, "PAPERCLIP_RETENTION_ISSUE_EVENTS_DAYS", 1),
+        retention_workspace_operations_days=_days(
+            env, "PAPERCLIP_RETENTION_WORKSPACE_OPERATIONS_DAYS", 30
+        ),
+        retention_leases_days=_days(env, "PAPERCLIP_RETENTION_LEASES_DAYS", 7),
+        retention_runtime_log_bytes=_int(
+            env, "PAPERCLIP_RETENTION_RUNTIME_LOG_BYTES", 10 * 1024 * 1024, low=0, high=1 << 40
+        ),
+        retention_runtime_log_files=_int(
+            env, "PAPERCLIP_RETENTION_RUNTIME_LOG_FILES", 3, low=0, high=100
+        ),
+        retention_runtime_log_check_seconds=(
+            _int(env, "PAPERCLIP_RETENTION_RUNTIME_LOG_CHECK_MS", 2000, low=50, high=3_600_000)
+            / 1000
+        ),
     )
+
+
+def _days(env: Mapping[str, str], name: str, default: int) -> int:
+    """A retention horizon in days (0: kept for ever)."""
+    return _int(env, name, default, low=0, high=36_500)

@@ -6,6 +6,7 @@ from common.config import Settings
 from common.db import Database
 from common.server import ServiceSpec
 from common.service_main import Wiring
+from issue_service import retention
 from issue_service.api import IssueApi, IssueLockApi
 from issue_service.sweeper import sweep_forever
 from paperclip.issues.v1 import issue_locks_pb2_grpc, issues_pb2_grpc
@@ -32,8 +33,12 @@ def service_specs(db: Database, settings: Settings) -> list[ServiceSpec]:
 
 
 def wiring(db: Database, settings: Settings) -> Wiring:
-    """The issue service process: its services and the stale-lock sweep."""
+    """The issue service process: its services, the stale-lock sweep and the
+    retention sweep of the outbox and the audit log (each one replica at a time)."""
     return Wiring(
         specs=service_specs(db, settings),
-        jobs=[sweep_forever(db, interval=settings.lock_sweep_seconds)],
+        jobs=[
+            sweep_forever(db, interval=settings.lock_sweep_seconds),
+            retention.retention_forever(db, settings),
+        ],
     )

@@ -11,7 +11,7 @@ from common.embedded_pg import asyncpg_dsn
 from common.server import ServiceSpec
 from common.service_main import Wiring
 from paperclip.runs.v1 import runs_pb2, runs_pb2_grpc
-from run_service import queue_age, reconcile, timers, wake_breaker
+from run_service import queue_age, reconcile, retention, timers, wake_breaker
 from run_service.api import RunServicer
 from run_service.outbox import consume_forever
 from run_service.run_interrupts import interrupt_once
@@ -35,8 +35,8 @@ def wiring(db: Database, settings: Settings) -> Wiring:
     started once the server listens and stopped before the pool closes; and the
     consumer that turns the issue service's outbox events into wakes (and, after each of
     its passes, the run-interrupt pass); the stranded-issue reconciliation every minute,
-    the timer-wake tick every few seconds, the expiry of runs queued too long (each one
-    replica at a time) and the wake breaker's notices."""
+    the timer-wake tick every few seconds, the expiry of runs queued too long, the
+    retention sweep (each one replica at a time) and the wake breaker's notices."""
     wake_breaker.configure(wake_breaker.BreakerPolicy.from_settings(settings))
     runner = Runner(db, settings)
     assert settings.database_url is not None
@@ -54,5 +54,6 @@ def wiring(db: Database, settings: Settings) -> Wiring:
         wake_breaker.announce_forever(db, runner.issues),
         metrics.run_gauges(db),
         queue_age.expire_forever(db, runner, settings.max_queued_seconds),
+        retention.retention_forever(db, settings),
     ]
     return Wiring(specs=service_specs(db, runner), jobs=jobs, on_stop=[runner.stop])

@@ -16,7 +16,7 @@ from paperclip.workspaces.v1 import (
     workspaces_pb2,
     workspaces_pb2_grpc,
 )
-from workspace_service import issue_reaper, lease_sweep
+from workspace_service import issue_reaper, lease_sweep, retention
 from workspace_service.api import WorkspaceServicer
 from workspace_service.deps import WorkspaceDeps
 from workspace_service.host_routing import HostRouter
@@ -59,8 +59,9 @@ def service_specs(deps: WorkspaceDeps, router: HostRouter | None = None) -> list
 def wiring(db: Database, settings: Settings) -> Wiring:
     """The workspace service process: its services; once it listens, the start-up pass
     over this host's recorded runtime services (adopt, clean up, restart desired ones),
-    the lease sweep and the reaper of closed issues' services (each one replica at a
-    time), and the registration of this host (``hosts``); on the way out, the
+    the lease sweep, the reaper of closed issues' services and the retention sweep
+    (each one replica at a time), the rotation of this host's runtime-service logs, and
+    the registration of this host (``hosts``); on the way out, the
     registration is removed and this process's services are stopped (their desired
     state is kept, so the next start brings them back)."""
     deps = build_deps(db, settings)
@@ -74,6 +75,8 @@ def wiring(db: Database, settings: Settings) -> Wiring:
             deps, asyncpg_dsn(settings.database_url), interval=settings.workspace_reap_seconds
         ),
         metrics.lease_gauges(db),
+        retention.retention_forever(db, settings),
+        retention.rotate_logs_forever(settings),
     ]
     return Wiring(
         specs=service_specs(deps, router),

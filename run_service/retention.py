@@ -1,0 +1,179 @@
+"""Retention of the run service's tables (README "Retention"; ``common.retention``).
+
+In sweep order:
+
+=========================  ==================================================  =======
+table                      deleted                                             default
+=========================  ==================================================  =======
+``runs.run_events``        events of runs finished longer ago than the         14 days
+                           horizon
+``runs.wakeup_requests``   ``skipped`` and ``coalesced`` wakes                 3 days
+``runs.wakeup_requests``   ``completed``, ``failed`` and ``cancelled`` wakes   30 days
+``runs.heartbeat_runs``    runs finished longer ago than the horizon (their    30 days
+                           remaining events go with them)
+=========================  ==================================================  =======
+
+Never deleted, whatever their age: anything of a ``queued`` or ``running`` run; a run
+(and its events) an issue still names as ``checkout_run_id`` or ``execution_run_id``;
+``queued``, ``claimed`` and ``deferred`` wakes and the wake a live run was started
+for; a run another run retries (``retry_of_run_id``, a foreign key) or a kept wake
+names (``run_id``, a foreign key); a run an active environment lease names; the latest
+run of each (issue, agent) pair while the issue is open (stranded-issue reconciliation
+decides on it).
+
+Run events are walked by run, in ``finished_at`` order behind a cursor, so runs whose
+events are gone are not read again within a sweep.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+from common.config import Settings
+from common.db import Database
+from common.retention import Cursor, Policy, Step, counting, days, sweep_forever
+from common.sql import Tx, sql
+
+LOCK_KEY = "run_service.retention"
+TERMINAL = "('succeeded', 'failed', 'cancelled', 'timed_out')"
+_START: tuple[Any, ...] = (datetime(1970, 1, 1, tzinfo=UTC), "00000000-0000-0000-0000-000000000000")
+
+_REFERENCED_BY_ISSUE = """
+    EXISTS (SELECT 1 FROM issues.issues i WHERE i.checkout_run_id = {run})
+    OR EXISTS (SELECT 1 FROM issues.issues i WHERE i.execution_run_id = {run})
+"""
+
+RUN_EVENTS = sql(
+    f"""
+    WITH chunk AS (
+        SELECT r.id, r.finished_at FROM runs.heartbeat_runs r
+        WHERE r.status IN {TERMINAL} AND r.finished_at < :cutoff
+          AND (r.finished_at, r.id) > (:after_at, :after_id::uuid)
+        ORDER BY r.finished_at, r.id
+        LIMIT :limit
+    ),
+    eligible AS (
+        SELECT c.id FROM chunk c
+        WHERE NOT ({_REFERENCED_BY_ISSUE.format(run="c.id")})
+    ),
+    gone AS (
+        DELETE FROM runs.run_events
+        WHERE ctid = ANY(ARRAY(
+            SELECT e.ctid FROM eligible c
+            CROSS JOIN LATERAL (
+                SELECT ctid FROM runs.run_events WHERE run_id = c.id) e
+            LIMIT :limit))
+        RETURNING 1
+    ),
+    last AS (SELECT id, finished_at FROM chunk ORDER BY finished_at DESC, id DESC LIMIT 1)
+    SELECT (SELECT count(*) FROM gone) AS deleted,
+           (SELECT count(*) FROM chunk) AS runs,
+           (SELECT finished_at FROM last) AS last_at,
+           (SELECT id::text FROM last) AS last_id
+    """
+)
+
+_WAKES = """
+    WITH victims AS (
+        SELECT w.id FROM runs.wakeup_requests w
+        WHERE w.status IN {statuses} AND w.requested_at < :cutoff
+          AND (w.finished_at IS NULL OR w.finished_at < :cutoff)
+          AND NOT EXISTS (
+              SELECT 1 FROM runs.heartbeat_runs r
+              WHERE r.wakeup_request_id = w.id AND r.status IN ('queued', 'running'))
+        ORDER BY w.requested_at
+        LIMIT :limit
+        FOR UPDATE OF w SKIP LOCKED
+    ),
+    gone AS (
+        DELETE FROM runs.wakeup_requests w USING victims v WHERE w.id = v.id RETURNING 1
+    )
+    SELECT count(*) FROM gone
+"""
+SKIPPED_WAKES = sql(_WAKES.format(statuses="('skipped', 'coalesced')"))
+FINISHED_WAKES = sql(_WAKES.format(statuses="('completed', 'failed', 'cancelled')"))
+
+RUNS = sql(
+    f"""
+    WITH victims AS (
+        SELECT r.id FROM runs.heartbeat_runs r
+        WHERE r.status IN {TERMINAL} AND r.finished_at < :cutoff
+          AND NOT ({_REFERENCED_BY_ISSUE.format(run="r.id")})
+          AND NOT EXISTS (SELECT 1 FROM runs.heartbeat_runs c WHERE c.retry_of_run_id = r.id)
+          AND NOT EXISTS (SELECT 1 FROM runs.wakeup_requests w WHERE w.run_id = r.id)
+          AND NOT EXISTS (
+              SELECT 1 FROM workspaces.environment_leases l
+              WHERE l.run_id = r.id AND l.status = 'active')
+          AND NOT (
+              r.issue_id IS NOT NULL
+              AND EXISTS (
+                  SELECT 1 FROM issues.issues i
+                  WHERE i.id = r.issue_id AND i.status NOT IN ('done', 'cancelled'))
+              AND NOT EXISTS (
+                  SELECT 1 FROM runs.heartbeat_runs n
+                  WHERE n.issue_id = r.issue_id AND n.agent_id = r.agent_id
+                    AND (n.created_at, n.id) > (r.created_at, r.id)))
+        ORDER BY r.finished_at
+        LIMIT :limit
+        FOR UPDATE OF r SKIP LOCKED
+    ),
+    gone AS (
+        DELETE FROM runs.heartbeat_runs r USING victims v WHERE r.id = v.id RETURNING 1
+    )
+    SELECT count(*) FROM gone
+    """
+)
+
+
+async def run_events_step(tx: Tx, limit: int, cutoff: datetime, cursor: Cursor) -> Step:
+    """Up to ``limit`` events of the next ``limit`` expired runs behind ``cursor``; the
+    cursor moves past those runs once none of their events is left."""
+    after_at, after_id = cursor or _START
+    row = await tx.fetchrow(
+        RUN_EVENTS, {"cutoff": cutoff, "after_at": after_at, "after_id": after_id, "limit": limit}
+    )
+    assert row is not None
+    deleted = int(row["deleted"])
+    if deleted >= limit:
+        return Step(deleted, done=False, cursor=cursor)
+    if int(row["runs"]) < limit:
+        return Step(deleted, done=True)
+    return Step(deleted, done=False, cursor=(row["last_at"], row["last_id"]))
+
+
+def policies(settings: Settings) -> Sequence[Policy]:
+    """The run service's policies, in sweep order (wakes before the runs they name)."""
+    return [
+        Policy("runs.run_events", days(settings.retention_run_events_days), run_events_step),
+        Policy(
+            "runs.wakeup_requests",
+            days(settings.retention_skipped_wakes_days),
+            counting(SKIPPED_WAKES),
+            part="skipped",
+        ),
+        Policy(
+            "runs.wakeup_requests",
+            days(settings.retention_wakes_days),
+            counting(FINISHED_WAKES),
+            part="finished",
+        ),
+        Policy(
+            "runs.heartbeat_runs",
+            days(settings.retention_runs_days),
+            counting(RUNS, until_empty=True),
+        ),
+    ]
+
+
+async def retention_forever(db: Database, settings: Settings) -> None:
+    """The run service's periodic sweep (one replica at a time)."""
+    await sweep_forever(
+        db,
+        lambda: policies(settings),
+        lock_key=LOCK_KEY,
+        interval=settings.retention_sweep_seconds,
+        batch=settings.retention_batch_rows,
+        pause=settings.retention_batch_pause_seconds,
+    )
