@@ -48,6 +48,8 @@ def format_field(message: Message, name: str) -> str:
     if field.is_repeated:
         if field.message_type is not None and field.message_type.GetOptions().map_entry:
             return ", ".join(f"{k}={v}" for k, v in sorted(value.items()))
+        if field.message_type is not None:
+            return f"{len(value)} item(s)" if value else ""
         return ", ".join(_scalar(field, item) for item in value)
     if field.message_type is not None and not message.HasField(name):
         return ""
