@@ -9,6 +9,9 @@
   service's reconcile rule: a ``todo`` issue whose latest run failed, or an
   ``in_progress`` one with any latest run or a run link). The run service also excludes
   issues with a deferred wake; no public RPC lists wakes, so this view cannot.
+
+While a service is down its health says so and the figures are left out (they need
+every service); the command then exits 6.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import typer
 
 from paperclip_cli.deferred import (
     agents_pb2,
+    errors,
     gateway_client,
     health_pb2,
     health_pb2_grpc,
@@ -179,13 +183,37 @@ def status(ctx: typer.Context) -> None:
             )
             return list(reply.companies), reply.next_page_token
 
-        companies = await collect(page, 0)
-        figures = await asyncio.gather(*(_company_figures(client, c) for c in companies))
-        _print(ctx, health, list(figures))
         healthy = all(value == "SERVING" for value in health.values())
+        try:
+            companies = await collect(page, 0)
+            figures = await asyncio.gather(*(_company_figures(client, c) for c in companies))
+        except errors.PaperclipError as error:
+            if healthy:
+                raise
+            # A service is down: its health says so; the figures need all of them.
+            _print_health_only(ctx, health, f"{error.reason}: {error.message}")
+            return ExitCode.UNAVAILABLE
+        _print(ctx, health, list(figures))
         return ExitCode.OK if healthy else ExitCode.UNAVAILABLE
 
     call(ctx, work)
+
+
+def _health_table(ctx: typer.Context, health: dict[str, str]) -> None:
+    output(ctx).table(
+        ["SERVICE", "HEALTH"],
+        [[name or "(suite)", value.lower()] for name, value in health.items()],
+        title="health",
+    )
+
+
+def _print_health_only(ctx: typer.Context, health: dict[str, str], failure: str) -> None:
+    out = output(ctx)
+    if out.as_json:
+        out.data({"health": health, "figures_error": failure})
+        return
+    _health_table(ctx, health)
+    out.note(f"no figures while a service is down ({failure})")
 
 
 def _print(ctx: typer.Context, health: dict[str, str], figures: list[CompanyFigures]) -> None:
@@ -200,11 +228,7 @@ def _print(ctx: typer.Context, health: dict[str, str], figures: list[CompanyFigu
             }
         )
         return
-    out.table(
-        ["SERVICE", "HEALTH"],
-        [[name or "(suite)", value.lower()] for name, value in health.items()],
-        title="health",
-    )
+    _health_table(ctx, health)
     out.table(
         ["COMPANY", "QUEUED", "RUNNING", "STRANDED"],
         [

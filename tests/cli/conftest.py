@@ -5,6 +5,7 @@ test makes its own company, so tests never see each other's rows."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -12,14 +13,20 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
 import pytest
+from google.protobuf import json_format
+from google.protobuf.message import Message
 
+from gateway.client import PaperclipClient
+from paperclip.issues.v1 import issues_pb2
+from paperclip.runs.v1 import agents_pb2, run_messages_pb2, runs_pb2
 from tests.databases import fresh_database
+from tests.harness import unique_prefix
 
 PAPERCLIP = str(Path(sys.executable).with_name("paperclip"))
 START_TIMEOUT_S = 60.0
@@ -176,3 +183,54 @@ def cli(suite_database: str, tmp_path_factory: pytest.TempPathFactory) -> Iterat
         yield Cli(launcher.gateway, home)
     finally:
         launcher.stop()
+
+
+class Board:
+    """Setup through the typed client, in-process, for what a test does not check the
+    command for (each ``paperclip`` run costs a process start)."""
+
+    def __init__(self, cli: Cli) -> None:
+        self.gateway = cli.gateway
+        self.token = (cli.home / "board-token").read_text().strip()
+
+    def _call(self, work: Callable[[PaperclipClient], Awaitable[Message]]) -> dict[str, Any]:
+        async def main() -> dict[str, Any]:
+            async with PaperclipClient(self.gateway, self.token) as client:
+                reply = await work(client)
+            return json_format.MessageToDict(reply, preserving_proto_field_name=True)
+
+        return asyncio.run(main())
+
+    def company(self, name: str) -> dict[str, Any]:
+        request = issues_pb2.CreateCompanyRequest(name=name, issue_prefix=unique_prefix())
+        return self._call(lambda c: c.issues.CreateCompany(request))
+
+    def agent(
+        self, company_id: str, name: str, *command: str, wake_on_demand: bool = True
+    ) -> dict[str, Any]:
+        request = agents_pb2.CreateAgentRequest(
+            company_id=company_id,
+            name=name,
+            adapter_type="process",
+            adapter_config=agents_pb2.AdapterConfig(command=command),
+            runtime_config=agents_pb2.RuntimeConfig(wake_on_demand=wake_on_demand, grace_seconds=1),
+        )
+        return self._call(lambda c: c.runs.CreateAgent(request))
+
+    def issue(self, company_id: str, title: str, **fields: Any) -> dict[str, Any]:
+        request = issues_pb2.CreateIssueRequest(company_id=company_id, title=title, **fields)
+        return self._call(lambda c: c.issues.CreateIssue(request))
+
+    def wake(self, agent_id: str) -> str:
+        """The id of the run a wake queued."""
+        request = runs_pb2.WakeAgentRequest(
+            agent_id=agent_id, source=run_messages_pb2.WAKE_SOURCE_ON_DEMAND
+        )
+        run_id: str = self._call(lambda c: c.runs.WakeAgent(request))["run"]["id"]
+        return run_id
+
+
+@pytest.fixture(scope="package")
+def board(cli: Cli) -> Board:
+    """Setup calls on the suite of ``cli``."""
+    return Board(cli)

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.cli.conftest import Cli
+from paperclip.issues.v1 import issues_pb2
+from tests.cli.conftest import Board, Cli
 from tests.harness import unique_prefix
 
 pytestmark = pytest.mark.e2e
@@ -18,21 +19,16 @@ AGENTS = Path(__file__).resolve().parents[1] / "agents"
 
 
 @pytest.fixture(scope="module")
-def company(cli: Cli) -> dict[str, str]:
-    made: dict[str, str] = cli.json(
-        "companies", "create", "CLI Issues Co", "--prefix", unique_prefix()
-    )
-    return made
+def company(board: Board) -> dict[str, str]:
+    return board.company("CLI Issues Co")
 
 
 @pytest.fixture(scope="module")
-def agent(cli: Cli, company: dict[str, str]) -> dict[str, str]:
+def agent(board: Board, company: dict[str, str]) -> dict[str, str]:
     """An agent that never wakes: the board's checkouts are the only ones."""
-    made: dict[str, str] = cli.json(
-        "agents", "create", "-c", company["id"], "quiet", "--no-wake-on-demand",
-        "--", sys.executable, str(AGENTS / "succeed.py"),
-    )  # fmt: skip
-    return made
+    return board.agent(
+        company["id"], "quiet", sys.executable, str(AGENTS / "succeed.py"), wake_on_demand=False
+    )
 
 
 def test_companies_create_list_show(cli: Cli) -> None:
@@ -88,9 +84,9 @@ def test_issue_create_list_show(cli: Cli, company: dict[str, str]) -> None:
 
 
 def test_issue_assign_status_comment(
-    cli: Cli, company: dict[str, str], agent: dict[str, str]
+    cli: Cli, board: Board, company: dict[str, str], agent: dict[str, str]
 ) -> None:
-    issue = cli.json("issues", "create", "-c", company["id"], "Triage me")
+    issue = board.issue(company["id"], "Triage me")
     assigned = cli.json("issues", "assign", issue["identifier"], agent["id"])
     assert assigned["assignee_agent_id"] == agent["id"]
     to_user = cli.json("issues", "assign", issue["id"], "--user", "local-board")
@@ -115,9 +111,9 @@ def test_issue_assign_status_comment(
 
 
 def test_checkout_release_force_release(
-    cli: Cli, company: dict[str, str], agent: dict[str, str]
+    cli: Cli, board: Board, company: dict[str, str], agent: dict[str, str]
 ) -> None:
-    issue = cli.json("issues", "create", "-c", company["id"], "Take it", "--status", "todo")
+    issue = board.issue(company["id"], "Take it", status=issues_pb2.ISSUE_STATUS_TODO)
     out = cli.json("issues", "checkout", issue["identifier"], "--agent", agent["id"])
     assert out["status"] == "ISSUE_STATUS_IN_PROGRESS"
     assert out["assignee_agent_id"] == agent["id"]
@@ -136,9 +132,9 @@ def test_checkout_release_force_release(
 
 
 def test_checkout_conflict_exits_4_and_says_why(
-    cli: Cli, company: dict[str, str], agent: dict[str, str]
+    cli: Cli, board: Board, company: dict[str, str], agent: dict[str, str]
 ) -> None:
-    issue = cli.json("issues", "create", "-c", company["id"], "Wrong status", "--status", "todo")
+    issue = board.issue(company["id"], "Wrong status", status=issues_pb2.ISSUE_STATUS_TODO)
     human = cli.run(
         "issues", "checkout", issue["id"], "--agent", agent["id"], "--expect", "in_review"
     )

@@ -12,8 +12,7 @@ from typing import Any
 
 import pytest
 
-from tests.cli.conftest import Cli, read_until
-from tests.harness import unique_prefix
+from tests.cli.conftest import Board, Cli, read_until
 
 pytestmark = pytest.mark.e2e
 
@@ -21,11 +20,8 @@ AGENTS = Path(__file__).resolve().parents[1] / "agents"
 
 
 @pytest.fixture(scope="module")
-def company(cli: Cli) -> dict[str, Any]:
-    made: dict[str, Any] = cli.json(
-        "companies", "create", "CLI Runs Co", "--prefix", unique_prefix()
-    )
-    return made
+def company(board: Board) -> dict[str, Any]:
+    return board.company("CLI Runs Co")
 
 
 def wait_for(check: Callable[[], Any], what: str, timeout: float = 20.0) -> Any:
@@ -65,8 +61,8 @@ def test_agent_create_list_show(cli: Cli, company: dict[str, Any]) -> None:
     assert '"GREETING":"hi"' in shown
 
 
-def test_pause_resume_terminate(cli: Cli, company: dict[str, Any]) -> None:
-    agent = cli.json("agents", "create", "-c", company["id"], "sleeper", "--", "true")
+def test_pause_resume_terminate(cli: Cli, board: Board, company: dict[str, Any]) -> None:
+    agent = board.agent(company["id"], "sleeper", "true")
     assert cli.json("agents", "pause", agent["id"])["status"] == "AGENT_STATUS_PAUSED"
     skipped = cli.ok("agents", "wake", agent["id"], "--reason", "try")
     assert "skipped (agent_paused)" in skipped.stdout
@@ -85,11 +81,10 @@ def test_pause_resume_terminate(cli: Cli, company: dict[str, Any]) -> None:
     assert missing.error()["reason"] == "AGENT_NOT_FOUND"
 
 
-def test_a_running_run_in_status_then_cancelled(cli: Cli, company: dict[str, Any]) -> None:
-    agent = cli.json(
-        "agents", "create", "-c", company["id"], "long", "--grace", "1",
-        "--", sys.executable, str(AGENTS / "sleep.py"), "60",
-    )  # fmt: skip
+def test_a_running_run_in_status_then_cancelled(
+    cli: Cli, board: Board, company: dict[str, Any]
+) -> None:
+    agent = board.agent(company["id"], "long", sys.executable, str(AGENTS / "sleep.py"), "60")
     woken = cli.json("agents", "wake", agent["id"], "--reason", "work")
     assert woken["wakeup_request"]["status"] == "WAKEUP_STATUS_QUEUED"
     run_id = woken["run"]["id"]
@@ -126,12 +121,11 @@ def test_a_running_run_in_status_then_cancelled(cli: Cli, company: dict[str, Any
     assert "cancelled" in cli.ok("runs", "show", run_id).stdout
 
 
-def test_logs_of_a_finished_run_in_order(cli: Cli, company: dict[str, Any]) -> None:
-    agent = cli.json(
-        "agents", "create", "-c", company["id"], "counter",
-        "--", sys.executable, str(AGENTS / "sleep.py"), "0.5", "0.1",
-    )  # fmt: skip
-    run_id = cli.json("agents", "wake", agent["id"])["run"]["id"]
+def test_logs_of_a_finished_run_in_order(cli: Cli, board: Board, company: dict[str, Any]) -> None:
+    agent = board.agent(
+        company["id"], "counter", sys.executable, str(AGENTS / "sleep.py"), "0.5", "0.1"
+    )
+    run_id = board.wake(agent["id"])
     assert cli.run("runs", "watch", run_id).code == 0
     logs = cli.ok("runs", "logs", run_id)
     lines = logs.stdout.splitlines()
@@ -145,13 +139,10 @@ def test_logs_of_a_finished_run_in_order(cli: Cli, company: dict[str, Any]) -> N
 
 
 def test_status_lists_an_issue_whose_run_failed_as_stranded(
-    cli: Cli, company: dict[str, Any]
+    cli: Cli, board: Board, company: dict[str, Any]
 ) -> None:
-    agent = cli.json(
-        "agents", "create", "-c", company["id"], "failer",
-        "--", sys.executable, str(AGENTS / "fail.py"),
-    )  # fmt: skip
-    issue = cli.json("issues", "create", "-c", company["id"], "Doomed", "--assignee", agent["id"])
+    agent = board.agent(company["id"], "failer", sys.executable, str(AGENTS / "fail.py"))
+    issue = board.issue(company["id"], "Doomed", assignee_agent_id=agent["id"])
 
     def stranded() -> list[dict[str, str]]:
         body = cli.json("status")

@@ -14,8 +14,7 @@ from typing import IO, Any
 
 import pytest
 
-from tests.cli.conftest import Cli, read_until
-from tests.harness import unique_prefix
+from tests.cli.conftest import Board, Cli, read_until
 
 pytestmark = pytest.mark.e2e
 
@@ -26,19 +25,15 @@ SPAN = (COUNT - 1) * INTERVAL
 
 
 @pytest.fixture(scope="module")
-def company(cli: Cli) -> dict[str, Any]:
-    made: dict[str, Any] = cli.json(
-        "companies", "create", "CLI Watch Co", "--prefix", unique_prefix()
-    )
-    return made
+def company(board: Board) -> dict[str, Any]:
+    return board.company("CLI Watch Co")
 
 
-def ticker(cli: Cli, company: dict[str, Any], name: str, go: Path) -> dict[str, Any]:
-    made: dict[str, Any] = cli.json(
-        "agents", "create", "-c", company["id"], name,
-        "--", sys.executable, str(AGENTS / "ticker.py"), str(go), str(COUNT), str(INTERVAL),
+def ticker(board: Board, company: dict[str, Any], name: str, go: Path) -> dict[str, Any]:
+    return board.agent(
+        company["id"], name, sys.executable, str(AGENTS / "ticker.py"), str(go), str(COUNT),
+        str(INTERVAL),
     )  # fmt: skip
-    return made
 
 
 def timed(stream: IO[bytes]) -> list[tuple[float, str]]:
@@ -53,11 +48,10 @@ def finish(proc: subprocess.Popen[bytes]) -> tuple[int, str]:
 
 
 def test_runs_watch_prints_each_line_as_the_agent_writes_it(
-    cli: Cli, company: dict[str, Any], tmp_path: Path
+    cli: Cli, board: Board, company: dict[str, Any], tmp_path: Path
 ) -> None:
     go = tmp_path / "go"
-    agent = ticker(cli, company, "ticker", go)
-    run_id = cli.json("agents", "wake", agent["id"], "--reason", "tick")["run"]["id"]
+    run_id = board.wake(ticker(board, company, "ticker", go)["id"])
     proc = cli.popen("runs", "watch", run_id)
     assert proc.stdout is not None and proc.stderr is not None
     read_until(proc.stderr, "* lifecycle: run started")
@@ -78,9 +72,11 @@ def test_runs_watch_prints_each_line_as_the_agent_writes_it(
     assert f"* run {run_id} succeeded" in stderr
 
 
-def test_wake_and_watch_as_json_lines(cli: Cli, company: dict[str, Any], tmp_path: Path) -> None:
+def test_wake_and_watch_as_json_lines(
+    cli: Cli, board: Board, company: dict[str, Any], tmp_path: Path
+) -> None:
     go = tmp_path / "go"
-    agent = ticker(cli, company, "json-ticker", go)
+    agent = ticker(board, company, "json-ticker", go)
     proc = cli.popen("--json", "agents", "wake", agent["id"], "--watch")
     assert proc.stdout is not None
     started = json.loads(read_until(proc.stdout, "RUN_EVENT_TYPE_LIFECYCLE")[-1])
@@ -100,12 +96,9 @@ def test_wake_and_watch_as_json_lines(cli: Cli, company: dict[str, Any], tmp_pat
     assert lines[-1][0] - lines[0][0] >= SPAN * 0.7
 
 
-def test_watching_a_failing_run_exits_7(cli: Cli, company: dict[str, Any]) -> None:
-    agent = cli.json(
-        "agents", "create", "-c", company["id"], "failing",
-        "--", sys.executable, str(AGENTS / "fail.py"),
-    )  # fmt: skip
-    run_id = cli.json("agents", "wake", agent["id"])["run"]["id"]
+def test_watching_a_failing_run_exits_7(cli: Cli, board: Board, company: dict[str, Any]) -> None:
+    agent = board.agent(company["id"], "failing", sys.executable, str(AGENTS / "fail.py"))
+    run_id = board.wake(agent["id"])
     watched = cli.run("runs", "watch", run_id)
     assert watched.code == 7
     assert "failing on purpose" in watched.stderr

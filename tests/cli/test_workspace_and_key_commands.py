@@ -14,18 +14,14 @@ from google.protobuf import json_format
 
 from gateway.client import PaperclipClient
 from paperclip.workspaces.v1 import workspaces_pb2
-from tests.cli.conftest import Cli
-from tests.harness import unique_prefix
+from tests.cli.conftest import Board, Cli
 
 pytestmark = pytest.mark.e2e
 
 
 @pytest.fixture(scope="module")
-def company(cli: Cli) -> dict[str, Any]:
-    made: dict[str, Any] = cli.json(
-        "companies", "create", "CLI Workspace Co", "--prefix", unique_prefix()
-    )
-    return made
+def company(board: Board) -> dict[str, Any]:
+    return board.company("CLI Workspace Co")
 
 
 def make_workspace(cli: Cli, company_id: str, cwd: Path) -> str:
