@@ -12,8 +12,8 @@ exit  meaning                                         gRPC code (reason)
 2     usage: a bad option, or a request refused as    (command-line errors), INVALID_ARGUMENT,
       malformed                                       OUT_OF_RANGE
 3     not found                                       NOT_FOUND (ISSUE_NOT_FOUND, ...)
-4     conflict: the state forbids it now              FAILED_PRECONDITION, ABORTED,
-                                                      ALREADY_EXISTS (ISSUE_CHECKOUT_CONFLICT,
+4     conflict: the state forbids it now (also        FAILED_PRECONDITION, ABORTED,
+      ``agents wake --watch`` when no run started)    ALREADY_EXISTS (ISSUE_CHECKOUT_CONFLICT,
                                                       CONCURRENT_MODIFICATION, ...)
 5     not allowed: no, bad or revoked token, or no    UNAUTHENTICATED, PERMISSION_DENIED
       access

@@ -68,7 +68,7 @@ def root(
 
     Exit codes: 0 ok, 1 other failure, 2 usage or invalid argument, 3 not found,
     4 conflict or failed precondition, 5 unauthenticated or permission denied,
-    6 unavailable, 7 watched run did not succeed.
+    6 unavailable, 7 watched run did not succeed, 130 interrupted.
     """
     ctx.obj = Invocation(resolve_connection(gateway, token, home), Output(as_json=as_json))
 

@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 
+from paperclip.issues.v1 import issues_pb2
 from tests.cli.conftest import Board, Cli, read_until
 
 pytestmark = pytest.mark.e2e
@@ -85,12 +86,24 @@ def test_a_running_run_in_status_then_cancelled(
     cli: Cli, board: Board, company: dict[str, Any]
 ) -> None:
     agent = board.agent(company["id"], "long", sys.executable, str(AGENTS / "sleep.py"), "60")
-    woken = cli.json("agents", "wake", agent["id"], "--reason", "work")
+    issue = board.issue(company["id"], "Held", status=issues_pb2.ISSUE_STATUS_TODO)
+    woken = cli.json(
+        "agents", "wake", agent["id"], "--reason", "work", "--issue", issue["identifier"]
+    )
     assert woken["wakeup_request"]["status"] == "WAKEUP_STATUS_QUEUED"
     run_id = woken["run"]["id"]
+    assert woken["run"]["issue_id"] == issue["id"]
     watcher = cli.popen("runs", "watch", run_id)
     assert watcher.stderr is not None
     read_until(watcher.stderr, "* lifecycle: run started")
+
+    # The run holds the issue's execution lock: a checkout for another agent names it.
+    other = board.agent(company["id"], "other", "true", wake_on_demand=False)
+    conflict = cli.run("issues", "checkout", issue["id"], "--agent", other["id"])
+    assert conflict.code == 4
+    assert "conflict=live_holder" in conflict.stderr
+    assert f"hint: run {run_id} holds it and is live" in conflict.stderr
+    assert f"paperclip runs cancel {run_id}" in conflict.stderr
 
     running = cli.json("runs", "list", "-c", company["id"], "--status", "running")
     assert [r["id"] for r in running] == [run_id]
