@@ -52,7 +52,8 @@ def test_companies_create_list_show(cli: Cli) -> None:
 
     by_prefix = cli.json("companies", "show", prefix)
     assert by_prefix["id"] == mine[0]["id"]
-    assert cli.json("companies", "show", mine[0]["id"])["issue_prefix"] == prefix
+    by_id = cli.ok("companies", "show", mine[0]["id"]).stdout
+    assert "issue_prefix" in by_id and prefix in by_id
 
 
 def test_issue_create_list_show(cli: Cli, company: dict[str, str]) -> None:
@@ -92,8 +93,9 @@ def test_issue_assign_status_comment(
     to_user = cli.json("issues", "assign", issue["id"], "--user", "local-board")
     assert to_user["assignee_user_id"] == "local-board"
     assert "assignee_agent_id" not in to_user
-    cleared = cli.json("issues", "assign", issue["id"], "--nobody")
-    assert "assignee_user_id" not in cleared
+    cleared = cli.ok("issues", "assign", issue["id"], "--nobody").stdout
+    assert issue["identifier"] in cleared
+    assert "assignee" not in cleared  # empty fields are left out
 
     blocked = cli.ok("issues", "status", issue["identifier"], "blocked").stdout
     assert "blocked" in blocked
@@ -122,7 +124,9 @@ def test_checkout_release_force_release(
     assert released["status"] == "ISSUE_STATUS_TODO"
     assert "assignee_agent_id" not in released
 
-    cli.ok("issues", "checkout", issue["id"], "--agent", agent["id"], "--expect", "todo")
+    again = cli.ok("issues", "checkout", issue["id"], "--agent", agent["id"], "--expect", "todo")
+    assert "in_progress" in again.stdout
+    assert agent["id"] in again.stdout
     forced = cli.json("issues", "force-release", issue["identifier"], "--clear-assignee")
     assert forced["issue"]["status"] == "ISSUE_STATUS_TODO"
     assert "assignee_agent_id" not in forced["issue"]
