@@ -1,0 +1,1 @@
+"""The ``paperclip`` command line: operators' everyday work through the gateway."""
