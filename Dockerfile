@@ -78,6 +78,7 @@ ENV PATH=/opt/paperclip/venv/bin:$PATH \
     PYTHONPATH=/app \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
+    GRPC_ENABLE_FORK_SUPPORT=false \
     PAPERCLIP_HOME=/var/lib/paperclip
 
 WORKDIR /app

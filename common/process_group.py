@@ -64,6 +64,10 @@ def spawn(spec: ProcessSpec, env: Mapping[str, str], ready_file: Path) -> Child:
             # The child arranges to die with us itself (die_with_parent): no Python code
             # runs between fork and exec, which is unsafe in a process with threads.
             PARENT_PID_ENV: str(os.getpid()),
+            # Services fork agents and runtime services while their gRPC threads run;
+            # gRPC's own fork handlers (for children that keep using gRPC, which ours
+            # never do) are unsafe there.
+            "GRPC_ENABLE_FORK_SUPPORT": env.get("GRPC_ENABLE_FORK_SUPPORT", "false"),
         },
         process_group=0,
     )

@@ -11,6 +11,10 @@ from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+# The test process starts agents, services and PostgreSQL while its own gRPC servers run:
+# gRPC's fork handlers must not run in those children (see common.process_group).
+os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
+
 import pytest
 
 from common.config import Settings, load_settings
