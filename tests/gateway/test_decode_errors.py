@@ -1,6 +1,6 @@
-"""Requests that cannot be decoded or nest their JSON too deeply: INVALID_ARGUMENT
-naming the field, through the gateway and straight at the services, never UNKNOWN, and
-nothing written."""
+"""Requests that cannot be decoded, nest their JSON too deeply, or carry an oversized
+token: INVALID_ARGUMENT naming the field (UNAUTHENTICATED for the token), through the
+gateway and straight at the services, never UNKNOWN, and nothing written."""
 
 from __future__ import annotations
 
@@ -17,6 +17,8 @@ from google.protobuf import field_mask_pb2, struct_pb2
 from common.errors import PaperclipError, from_rpc_error
 from common.request_decoding import MAX_STRUCT_DEPTH
 from common.server import SERVER_OPTIONS
+from gateway.authn import MAX_AUTHORIZATION_LENGTH
+from paperclip.gateway.v1 import auth_pb2
 from paperclip.runs.v1 import run_messages_pb2, runs_pb2, runs_pb2_grpc
 from paperclip.workspaces.v1 import workspace_messages_pb2, workspaces_pb2, workspaces_pb2_grpc
 from tests.gateway.conftest import GatewayEnv, World, row_counts
@@ -226,6 +228,27 @@ async def test_undecodable_bytes_from_an_unauthenticated_caller_are_unauthentica
         raw, error = await failure(_raw(caller.channel, method)(b"\xff\xff"))
         assert raw.code() is grpc.StatusCode.UNAUTHENTICATED, method
         assert error.reason == "UNAUTHENTICATED"
+
+
+@pytest.mark.parametrize("length", [MAX_AUTHORIZATION_LENGTH + 1, 12_000, 40_000])
+async def test_oversized_token_is_unauthenticated(gw: GatewayEnv, length: int) -> None:
+    """Past what gRPC refuses by default (8 KiB at random, 16 KiB always) and below the
+    servers' metadata limit, the authenticator refuses the token, every time."""
+    caller = gw.caller("pcb_" + "a" * length)
+    for _ in range(3):
+        raw, error = await failure(caller.auth.WhoAmI(auth_pb2.WhoAmIRequest()))
+        assert raw.code() is grpc.StatusCode.UNAUTHENTICATED
+        assert error.reason == "UNAUTHENTICATED"
+
+
+async def test_metadata_past_the_server_limit_is_resource_exhausted_from_grpc(
+    gw: GatewayEnv,
+) -> None:
+    """The documented exception: gRPC itself refuses it before any handler runs."""
+    limit = dict(SERVER_OPTIONS)["grpc.absolute_max_metadata_size"]
+    caller = gw.caller("pcb_" + "a" * (limit + 1))
+    raw, _ = await failure(caller.auth.WhoAmI(auth_pb2.WhoAmIRequest()))
+    assert raw.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
 
 
 async def test_message_past_the_receive_limit_is_resource_exhausted_from_grpc(
