@@ -9,12 +9,13 @@ decoded when the wire format lets it be found (``request`` otherwise).
 Free-form JSON (``Struct``, ``Value``, ``ListValue``) may nest at most
 ``MAX_STRUCT_DEPTH`` levels: well under protobuf's own limit of 100 nested messages
 (about 33 levels of ``Struct``), so every response that carries it back, a message or
-two deeper, still decodes.
+two deeper, still decodes. Its numbers must be finite: JSON has no NaN or Infinity.
 """
 
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -34,6 +35,7 @@ _LIST = "google.protobuf.ListValue"
 _VALUE = "google.protobuf.Value"
 _JSON_TYPES = frozenset({_STRUCT, _LIST, _VALUE})
 _TOO_DEEP = f"must be nested at most {MAX_STRUCT_DEPTH} levels deep"
+_NOT_FINITE = "must hold finite numbers only (JSON has no NaN or Infinity)"
 
 
 class Undecodable:
@@ -65,34 +67,35 @@ def tolerant(deserializer: Callable[[bytes], Any], method: str) -> Callable[[byt
 
 
 def check_request(request: Any) -> None:
-    """Refuse an undecodable request, or free-form JSON nested too deeply, as
-    INVALID_ARGUMENT naming the field."""
+    """Refuse an undecodable request, or free-form JSON nested too deeply or holding
+    NaN or Infinity, as INVALID_ARGUMENT naming the field."""
     if isinstance(request, Undecodable):
         raise request.error()
     if isinstance(request, Message):
-        path = too_deep(request)
-        if path is not None:
-            raise invalid(path, _TOO_DEEP)
+        found = bad_json(request)
+        if found is not None:
+            raise invalid(*found)
 
 
-def too_deep(message: Message, path: str = "") -> str | None:
-    """The path of the first JSON field of ``message`` nested deeper than allowed."""
+def bad_json(message: Message, path: str = "") -> tuple[str, str] | None:
+    """The path of the first JSON field of ``message`` that is not acceptable, and why."""
     descriptor = message.DESCRIPTOR
     if descriptor.full_name in _JSON_TYPES:
-        return (path or REQUEST_FIELD) if json_depth(message) > MAX_STRUCT_DEPTH else None
+        problem = json_problem(message)
+        return None if problem is None else (path or REQUEST_FIELD, problem)
     for field in _json_fields(descriptor):
         name = f"{path}.{field.name}" if path else field.name
         for child_path, child in _children(message, field, name):
-            found = too_deep(child, child_path)
+            found = bad_json(child, child_path)
             if found is not None:
                 return found
     return None
 
 
-def json_depth(value: Message, limit: int = MAX_STRUCT_DEPTH) -> int:
-    """Levels of objects and lists in a ``Struct``, ``ListValue`` or ``Value``; the
-    count stops once past ``limit``. Iterative: no Python recursion for deep input."""
-    deepest = 0
+def json_problem(value: Message) -> str | None:
+    """Why a ``Struct``, ``ListValue`` or ``Value`` is not acceptable JSON (nested
+    more than ``MAX_STRUCT_DEPTH`` levels of objects and lists, or a number that is
+    not finite), or None. Iterative: no Python recursion for deep input."""
     stack: list[tuple[Any, int]] = [(value, 0)]
     while stack:
         item, depth = stack.pop()
@@ -104,15 +107,18 @@ def json_depth(value: Message, limit: int = MAX_STRUCT_DEPTH) -> int:
         elif kind == _LIST:
             depth += 1
             children = item.values
-        elif item.WhichOneof("kind") == "struct_value":
-            children = (item.struct_value,)
-        elif item.WhichOneof("kind") == "list_value":
-            children = (item.list_value,)
-        deepest = max(deepest, depth)
-        if deepest > limit:
-            return deepest
+        else:
+            which = item.WhichOneof("kind")
+            if which == "struct_value":
+                children = (item.struct_value,)
+            elif which == "list_value":
+                children = (item.list_value,)
+            elif which == "number_value" and not math.isfinite(item.number_value):
+                return _NOT_FINITE
+        if depth > MAX_STRUCT_DEPTH:
+            return _TOO_DEEP
         stack.extend((child, depth) for child in children)
-    return deepest
+    return None
 
 
 def _children(message: Message, field: FieldDescriptor, name: str) -> Iterator[tuple[str, Any]]:
@@ -210,8 +216,7 @@ def _blame_message(field: FieldDescriptor, chunk: bytes, name: str) -> tuple[str
             return name, _TOO_DEEP if too_nested else f"is not a valid {descriptor.full_name}"
         return _blame(descriptor, chunk, name)
     # Decodes alone yet not where it is: nested too deeply with its parents.
-    deep = too_deep(decoded, name)
-    return (deep, _TOO_DEEP) if deep is not None else None
+    return bad_json(decoded, name)
 
 
 def _wire_fields(data: bytes) -> list[tuple[int, bytes | None]] | None:

@@ -267,3 +267,24 @@ async def test_message_past_the_receive_limit_is_resource_exhausted_from_grpc(
         raw, _ = await failure(_raw(channel, UPDATE_WORKSPACE)(data))
         assert raw.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
     assert await fingerprint(gw, world, targets) == before
+
+
+# Found by the fuzzer (tests/gateway/test_fuzz.py): both answered INTERNAL.
+
+
+@pytest.mark.parametrize("number", [float("nan"), float("inf"), float("-inf")])
+async def test_json_numbers_that_are_not_finite_are_invalid(
+    gw: GatewayEnv, world: World, targets: Targets, number: float
+) -> None:
+    runs = runs_pb2_grpc.RunServiceStub(targets.gateway)
+    workspaces = workspaces_pb2_grpc.WorkspaceServiceStub(targets.gateway)
+    woken = wake(targets.agent_id, 1)
+    woken.payload.fields["n"].list_value.values.add().number_value = number
+    updated = update_metadata(targets.workspace_id, 1)
+    updated.workspace.metadata.fields["n"].number_value = number
+    before = await fingerprint(gw, world, targets)
+    raw, error = await failure(runs.WakeAgent(woken))
+    assert_invalid(raw, error, "payload")
+    raw, error = await failure(workspaces.UpdateExecutionWorkspace(updated))
+    assert_invalid(raw, error, "workspace.metadata")
+    assert await fingerprint(gw, world, targets) == before
