@@ -288,3 +288,21 @@ async def test_json_numbers_that_are_not_finite_are_invalid(
     raw, error = await failure(workspaces.UpdateExecutionWorkspace(updated))
     assert_invalid(raw, error, "workspace.metadata")
     assert await fingerprint(gw, world, targets) == before
+
+
+@pytest.mark.parametrize(("seconds", "nanos"), [(2**62, 0), (-(2**40), 0), (0, -1), (0, 10**9)])
+async def test_workspace_cleanup_time_out_of_range_is_invalid(
+    gw: GatewayEnv, world: World, targets: Targets, seconds: int, nanos: int
+) -> None:
+    request = workspaces_pb2.UpdateExecutionWorkspaceRequest(
+        update_mask=field_mask_pb2.FieldMask(paths=["cleanup_eligible_at"])
+    )
+    request.workspace.id = targets.workspace_id
+    request.workspace.cleanup_eligible_at.seconds = seconds
+    request.workspace.cleanup_eligible_at.nanos = nanos
+    before = await fingerprint(gw, world, targets)
+    raw, error = await failure(
+        workspaces_pb2_grpc.WorkspaceServiceStub(targets.gateway).UpdateExecutionWorkspace(request)
+    )
+    assert_invalid(raw, error, "workspace.cleanup_eligible_at")
+    assert await fingerprint(gw, world, targets) == before
