@@ -49,8 +49,8 @@ from tests.gateway.conftest import GatewayEnv, World, bearer
 from tests.harness import insert_run
 from tests.workspace_service.support import insert_workspace
 
-#: Examples per method: 42 methods, well under a minute on two cores.
-EXAMPLES = 25
+#: Examples per method: 42 methods, about half a minute on two cores.
+EXAMPLES = 20
 #: Services of the paperclip packages that only services call (never routed).
 INTERNAL_SERVICES = frozenset(
     {"paperclip.issues.v1.IssueLockService", "paperclip.workspaces.v1.WorkspaceLeaseService"}
