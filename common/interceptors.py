@@ -1,5 +1,5 @@
-"""The server interceptor chain: request id, signed-actor verification, logging,
-metrics and the one place where project errors become gRPC status.
+"""The server interceptor chain: request id, signed-actor verification, request
+decoding, logging, metrics and the one place where project errors become gRPC status.
 
 Health and reflection calls pass through untouched: load balancers and grpcurl
 call them without an actor.
@@ -23,6 +23,7 @@ from common.db import translate_db_error
 from common.errors import Internal, PaperclipError, WireStatus, to_wire_status
 from common.metrics import count_refusal
 from common.request_context import CURRENT_ACTOR, REQUEST_ID
+from common.request_decoding import check_request, tolerant
 
 log = logging.getLogger("paperclip.rpc")
 
@@ -107,6 +108,7 @@ def _wrap_unary(behavior: Unary, method: str, auth: Authenticator) -> Unary:
             await context.abort_with_status(call)
             return None
         try:
+            check_request(request)
             response = await behavior(request, context)
             context.set_trailing_metadata(((REQUEST_ID_HEADER, call.request_id),))
             return response
@@ -128,6 +130,7 @@ def _wrap_stream(behavior: Streaming, method: str, auth: Authenticator) -> Strea
             await context.abort_with_status(call)
             return
         try:
+            check_request(request)
             async for item in behavior(request, context):
                 yield item
         except grpc.aio.AbortError:
@@ -142,7 +145,8 @@ def _wrap_stream(behavior: Streaming, method: str, auth: Authenticator) -> Strea
 
 
 class ServiceInterceptor(grpc.aio.ServerInterceptor):
-    """Authenticates the caller and maps errors for every non-health RPC."""
+    """Authenticates the caller, refuses requests that do not decode (see
+    ``common.request_decoding``) and maps errors for every non-health RPC."""
 
     def __init__(self, authenticator: Authenticator) -> None:
         self._auth = authenticator
@@ -167,16 +171,21 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
         return wrapped
 
     def _wrap(self, handler: Any, method: str) -> Handler:
+        deserializer = handler.request_deserializer
+        if deserializer is not None:
+            # Decoding failures reach the handler, which answers INVALID_ARGUMENT: a
+            # deserializer that raised would answer UNKNOWN before any of this runs.
+            deserializer = tolerant(deserializer, method)
         if handler.unary_unary is not None:
             return grpc.unary_unary_rpc_method_handler(
                 _wrap_unary(handler.unary_unary, method, self._auth),
-                request_deserializer=handler.request_deserializer,
+                request_deserializer=deserializer,
                 response_serializer=handler.response_serializer,
             )
         if handler.unary_stream is not None:
             return grpc.unary_stream_rpc_method_handler(
                 _wrap_stream(handler.unary_stream, method, self._auth),
-                request_deserializer=handler.request_deserializer,
+                request_deserializer=deserializer,
                 response_serializer=handler.response_serializer,
             )
         return handler  # type: ignore[no-any-return]

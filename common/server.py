@@ -43,6 +43,12 @@ SERVER_OPTIONS: tuple[tuple[str, int], ...] = (
     # 16 MiB: run logs and workspace output pages fit; larger pages are paginated.
     ("grpc.max_receive_message_length", 16 * 1024 * 1024),
     ("grpc.max_send_message_length", 16 * 1024 * 1024),
+    # 64 KiB of request metadata, with the soft limit at the hard one: gRPC would refuse
+    # headers past 8 KiB at random, and past 16 KiB always, with RESOURCE_EXHAUSTED.
+    # Below this the gateway's authenticator refuses an oversized token (UNAUTHENTICATED)
+    # and a board user's signed actor (one entry per membership) reaches the services.
+    ("grpc.max_metadata_size", 64 * 1024),
+    ("grpc.absolute_max_metadata_size", 64 * 1024),
 )
 
 

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Iterable, Sequence
+from datetime import datetime
 from typing import TypeVar
+
+from google.protobuf import timestamp_pb2
 
 from common.errors import FieldViolation, InvalidArgument, invalid
 
@@ -75,3 +78,13 @@ def require_enum(field: str, value: E, known: Sequence[int], *, required: bool =
     if value not in known:
         raise invalid(field, f"unknown value {value}")
     return value
+
+
+def check_timestamp(v: Violations, field: str, value: timestamp_pb2.Timestamp) -> datetime | None:
+    """The (naive, UTC) datetime of a Timestamp, or None with a violation when it is
+    outside what a Timestamp may hold (years 1 to 9999, nanos 0 to 999,999,999)."""
+    try:
+        return value.ToDatetime()
+    except (ValueError, OverflowError):
+        v.add(field, "must be a time between 0001-01-01 and 9999-12-31 (nanos 0 to 999999999)")
+        return None

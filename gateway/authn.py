@@ -31,6 +31,10 @@ log = logging.getLogger("paperclip.gateway.auth")
 CACHE_TTL_SECONDS = 5.0
 NOTIFY_CHANNEL = "paperclip_auth"
 _LIVE_RUN_STATUSES = frozenset({"queued", "running"})
+#: Longest ``authorization`` header read: run tokens and board keys are far shorter.
+#: Longer headers, up to the server's metadata limit (``common.server``), are refused
+#: here before any hashing or lookup.
+MAX_AUTHORIZATION_LENGTH = 4096
 _RUN = sql("SELECT status, agent_id, company_id FROM runs.heartbeat_runs WHERE id = :id")
 
 
@@ -128,10 +132,16 @@ async def listen_for_invalidations(dsn: str, cache: AuthCache) -> None:
 
 
 def bearer_token(metadata: Mapping[str, str]) -> str:
-    """The token of ``authorization: Bearer <token>``; UNAUTHENTICATED when absent."""
+    """The token of ``authorization: Bearer <token>``; UNAUTHENTICATED when absent,
+    malformed or longer than any token the gateway issues."""
     header = metadata.get("authorization")
     if not header:
         raise Unauthenticated("missing authorization: Bearer <token>", reason="UNAUTHENTICATED")
+    if len(header) > MAX_AUTHORIZATION_LENGTH:
+        raise Unauthenticated(
+            f"authorization must be at most {MAX_AUTHORIZATION_LENGTH} characters",
+            reason="UNAUTHENTICATED",
+        )
     scheme, _, token = header.strip().partition(" ")
     if scheme.lower() != "bearer" or not token.strip():
         raise Unauthenticated("authorization must be 'Bearer <token>'", reason="UNAUTHENTICATED")

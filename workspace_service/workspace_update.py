@@ -15,7 +15,7 @@ from google.protobuf.json_format import MessageToDict
 from common.actor import Actor
 from common.audit import record_activity
 from common.errors import FailedPrecondition
-from common.validation import MAX_NAME, Violations
+from common.validation import MAX_NAME, Violations, check_timestamp
 from paperclip.workspaces.v1 import workspace_messages_pb2 as messages
 from paperclip.workspaces.v1 import workspaces_pb2 as pb
 from workspace_service import access, store
@@ -133,7 +133,9 @@ def _changes(v: Violations, paths: list[str], ws: messages.ExecutionWorkspace) -
             changes["status"] = status
         elif path == "cleanup_eligible_at":
             changes[path] = (
-                ws.cleanup_eligible_at.ToDatetime() if ws.HasField("cleanup_eligible_at") else None
+                check_timestamp(v, "workspace.cleanup_eligible_at", ws.cleanup_eligible_at)
+                if ws.HasField("cleanup_eligible_at")
+                else None
             )
         elif path == "cleanup_reason":
             changes[path] = ws.cleanup_reason.strip() or None
