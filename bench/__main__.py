@@ -33,7 +33,7 @@ from typing import Any
 import asyncpg
 import grpc
 
-from bench import replicas, retention, run_cycle, workspace_cycle
+from bench import cli_startup, replicas, retention, run_cycle, workspace_cycle
 from bench.bench_database import bench_database
 from bench.cycle_statements import statements_per_cycle
 from bench.gateway_cycle import (
@@ -141,6 +141,7 @@ class Sections:
     workspaces: dict[str, Any]
     replicas: dict[str, Any]
     retention: dict[str, Any]
+    cli: dict[str, Any]
 
 
 def _run(home: Path, external: str | None) -> Sections:
@@ -195,6 +196,8 @@ def _run(home: Path, external: str | None) -> Sections:
             "client, services, gateway and database share the machine)"
         )
         results = asyncio.run(measure(database_url, address, gateway))
+        print("\ncommand line: paperclip start-up", flush=True)
+        cli_figures = cli_startup.measure_cli(database_url, gateway, dict(os.environ))
         statements = asyncio.run(statements_per_cycle(database_url))
         print("\nreplicas: two issue replicas against one, the gateway's hop", flush=True)
         replica_figures = replicas.measure_replicas(
@@ -233,6 +236,7 @@ def _run(home: Path, external: str | None) -> Sections:
             workspaces_figures,
             replica_figures,
             retention_figures,
+            cli_figures,
         )
 
 
@@ -260,6 +264,7 @@ def main() -> int:
         "workspaces": workspaces_figures,
         "replicas": replica_figures,
         "retention": measured.retention,
+        "cli": measured.cli,
     }
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "issue_cycle.json").write_text(json.dumps(summary, indent=2))
@@ -281,6 +286,9 @@ def main() -> int:
     print(workspace_cycle.table(workspaces_figures))
     print(json.dumps(workspaces_figures["figures"], indent=2))
     print("\n".join(workspace_cycle.aims(workspaces_figures)))
+    print()
+    print(json.dumps(measured.cli, indent=2))
+    print("\n".join(cli_startup.aims(measured.cli)))
     print()
     print(retention.table(measured.retention))
     print("\n".join(retention.aims(measured.retention)))
