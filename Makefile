@@ -21,7 +21,7 @@ ifneq ($(strip $(shell cat $(PROTO_STAMP) 2>/dev/null)),$(strip $(PROTOS)))
 $(PROTO_STAMP): .FORCE
 endif
 
-.PHONY: install proto run test lint deploy-check bench clean .FORCE
+.PHONY: install proto run test lint deploy-check bench dist clean .FORCE
 
 install: $(INSTALLED) proto
 
@@ -30,9 +30,10 @@ $(PY):
 
 # The generated package must exist before the editable install, which maps the
 # top-level packages it finds at install time.
-$(INSTALLED): pyproject.toml | $(PY)
+$(INSTALLED): pyproject.toml clients/python/pyproject.toml | $(PY)
 	mkdir -p $(GEN) && touch $(GEN)/__init__.py
 	$(PY) -m pip install -e '.[dev]'
+	$(PY) -m pip install --no-deps -e clients/python
 	touch $@
 
 proto: $(PROTO_STAMP)
@@ -70,5 +71,16 @@ deploy-check: install
 bench: install
 	$(PY) -m bench
 
+# The client distribution: the typed client and the generated stubs, as a wheel in dist/.
+CLIENT_STAGE := $(VENV)/client-build
+DIST ?= dist
+dist: install
+	rm -rf $(CLIENT_STAGE) && mkdir -p $(CLIENT_STAGE) $(DIST)
+	cp -r clients/python/pyproject.toml clients/python/README.md clients/python/paperclip_client $(CLIENT_STAGE)/
+	cp -r $(GEN) $(CLIENT_STAGE)/$(GEN)
+	find $(CLIENT_STAGE) -name __pycache__ -prune -exec rm -rf {} +
+	$(PY) -m pip wheel --no-deps --no-build-isolation -w $(DIST) $(CLIENT_STAGE)
+	rm -rf $(CLIENT_STAGE)
+
 clean:
-	rm -rf $(VENV) $(GEN) *.egg-info
+	rm -rf $(VENV) $(GEN) *.egg-info dist clients/python/*.egg-info

@@ -11,15 +11,17 @@ service config (another replica answers the retry), never by a loop of our own.
 
 from __future__ import annotations
 
-import ipaddress
 import json
 from collections.abc import Iterable, Sequence
 
 import grpc
 import grpc.aio
 from google.protobuf import descriptor_pool
-
-from common.config import ConfigError
+from paperclip_client.channels import (
+    SCHEMES,
+    balanced_service_config,
+    grpc_target,
+)
 
 #: Retries of an idempotent call on UNAVAILABLE: the first retry goes out at once to
 #: another replica (a stopped or killed one is out of the picker within a moment).
@@ -30,14 +32,11 @@ RETRY_POLICY: dict[str, object] = {
     "backoffMultiplier": 2,
     "retryableStatusCodes": ["UNAVAILABLE"],
 }
-#: Stop retrying while most attempts fail, so a down service is not hammered.
 #: The health service name every server reports SERVING while it accepts calls (and
 #: NOT_SERVING once it drains): what channels balancing over replicas check. A replica
 #: whose database is down stays in rotation and says so (``DATABASE_UNAVAILABLE``); its
 #: overall status (``""``) is NOT_SERVING meanwhile.
 LIVE_HEALTH_SERVICE = "paperclip.live"
-
-RETRY_THROTTLING: dict[str, object] = {"maxTokens": 20, "tokenRatio": 0.1}
 
 BACKEND_OPTIONS: tuple[tuple[str, int], ...] = (
     # Long-lived channels: keep them warm and notice dead peers.
@@ -55,53 +54,10 @@ BACKEND_OPTIONS: tuple[tuple[str, int], ...] = (
     ("grpc.dns_min_time_between_resolutions_ms", 2_000),
 )
 
-_SCHEMES = ("dns:", "ipv4:", "ipv6:", "unix:", "unix-abstract:")
-
-
-def _split_host_port(entry: str, setting: str) -> tuple[str, int]:
-    host, sep, port = entry.rpartition(":")
-    if not sep or not host or not port.isdigit():
-        raise ConfigError(f"{setting}: {entry!r} is not host:port")
-    return host.strip("[]"), int(port)
-
-
-def grpc_target(address: str, *, setting: str = "address") -> str:
-    """The gRPC target for an address setting (see the module docstring).
-
-    A list must name replicas by IP address (``localhost`` stands for 127.0.0.1): gRPC
-    resolves a list only that way. Use a ``dns:///`` name for replicas known by name."""
-    address = address.strip()
-    if not address:
-        raise ConfigError(f"{setting} is empty")
-    if address.startswith(_SCHEMES) or "," not in address:
-        return address
-    v4: list[str] = []
-    v6: list[str] = []
-    for entry in (part.strip() for part in address.split(",")):
-        if not entry:
-            raise ConfigError(f"{setting}: empty entry in {address!r}")
-        host, port = _split_host_port(entry, setting)
-        if host == "localhost":
-            host = "127.0.0.1"
-        try:
-            ip = ipaddress.ip_address(host)
-        except ValueError as exc:
-            raise ConfigError(
-                f"{setting}: {entry!r} in a list must be an IP address; "
-                "name replicas known by name with a dns:/// address"
-            ) from exc
-        if ip.version == 4:
-            v4.append(f"{host}:{port}")
-        else:
-            v6.append(f"[{host}]:{port}")
-    if v4 and v6:
-        raise ConfigError(f"{setting}: a list cannot mix IPv4 and IPv6 addresses")
-    return f"ipv4:{','.join(v4)}" if v4 else f"ipv6:{','.join(v6)}"
-
 
 def replica_addresses(address: str) -> list[str]:
     """The ``host:port`` entries of an address setting (a DNS target is one entry)."""
-    if address.strip().startswith(_SCHEMES):
+    if address.strip().startswith(SCHEMES):
         return [address.strip()]
     return [part.strip() for part in address.split(",") if part.strip()]
 
@@ -115,19 +71,6 @@ def retry_entries(idempotent_methods: Iterable[str]) -> list[dict[str, object]]:
             {"name": [{"service": service, "method": method}], "retryPolicy": RETRY_POLICY}
         )
     return entries
-
-
-def balanced_service_config(
-    method_config: Sequence[dict[str, object]], *, health_service: str = ""
-) -> dict[str, object]:
-    """A service config that balances over the replicas whose ``health_service`` is
-    SERVING, with ``method_config`` (timeouts, retry policies) for the calls."""
-    return {
-        "loadBalancingConfig": [{"round_robin": {}}],
-        "healthCheckConfig": {"serviceName": health_service},
-        "methodConfig": list(method_config),
-        "retryThrottling": RETRY_THROTTLING,
-    }
 
 
 def backend_channel(

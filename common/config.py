@@ -14,13 +14,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from paperclip_client.errors import ConfigError
+
 DEFAULT_GATEWAY_ADDR = "127.0.0.1:50051"
 DEFAULT_INTERNAL_ADDR = "127.0.0.1:0"
 SECRETS_FILE = "secrets.json"
-
-
-class ConfigError(ValueError):
-    """A configuration variable holds a value the suite cannot use."""
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -24,7 +24,7 @@ from types import FrameType
 from sqlalchemy.exc import SQLAlchemyError
 
 from common import process_group
-from common.config import ConfigError, Settings, load_settings
+from common.config import Settings, load_settings
 from common.db import Database
 from common.embedded_pg import (
     EmbeddedPostgres,
@@ -32,6 +32,7 @@ from common.embedded_pg import (
     normalize_database_url,
     redact_database_url,
 )
+from common.errors import ConfigError
 from common.file_lock import FileLock, LockHeldError
 from common.log import configure_logging
 from common.migrate import migrate

@@ -7,17 +7,19 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 import grpc.aio
+from paperclip_client import GATEWAY_HEALTH_SERVICE, IDEMPOTENT_METHODS
+from paperclip_client.channels import grpc_target
 
-from common.channels import backend_channel, grpc_target, replica_addresses
-from common.config import ConfigError, Settings
+from common.channels import backend_channel, replica_addresses
+from common.config import Settings
 from common.db import Database
 from common.embedded_pg import asyncpg_dsn
+from common.errors import ConfigError
 from common.outage import watch_database
 from common.server import RunningServer, ServiceSpec, start_server
 from gateway.api import AuthApi
 from gateway.authn import AuthCache, BearerAuthenticator, listen_for_invalidations
 from gateway.backend_health import SERVING, follow_backends
-from gateway.client import GATEWAY_HEALTH_SERVICE, IDEMPOTENT_METHODS
 from gateway.proxy import Proxy
 from gateway.routes import PUBLIC_SERVICES, build_routes
 from paperclip.gateway.v1 import auth_pb2_grpc

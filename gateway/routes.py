@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from google.protobuf import descriptor_pool
+from paperclip_client.client import LONG_RUNNING_METHODS
 
 # Imported for their side effect: registering the public services' descriptors.
 from paperclip.issues.v1 import issues_pb2  # noqa: F401
@@ -26,13 +27,6 @@ PUBLIC_SERVICES: dict[str, str] = {
 
 #: Unary methods that may run commands for a long time (a job, a provision command, a
 #: cleanup): their default deadline is the long one, not the unary one.
-LONG_RUNNING_METHODS = frozenset(
-    {
-        "/paperclip.workspaces.v1.WorkspaceService/CreateExecutionWorkspace",
-        "/paperclip.workspaces.v1.WorkspaceService/ArchiveExecutionWorkspace",
-        "/paperclip.workspaces.v1.WorkspaceService/ControlRuntimeServices",
-    }
-)
 
 
 @dataclass(frozen=True)

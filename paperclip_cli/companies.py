@@ -12,7 +12,7 @@ from paperclip_cli.lookups import company_id
 from paperclip_cli.paging import collect
 
 if TYPE_CHECKING:
-    from gateway.client import PaperclipClient
+    from paperclip_client import PaperclipClient
 
 app = typer.Typer(help="Companies (tenants).", no_args_is_help=True)
 

@@ -17,12 +17,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from paperclip_cli.deferred import config, errors, gateway_client
+from paperclip_cli.deferred import errors, gateway_client
 from paperclip_cli.exit_codes import ExitCode
 from paperclip_cli.failures import report_call_failure, report_cli_failure
 
 if TYPE_CHECKING:
-    from gateway.client import PaperclipClient
+    from paperclip_client import PaperclipClient
+
     from paperclip_cli.output import Output
 
 DEFAULT_GATEWAY = "127.0.0.1:50051"
@@ -98,7 +99,7 @@ def run_with_client(
         return report_call_failure(error, connection, output)
     except CliFailure as failure:
         return report_cli_failure(failure, output)
-    except config.ConfigError as error:
+    except errors.ConfigError as error:
         return report_cli_failure(
             CliFailure(str(error), exit_code=ExitCode.USAGE, hint="check --gateway"), output
         )

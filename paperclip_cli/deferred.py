@@ -26,12 +26,13 @@ class _Deferred:
 if TYPE_CHECKING:
     from google.protobuf import field_mask_pb2, json_format
     from grpc_health.v1 import health_pb2, health_pb2_grpc
+    from paperclip_client import client as gateway_client
+    from paperclip_client import errors
     from rich import box as rich_box
     from rich import console as rich_console
     from rich import table as rich_table
 
-    from common import config, errors
-    from gateway import client as gateway_client
+    from common import config
     from gateway import routes
     from paperclip.gateway.v1 import auth_pb2
     from paperclip.issues.v1 import issues_pb2
@@ -46,8 +47,8 @@ else:
     rich_console = _Deferred("rich.console")
     rich_table = _Deferred("rich.table")
     config = _Deferred("common.config")
-    errors = _Deferred("common.errors")
-    gateway_client = _Deferred("gateway.client")
+    errors = _Deferred("paperclip_client.errors")
+    gateway_client = _Deferred("paperclip_client.client")
     routes = _Deferred("gateway.routes")
     auth_pb2 = _Deferred("paperclip.gateway.v1.auth_pb2")
     issues_pb2 = _Deferred("paperclip.issues.v1.issues_pb2")

@@ -14,7 +14,7 @@ from paperclip_cli.exit_codes import ExitCode
 from paperclip_cli.output import Output
 
 if TYPE_CHECKING:
-    from gateway.client import PaperclipClient
+    from paperclip_client import PaperclipClient
 
 
 @dataclass(frozen=True)

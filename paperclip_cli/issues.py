@@ -16,7 +16,7 @@ from paperclip_cli.output import Column, format_field, to_dict
 from paperclip_cli.paging import collect
 
 if TYPE_CHECKING:
-    from gateway.client import PaperclipClient
+    from paperclip_client import PaperclipClient
 
 app = typer.Typer(help="Issues: filing, assignment, checkout and comments.", no_args_is_help=True)
 

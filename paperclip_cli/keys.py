@@ -12,7 +12,7 @@ from paperclip_cli.invocation import call, output
 from paperclip_cli.output import to_dict
 
 if TYPE_CHECKING:
-    from gateway.client import PaperclipClient
+    from paperclip_client import PaperclipClient
 
 app = typer.Typer(help="Board API keys (instance admins).", no_args_is_help=True)
 

@@ -14,7 +14,7 @@ from paperclip_cli.invocation import call, output
 from paperclip_cli.lookups import company_id, issue_id
 
 if TYPE_CHECKING:
-    from gateway.client import PaperclipClient
+    from paperclip_client import PaperclipClient
 
 app = typer.Typer(
     help="Environment leases: one holder per environment and workspace.", no_args_is_help=True

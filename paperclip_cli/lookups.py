@@ -12,7 +12,7 @@ from paperclip_cli.exit_codes import ExitCode
 from paperclip_cli.paging import collect
 
 if TYPE_CHECKING:
-    from gateway.client import PaperclipClient
+    from paperclip_client import PaperclipClient
 
 
 def is_uuid(value: str) -> bool:

@@ -17,7 +17,7 @@ from paperclip_cli.exit_codes import ExitCode
 from paperclip_cli.output import Output, short_enum, to_dict
 
 if TYPE_CHECKING:
-    from gateway.client import PaperclipClient
+    from paperclip_client import PaperclipClient
 
 
 def print_event(event: run_messages_pb2.RunEvent, output: Output) -> None:

@@ -17,7 +17,7 @@ from paperclip_cli.run_watch import print_event
 from paperclip_cli.run_watch import watch as watch_run
 
 if TYPE_CHECKING:
-    from gateway.client import PaperclipClient
+    from paperclip_client import PaperclipClient
 
 app = typer.Typer(help="Runs: one supervised execution of an agent each.", no_args_is_help=True)
 

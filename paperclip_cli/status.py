@@ -39,7 +39,7 @@ from paperclip_cli.invocation import call, output
 from paperclip_cli.paging import collect
 
 if TYPE_CHECKING:
-    from gateway.client import PaperclipClient
+    from paperclip_client import PaperclipClient
 
 #: What the view leaves out for want of a public RPC.
 NOT_SHOWN = ("deferred wakes (no public RPC lists wakeup requests)",)

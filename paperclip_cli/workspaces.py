@@ -15,7 +15,7 @@ from paperclip_cli.output import Column, to_dict
 from paperclip_cli.paging import collect
 
 if TYPE_CHECKING:
-    from gateway.client import PaperclipClient
+    from paperclip_client import PaperclipClient
 
 app = typer.Typer(help="Execution workspaces and their runtime services.", no_args_is_help=True)
 services_app = typer.Typer(help="A workspace's long-running services.", no_args_is_help=True)

@@ -10,8 +10,8 @@ import os
 import sys
 
 from google.protobuf.field_mask_pb2 import FieldMask
+from paperclip_client import PaperclipClient
 
-from gateway.client import PaperclipClient
 from paperclip.issues.v1 import issues_pb2
 
 

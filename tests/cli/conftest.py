@@ -21,8 +21,8 @@ from typing import IO, Any
 import pytest
 from google.protobuf import json_format
 from google.protobuf.message import Message
+from paperclip_client import PaperclipClient
 
-from gateway.client import PaperclipClient
 from paperclip.issues.v1 import issues_pb2
 from paperclip.runs.v1 import agents_pb2, run_messages_pb2, runs_pb2
 from tests.databases import fresh_database

@@ -93,7 +93,7 @@ def test_shell_completion_script_and_completions() -> None:
 def test_start_up_leaves_grpc_and_the_stubs_unimported() -> None:
     probe = (
         "import sys, paperclip_cli.main; "
-        "print(sorted(m for m in ('grpc', 'google.protobuf', 'rich', 'gateway.client') "
+        "print(sorted(m for m in ('grpc', 'google.protobuf', 'rich', 'paperclip_client.client') "
         "if m in sys.modules))"
     )
     done = subprocess.run(

@@ -11,8 +11,8 @@ from typing import Any
 
 import pytest
 from google.protobuf import json_format
+from paperclip_client import PaperclipClient
 
-from gateway.client import PaperclipClient
 from paperclip.workspaces.v1 import workspaces_pb2
 from tests.cli.conftest import Board, Cli
 

@@ -17,11 +17,11 @@ from typing import Any
 
 import dockerfile  # type: ignore[import-not-found]
 import pytest
+from paperclip_client import GATEWAY_HEALTH_SERVICE
 
 from common.channels import LIVE_HEALTH_SERVICE
 from common.server import SHUTDOWN_GRACE_SECONDS
 from deploy import check
-from gateway.client import GATEWAY_HEALTH_SERVICE
 from run_service.runner import DISPATCH_STOP_SECONDS, STOP_TIMEOUT_SECONDS
 from workspace_service.service_process import KILL_GRACE_S
 

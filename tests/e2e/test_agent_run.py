@@ -17,6 +17,7 @@ from collections.abc import AsyncIterator
 from dataclasses import replace
 
 import pytest
+from paperclip_client import PaperclipClient
 
 from common.actor import Role
 from common.config import load_settings
@@ -24,7 +25,6 @@ from common.db import Database
 from common.errors import Unauthenticated
 from common.run_tokens import mint_run_token
 from gateway.app import start_gateway
-from gateway.client import PaperclipClient
 from paperclip.issues.v1 import issues_pb2
 from run_service.runner import Runner
 from tests.conftest import Services

@@ -13,10 +13,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from paperclip_client import PaperclipClient
 
 from common.errors import Unauthenticated
 from common.run_tokens import mint_run_token
-from gateway.client import PaperclipClient
 from paperclip.gateway.v1 import auth_pb2
 from paperclip.issues.v1 import issues_pb2
 from paperclip.runs.v1 import agents_pb2, run_messages_pb2, runs_pb2

@@ -17,9 +17,9 @@ from pathlib import Path
 
 import psutil
 import pytest
+from paperclip_client import PaperclipClient
 
 from common.errors import PaperclipError
-from gateway.client import PaperclipClient
 from paperclip.issues.v1 import issues_pb2
 from tests.e2e.test_operator_flow import Launcher, _descendants, _free_port
 

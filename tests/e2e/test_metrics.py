@@ -13,8 +13,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from paperclip_client import PaperclipClient
 
-from gateway.client import PaperclipClient
 from paperclip.issues.v1 import issues_pb2
 from paperclip.runs.v1 import agents_pb2, run_messages_pb2, runs_pb2
 from tests.e2e.test_operator_flow import Launcher, _free_port

@@ -42,11 +42,11 @@ from typing import Any, TypeVar
 
 import grpc
 import pytest
+from paperclip_client import PaperclipClient
 
 from common import process_group
 from common.db import Database
 from common.errors import PaperclipError
-from gateway.client import PaperclipClient
 from gateway.keys import create_key
 from paperclip.issues.v1 import issues_pb2
 from paperclip.runs.v1 import agents_pb2, run_messages_pb2, runs_pb2

@@ -14,22 +14,22 @@ from typing import Any, TypeAlias
 import grpc
 import grpc.aio
 import pytest
-
-from common.config import ConfigError
-from common.errors import (
-    FailedPrecondition,
-    NotFound,
-    PaperclipError,
-    Unavailable,
-    to_wire_status,
-)
-from gateway.client import (
+from paperclip_client import (
     IDEMPOTENT_METHODS,
     PUBLIC_SERVICES,
     REQUEST_ID_HEADER,
     PaperclipClient,
     build_service_config,
     method_path,
+)
+
+from common.errors import (
+    ConfigError,
+    FailedPrecondition,
+    NotFound,
+    PaperclipError,
+    Unavailable,
+    to_wire_status,
 )
 from gateway.routes import build_routes
 from paperclip.issues.v1 import issues_pb2, issues_pb2_grpc

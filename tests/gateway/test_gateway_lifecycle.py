@@ -15,11 +15,11 @@ import grpc
 import grpc.aio
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from paperclip_client import PaperclipClient
 
 from common.db import Database
 from common.errors import PaperclipError
 from gateway.app import Gateway, start_gateway
-from gateway.client import PaperclipClient
 from gateway.routes import PUBLIC_SERVICES
 from paperclip.issues.v1 import issues_pb2, issues_pb2_grpc
 from paperclip.runs.v1 import agents_pb2

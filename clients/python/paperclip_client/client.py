@@ -28,14 +28,12 @@ import grpc
 import grpc.aio
 from google.protobuf.descriptor import MethodDescriptor, ServiceDescriptor
 
-from common.channels import balanced_service_config, grpc_target
-from common.config import ConfigError
-from common.errors import PaperclipError, from_rpc_error
-from gateway.routes import LONG_RUNNING_METHODS
 from paperclip.gateway.v1 import auth_pb2, auth_pb2_grpc
 from paperclip.issues.v1 import issues_pb2, issues_pb2_grpc
 from paperclip.runs.v1 import runs_pb2, runs_pb2_grpc
 from paperclip.workspaces.v1 import workspaces_pb2, workspaces_pb2_grpc
+from paperclip_client.channels import balanced_service_config, grpc_target
+from paperclip_client.errors import ConfigError, PaperclipError, from_rpc_error
 
 API_URL_ENV = "PAPERCLIP_API_URL"
 TOKEN_ENV = "PAPERCLIP_AGENT_TOKEN"
@@ -64,6 +62,15 @@ PUBLIC_SERVICES: tuple[ServiceDescriptor, ...] = (
 #: Calls that may safely be sent twice, and so are retried on UNAVAILABLE. Everything
 #: else (CreateIssue without request_id, AddComment, Update*, Release*, Create*...) is
 #: sent at most once. Names of RPCs that do not exist yet are harmless.
+#: Calls that run commands in a workspace: they get the long deadline.
+LONG_RUNNING_METHODS = frozenset(
+    {
+        "/paperclip.workspaces.v1.WorkspaceService/CreateExecutionWorkspace",
+        "/paperclip.workspaces.v1.WorkspaceService/ArchiveExecutionWorkspace",
+        "/paperclip.workspaces.v1.WorkspaceService/ControlRuntimeServices",
+    }
+)
+
 IDEMPOTENT_METHODS: frozenset[str] = frozenset(
     {
         "paperclip.issues.v1.IssueService/GetCompany",
@@ -367,6 +374,7 @@ __all__ = [
     "DEFAULT_TIMEOUT_SECONDS",
     "GATEWAY_HEALTH_SERVICE",
     "IDEMPOTENT_METHODS",
+    "LONG_RUNNING_METHODS",
     "PUBLIC_SERVICES",
     "REQUEST_ID_HEADER",
     "STREAM_TIMEOUT_SECONDS",
