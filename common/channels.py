@@ -19,6 +19,7 @@ import grpc
 import grpc.aio
 from google.protobuf import descriptor_pool
 
+from common import tracing
 from common.config import ConfigError
 
 #: Retries of an idempotent call on UNAVAILABLE: the first retry goes out at once to
@@ -146,7 +147,7 @@ def backend_channel(
     return grpc.aio.insecure_channel(
         grpc_target(address, setting=setting),
         options=[*BACKEND_OPTIONS, ("grpc.service_config", config)],
-        interceptors=list(interceptors) or None,
+        interceptors=[*tracing.client_interceptors(), *interceptors] or None,
     )
 
 
