@@ -280,17 +280,23 @@ def _traced_stream(
 
 def client_interceptors() -> tuple[grpc.aio.ClientInterceptor, ...]:
     """What a channel to another service adds to its interceptors: nothing when off."""
-    return (ClientTracing(),) if ENABLED else ()
+    return (UnaryClientTracing(), StreamClientTracing()) if ENABLED else ()
 
 
-class ClientTracing(grpc.aio.UnaryUnaryClientInterceptor, grpc.aio.UnaryStreamClientInterceptor):
-    """Makes each call made inside a recorded span a client span, and sends its
+# A channel files each interceptor under the first kind of call it handles: one class
+# per kind.
+class UnaryClientTracing(grpc.aio.UnaryUnaryClientInterceptor):
+    """Makes each unary call made inside a recorded span a client span, and sends its
     ``traceparent`` along in the call's metadata."""
 
     async def intercept_unary_unary(
         self, continuation: Callable[..., Any], client_call_details: Any, request: Any
     ) -> Any:
         return await _traced_call(continuation, client_call_details, request)
+
+
+class StreamClientTracing(grpc.aio.UnaryStreamClientInterceptor):
+    """:class:`UnaryClientTracing` for server-streaming calls."""
 
     async def intercept_unary_stream(
         self, continuation: Callable[..., Any], client_call_details: Any, request: Any
