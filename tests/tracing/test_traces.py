@@ -57,6 +57,7 @@ from tests.waiting import wait_until
 AGENTS = Path(__file__).resolve().parents[1] / "agents"
 CHECKOUT = "paperclip.issues.v1.IssueService/CheckoutIssue"
 GET_RUN = "paperclip.runs.v1.RunService/GetRun"
+WATCH_RUN = "paperclip.runs.v1.RunService/WatchRun"
 TERMINAL = ("succeeded", "failed", "cancelled", "timed_out")
 
 
@@ -123,6 +124,7 @@ class Traced:
     db: Database
     runner: Runner
     admin: Caller
+    admin_token: str
     callers: list[Caller]
 
     def caller(self, token: str, *extra: tuple[str, str]) -> Caller:
@@ -174,8 +176,9 @@ async def traced(database_url: str, db: Database) -> AsyncIterator[Traced]:
         )
         address = f"127.0.0.1:{gateway.running.port}"
         await wait_serving(address)
-        admin = open_caller(address, bearer(await create_admin_key(db, f"trace-{uuid.uuid4()}")))
-        env = Traced(exporter, provider, address, settings, db, runner, admin, [admin])
+        admin_token = await create_admin_key(db, f"trace-{uuid.uuid4()}")
+        admin = open_caller(address, bearer(admin_token))
+        env = Traced(exporter, provider, address, settings, db, runner, admin, admin_token, [admin])
         yield env
     finally:
         tracing.disable()
@@ -353,6 +356,22 @@ async def test_run_spans_carry_the_run_id(traced: Traced) -> None:
     served = [s for s in spans if s.name == GET_RUN and s.kind == SpanKind.SERVER]
     at_service = [s for s in served if s.parent is not None]
     assert [(s.attributes or {}).get(tracing.RUN_ID_ATTRIBUTE) for s in at_service] == [run_id]
+
+    # A stream too: every span of the watch, at both ends of both hops, ends OK.
+    traced.exporter.clear()
+    # (The callers' header interceptor adds headers to unary calls only.)
+    watch_call = traced.admin.runs.WatchRun(
+        runs_pb2.WatchRunRequest(run_id=run_id), metadata=bearer(traced.admin_token)
+    )
+    events = [event async for event in watch_call]
+    assert events
+    spans = await _spans_settled(traced, WATCH_RUN, 3)
+    watch = [s for s in spans if s.name == WATCH_RUN]
+    assert sorted(s.kind.name for s in watch) == ["CLIENT", "SERVER", "SERVER"]
+    assert {(s.attributes or {}).get("rpc.grpc.status_code") for s in watch} == {0}
+    assert len({s.context.trace_id for s in watch}) == 1
+    [watched] = [s for s in watch if s.kind == SpanKind.SERVER and s.parent is not None]
+    assert (watched.attributes or {}).get(tracing.RUN_ID_ATTRIBUTE) == run_id
 
 
 async def test_tracing_off_records_nothing_and_keeps_request_ids(traced: Traced) -> None:
