@@ -327,6 +327,30 @@ async def test_caller_traceparent_is_continued(traced: Traced) -> None:
     assert request_id == trace_id
 
 
+async def test_refused_call_spans_carry_its_status(traced: Traced) -> None:
+    world = await _checkout_world(traced)
+    caller = traced.caller(world.token)
+    traced.exporter.clear()
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await caller.issues.CheckoutIssue(
+            issues_pb2.CheckoutIssueRequest(
+                issue_id=world.issue_id,
+                agent_id=world.agent_id,
+                expected_statuses=[issues_pb2.ISSUE_STATUS_DONE],
+            )
+        )
+    code = refused.value.code()
+    assert code != grpc.StatusCode.OK
+    spans = await _spans_settled(traced, CHECKOUT, 3)
+    checkout = [s for s in spans if s.name == CHECKOUT]
+    assert [(s.attributes or {}).get("rpc.grpc.status_code") for s in checkout] == [
+        code.value[0]
+    ] * 3
+    # The caller's doing: an error at the client end only, not a server fault.
+    errors = sorted(s.kind.name for s in checkout if s.status.status_code.name == "ERROR")
+    assert errors == ["CLIENT"]
+
+
 async def test_run_spans_carry_the_run_id(traced: Traced) -> None:
     world = await _checkout_world(traced)
     traced.exporter.clear()
