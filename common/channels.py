@@ -23,6 +23,8 @@ from paperclip_client.channels import (
     grpc_target,
 )
 
+from common import tracing
+
 #: Retries of an idempotent call on UNAVAILABLE: the first retry goes out at once to
 #: another replica (a stopped or killed one is out of the picker within a moment).
 RETRY_POLICY: dict[str, object] = {
@@ -89,7 +91,7 @@ def backend_channel(
     return grpc.aio.insecure_channel(
         grpc_target(address, setting=setting),
         options=[*BACKEND_OPTIONS, ("grpc.service_config", config)],
-        interceptors=list(interceptors) or None,
+        interceptors=[*tracing.client_interceptors(), *interceptors] or None,
     )
 
 

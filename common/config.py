@@ -60,6 +60,9 @@ class Settings:
     #: ``host:port`` at which other processes reach this one when it listens on a
     #: wildcard or a port picked at start (unset: the listen address).
     advertise_addr: str | None = None
+    #: The OTLP gRPC endpoint spans are exported to (``http://collector:4317``); unset:
+    #: no tracing.
+    otlp_endpoint: str | None = None
     #: Retention (README "Retention"): seconds between two sweeps of each service
     #: (0: no sweep), rows per DELETE statement and the pause between two of them.
     retention_sweep_seconds: float = 300.0
@@ -164,6 +167,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         max_queued_seconds=_int(env, "PAPERCLIP_MAX_QUEUED_SECONDS", 14_400, low=0, high=2_592_000),
         host=(env.get("PAPERCLIP_HOST") or "").strip() or socket.gethostname(),
         advertise_addr=(env.get("PAPERCLIP_ADVERTISE_ADDR") or "").strip() or None,
+        otlp_endpoint=(env.get("PAPERCLIP_OTLP_ENDPOINT") or "").strip() or None,
         retention_sweep_seconds=float(
             _int(env, "PAPERCLIP_RETENTION_SWEEP_SECONDS", 300, low=0, high=86_400)
         ),

@@ -18,6 +18,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_en
 from sqlalchemy.pool import PoolProxiedConnection
 from sqlalchemy.util import greenlet_spawn
 
+from common import tracing
 from common.errors import Aborted, PaperclipError, Unavailable
 from common.sql import Tx
 
@@ -94,7 +95,7 @@ class Database:
             reusable = False
             try:
                 async with driver.transaction():
-                    tx = Tx(driver)
+                    tx = Tx(tracing.sql_connection(driver) if tracing.ENABLED else driver)
                     yield tx
                     await tx.flush()
                 reusable = True

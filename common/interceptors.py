@@ -18,6 +18,7 @@ import grpc.aio
 from prometheus_client import Counter, Histogram
 from sqlalchemy.exc import DBAPIError
 
+from common import tracing
 from common.actor import Actor, verify_actor
 from common.db import translate_db_error
 from common.errors import Internal, PaperclipError, WireStatus, to_wire_status
@@ -62,7 +63,11 @@ class _Call:
         self.method = method
         self.started = time.perf_counter()
         self.code = grpc.StatusCode.OK
-        self.request_id = metadata.get(REQUEST_ID_HEADER) or uuid.uuid4().hex
+        self.request_id = (
+            (tracing.ENABLED and tracing.current_trace_id())
+            or metadata.get(REQUEST_ID_HEADER)
+            or uuid.uuid4().hex
+        )
         REQUEST_ID.set(self.request_id)
 
     def failure(self, exc: BaseException) -> WireStatus:

@@ -16,6 +16,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from common import tracing
 from common.channels import LIVE_HEALTH_SERVICE
 from common.interceptors import Authenticator, ServiceInterceptor, SignedActorAuthenticator
 
@@ -96,7 +97,10 @@ async def start_server(
     ``reflected`` names further services for reflection. With ``serving`` false the
     health status starts NOT_SERVING and the caller sets it."""
     auth = authenticator or SignedActorAuthenticator(internal_key)
-    server = grpc.aio.server(interceptors=[ServiceInterceptor(auth)], options=SERVER_OPTIONS)
+    server = grpc.aio.server(
+        interceptors=[*tracing.server_interceptors(), ServiceInterceptor(auth)],
+        options=SERVER_OPTIONS,
+    )
     if generic_handlers:
         server.add_generic_rpc_handlers(tuple(generic_handlers))
     health_servicer = health.aio.HealthServicer()

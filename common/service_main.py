@@ -17,6 +17,7 @@ from common.log import configure_logging
 from common.outage import watch_database
 from common.process_group import die_with_parent
 from common.server import ServiceSpec, host_of, serve_until_signalled, start_server
+from common.tracing import setup_tracing
 
 Job = Coroutine[Any, Any, None]
 
@@ -101,4 +102,5 @@ def run(service: str, address_of: Callable[[Settings], str], factory: WiringFact
     die_with_parent()
     settings = load_settings()
     configure_logging(service, settings.log_level)
+    setup_tracing(settings, service)
     asyncio.run(_main(service, address_of(settings), settings, factory))

@@ -11,6 +11,7 @@ from common.log import configure_logging
 from common.process_group import die_with_parent
 from common.server import serve_until_signalled
 from common.service_main import start_metrics
+from common.tracing import setup_tracing
 from gateway.app import backend_addresses, start_gateway
 
 
@@ -45,4 +46,5 @@ if __name__ == "__main__":
     die_with_parent()
     settings = load_settings()
     configure_logging("gateway", settings.log_level)
+    setup_tracing(settings, "gateway")
     asyncio.run(_main(settings))

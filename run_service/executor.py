@@ -36,6 +36,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
+from common import tracing
 from common.config import Settings
 from common.db import Database
 from common.errors import FailedPrecondition, NotFound, PaperclipError, Unavailable
@@ -290,9 +291,10 @@ async def execute(ctx: ExecutorContext, execution: Execution) -> None:
         ended = True
     if ended:
         try:
-            await finalize.after_terminal(
-                ctx.db, ctx.issues, run_id, issue_id, workspaces=ctx.workspaces
-            )
+            with tracing.run_span("run.after_terminal", run_id):
+                await finalize.after_terminal(
+                    ctx.db, ctx.issues, run_id, issue_id, workspaces=ctx.workspaces
+                )
         except Exception:
             logger.exception("after-run steps failed", extra={"run_id": run_id})
 
@@ -304,7 +306,8 @@ async def _finish(ctx: ExecutorContext, execution: Execution, result: finalize.R
     delay = 0.2
     while True:
         try:
-            await finalize.finalize_run(ctx.db, execution.run_id, result)
+            with tracing.run_span("run.finalize", execution.run_id):
+                await finalize.finalize_run(ctx.db, execution.run_id, result)
             return
         except Unavailable:
             if time.monotonic() + delay > deadline:
@@ -331,7 +334,8 @@ async def _execute(ctx: ExecutorContext, execution: Execution) -> bool:
         await _requeue(ctx, run_id, "run service stopping")
         return False
     if issue_id is not None:
-        step = await _take_issue(ctx, execution, issue_id, wake_reason, pre_events)
+        with tracing.run_span("run.take_issue", run_id):
+            step = await _take_issue(ctx, execution, issue_id, wake_reason, pre_events)
         if step is not None:
             return step
     if ctx.before_spawn is not None:
@@ -377,7 +381,8 @@ async def _execute(ctx: ExecutorContext, execution: Execution) -> bool:
         return True
     execution.process = process
 
-    started = await _mark_started(ctx, claim, process, limits, pre_events)
+    with tracing.run_span("run.mark_started", run_id):
+        started = await _mark_started(ctx, claim, process, limits, pre_events)
     if not started:
         # Ended elsewhere (cancelled) between claim and spawn: stop what we started.
         await process.terminate("run is no longer running")

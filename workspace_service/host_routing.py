@@ -24,6 +24,7 @@ import grpc
 import grpc.aio
 from google.protobuf.message import Message
 
+from common import tracing
 from common.actor import ACTOR_HEADER, SIGNATURE_HEADER, Actor
 from common.channels import BACKEND_OPTIONS
 from common.db import Database
@@ -141,7 +142,11 @@ class HostRouter:
     def _stub(self, address: str) -> workspaces_pb2_grpc.WorkspaceServiceAsyncStub:
         stub = self._stubs.get(address)
         if stub is None:
-            channel = grpc.aio.insecure_channel(address, options=BACKEND_OPTIONS)
+            channel = grpc.aio.insecure_channel(
+                address,
+                options=BACKEND_OPTIONS,
+                interceptors=list(tracing.client_interceptors()) or None,
+            )
             self._channels[address] = channel
             stub = self._stubs[address] = workspaces_pb2_grpc.WorkspaceServiceStub(channel)
         return stub
