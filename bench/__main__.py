@@ -33,7 +33,7 @@ from typing import Any
 import asyncpg
 import grpc
 
-from bench import cli_startup, replicas, retention, run_cycle, workspace_cycle
+from bench import cli_startup, replicas, retention, run_cycle, tracing_cost, workspace_cycle
 from bench.bench_database import bench_database
 from bench.cycle_statements import statements_per_cycle
 from bench.gateway_cycle import (
@@ -293,6 +293,8 @@ def main() -> int:
     print(retention.table(measured.retention))
     print("\n".join(retention.aims(measured.retention)))
     print(f"written to {RESULTS / 'issue_cycle.json'}")
+    print()
+    tracing_cost.main()
     return 0
 
 
