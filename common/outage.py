@@ -6,8 +6,9 @@ reports NOT_SERVING for its services and for ``""`` (its liveness name,
 ``channels.LIVE_HEALTH_SERVICE``, stays SERVING: callers still reach it and are told
 ``DATABASE_UNAVAILABLE``), and SERVING again as soon as an answer comes back.
 
-The outage is logged when it starts and when it ends (with how long it lasted and how
-many messages were folded into it). In between, :class:`OutageLogFilter` drops the
+The outage is logged when it starts (at the first check that fails, or the first record
+of a failure caused by it, whichever comes first) and when it ends (with how long it
+lasted and how many messages were folded into it). In between, :class:`OutageLogFilter` drops the
 records that only repeat it — every failed call, pass or retry caused by the database
 being unavailable — and writes one summary line per ``SUMMARY_EVERY_S`` instead: a
 30-second outage under load writes a handful of lines, not one per retry.
@@ -43,6 +44,8 @@ class Outage:
     def __init__(self) -> None:
         self.down_since: float | None = None
         self.ended_at: float | None = None
+        #: A :func:`watch_database` runs in this process (and ends what begins).
+        self.watched = False
         self.folded = 0
         self._last_summary = 0.0
 
@@ -114,12 +117,19 @@ class OutageLogFilter(logging.Filter):
     """Drops records that repeat an ongoing database outage (see the module docstring)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if not OUTAGE.active or record.name == logger.name:
+        if record.name == logger.name:
             return True
         about_it = getattr(record, "reason", None) == REASON or (
             record.exc_info is not None and is_database_unavailable(record.exc_info[1])
         )
         if not about_it:
+            return True
+        if not OUTAGE.active:
+            if not OUTAGE.watched:
+                return True  # no check runs here that would end it
+            # The first sign of it, before the next check: the outage starts here (the
+            # check ends it once the database answers), and this record is shown.
+            OUTAGE.begin(record.getMessage())
             return True
         if OUTAGE.fold():
             logger.warning(
@@ -156,6 +166,7 @@ async def watch_database(
     while it does, until cancelled. Without a ``servicer`` (the gateway, whose health
     follows its backends) only the outage's log lines are kept."""
     serving: bool | None = None
+    OUTAGE.watched = True
     while True:
         error = await _ping(db)
         if error is None:

@@ -76,7 +76,9 @@ def test_help_lists_every_command_group() -> None:
 
 
 def test_shell_completion_script_and_completions() -> None:
-    script = run("--show-completion", "bash")
+    # Named explicitly: by itself Typer picks the shell among the parent processes,
+    # which a test run need not have.
+    script = run("--show-completion", "bash", _TYPER_COMPLETE_TEST_DISABLE_SHELL_DETECTION="1")
     assert script.code == 0
     assert "_PAPERCLIP_COMPLETE" in script.stdout
     completed = run(_PAPERCLIP_COMPLETE="complete_bash", COMP_WORDS="paperclip iss", COMP_CWORD="1")
