@@ -29,6 +29,7 @@ from typing import Any
 import asyncpg
 from prometheus_client import Counter, Histogram
 
+from common.config import Settings
 from common.db import Database
 from common.sql import Query, Tx
 
@@ -241,3 +242,21 @@ async def sweep_forever(
             raise
         except Exception:
             log.exception("retention sweep failed")
+
+
+async def sweep_by_settings(
+    db: Database,
+    settings: Settings,
+    policies: Callable[[Settings], Sequence[Policy]],
+    *,
+    lock_key: str,
+) -> None:
+    """:func:`sweep_forever` with the interval, batch and pause of ``settings``."""
+    await sweep_forever(
+        db,
+        lambda: policies(settings),
+        lock_key=lock_key,
+        interval=settings.retention_sweep_seconds,
+        batch=settings.retention_batch_rows,
+        pause=settings.retention_batch_pause_seconds,
+    )

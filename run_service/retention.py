@@ -33,7 +33,7 @@ from typing import Any
 
 from common.config import Settings
 from common.db import Database
-from common.retention import Cursor, Policy, Step, counting, days, sweep_forever
+from common.retention import Cursor, Policy, Step, counting, days, sweep_by_settings
 from common.sql import Tx, sql
 
 LOCK_KEY = "run_service.retention"
@@ -169,11 +169,4 @@ def policies(settings: Settings) -> Sequence[Policy]:
 
 async def retention_forever(db: Database, settings: Settings) -> None:
     """The run service's periodic sweep (one replica at a time)."""
-    await sweep_forever(
-        db,
-        lambda: policies(settings),
-        lock_key=LOCK_KEY,
-        interval=settings.retention_sweep_seconds,
-        batch=settings.retention_batch_rows,
-        pause=settings.retention_batch_pause_seconds,
-    )
+    await sweep_by_settings(db, settings, policies, lock_key=LOCK_KEY)

@@ -30,7 +30,7 @@ from pathlib import Path
 
 from common.config import Settings
 from common.db import Database
-from common.retention import Policy, counting, days, sweep_forever
+from common.retention import Policy, counting, days, sweep_by_settings
 from common.sql import sql
 from workspace_service.service_process import LOG_DIR
 
@@ -92,14 +92,7 @@ def policies(settings: Settings) -> Sequence[Policy]:
 
 async def retention_forever(db: Database, settings: Settings) -> None:
     """The workspace service's periodic sweep (one replica at a time)."""
-    await sweep_forever(
-        db,
-        lambda: policies(settings),
-        lock_key=LOCK_KEY,
-        interval=settings.retention_sweep_seconds,
-        batch=settings.retention_batch_rows,
-        pause=settings.retention_batch_pause_seconds,
-    )
+    await sweep_by_settings(db, settings, policies, lock_key=LOCK_KEY)
 
 
 # -- runtime-service logs ----------------------------------------------------------------
