@@ -92,7 +92,7 @@ async def test_every_process_serves_the_named_series(launcher: Launcher) -> None
                 agent_id=agent.id, source=run_messages_pb2.WAKE_SOURCE_ON_DEMAND
             )
         )
-        deadline = time.monotonic() + 30
+        deadline = time.monotonic() + 60
         while True:
             run = await client.runs.GetRun(runs_pb2.GetRunRequest(run_id=woken.run.id))
             if run.status == run_messages_pb2.RUN_STATUS_SUCCEEDED:
@@ -100,7 +100,7 @@ async def test_every_process_serves_the_named_series(launcher: Launcher) -> None
             assert time.monotonic() < deadline, run
             await asyncio.sleep(0.2)
 
-    deadline = time.monotonic() + 30
+    deadline = time.monotonic() + 60
     while True:
         missing = {
             service: [s for s in series if s not in _scrape(metrics[service])]
