@@ -132,11 +132,6 @@ async def create_key(
     return full, token
 
 
-async def get_key(tx: Tx, key_id: str) -> Row | None:
-    """A key with its user's admin flag and memberships."""
-    return await tx.fetchrow(_KEY_BY_ID, {"id": key_id})
-
-
 async def revoke_key(tx: Tx, key_id: str) -> Row | None:
     """Revoke a key (idempotent); the key after, or None when it does not exist."""
     await tx.execute(_REVOKE, {"id": key_id})

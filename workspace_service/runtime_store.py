@@ -39,13 +39,6 @@ _UPSERT = sql(
     """
 )
 _GET = sql("SELECT * FROM workspaces.runtime_services WHERE id = :id")
-_PORT_HOLDER = sql(
-    """
-    SELECT id, service_name, pid FROM workspaces.runtime_services
-     WHERE host = :host AND port = :port AND status IN ('starting', 'running')
-       AND id <> :id
-    """
-)
 _MARK_STARTING = sql(
     """
     UPDATE workspaces.runtime_services
@@ -175,12 +168,6 @@ async def upsert_service(
 async def get_service(tx: Tx, service_id: str) -> RuntimeServiceRecord | None:
     """The row ``service_id`` as it is now, or None."""
     return _record(await tx.fetchrow(_GET, {"id": service_id}))
-
-
-async def port_holder(tx: Tx, *, host: str, port: int, excluding: str) -> asyncpg.Record | None:
-    """The live service (id, service_name, pid) other than ``excluding`` that reserves
-    ``port`` on ``host``."""
-    return await tx.fetchrow(_PORT_HOLDER, {"host": host, "port": port, "id": excluding})
 
 
 async def mark_starting(

@@ -152,15 +152,6 @@ def has_host_commands(config: Config | None) -> list[str]:
     return [key for key in (*COMMAND_KEYS, "runtime") if key in config]
 
 
-def current_desired_state(config: Config | None, *, any_live: bool) -> DesiredState:
-    """The workspace's overall desired state: the configured one, else running while
-    any service runs, else stopped."""
-    state = (config or {}).get("desired_state")
-    if state in DESIRED_STATES:
-        return state  # type: ignore[no-any-return]
-    return "running" if any_live else "stopped"
-
-
 def service_state(config: Config | None, index: int) -> DesiredState:
     """The desired state of service ``index``: its own, else the overall, else stopped."""
     config = config or {}
