@@ -256,3 +256,16 @@ async def _wait_gone(procs: list[psutil.Process], seconds: float) -> bool:
             return False
         await asyncio.sleep(_POLL_S)
     return True
+
+
+#: Where Linux names the current boot.
+BOOT_ID_FILE = "/proc/sys/kernel/random/boot_id"
+
+
+def boot_id() -> str:
+    """This host's boot id (a pid and start time are only unique within one boot)."""
+    try:
+        with open(BOOT_ID_FILE) as fh:
+            return fh.read().strip()
+    except OSError:
+        return "unknown"

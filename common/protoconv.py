@@ -32,3 +32,8 @@ def struct(value: Mapping[str, Any] | str | None) -> struct_pb2.Struct:
 def text(value: object | None) -> str:
     """A proto string field for a nullable column (UUIDs included): '' when null."""
     return "" if value is None else str(value)
+
+
+def text_or_none(value: object | None) -> str | None:
+    """A nullable column (UUIDs included) as text: None stays None."""
+    return None if value is None else str(value)

@@ -21,6 +21,7 @@ from common.authz import (
 )
 from common.db import Database
 from common.errors import FailedPrecondition, NotFound, invalid
+from common.protoconv import text_or_none
 from common.sql import Row, Tx
 from common.validation import parse_uuid, require_enum
 from issue_service import store
@@ -70,7 +71,7 @@ async def open_blocker_ids(tx: Tx, issue_id: str) -> list[str]:
 
 
 async def _conflict(tx: Tx, row: Row, expected: Sequence[str]) -> FailedPrecondition:
-    holder = store.opt_str(row["checkout_run_id"]) or store.opt_str(row["execution_run_id"])
+    holder = text_or_none(row["checkout_run_id"]) or text_or_none(row["execution_run_id"])
     holder_live = holder is not None and not run_is_stale(await store.run_status(tx, holder))
     wrong_status = row["status"] not in expected
     return FailedPrecondition(
@@ -90,9 +91,9 @@ def _owned_by(row: Row, agent_id: str, run_id: str) -> bool:
     """Whether ``run_id`` of ``agent_id`` already holds the in_progress issue."""
     return (
         row["status"] == Status.IN_PROGRESS
-        and store.opt_str(row["assignee_agent_id"]) == agent_id
-        and store.opt_str(row["checkout_run_id"]) == run_id
-        and store.opt_str(row["execution_run_id"]) in (None, run_id)
+        and text_or_none(row["assignee_agent_id"]) == agent_id
+        and text_or_none(row["checkout_run_id"]) == run_id
+        and text_or_none(row["execution_run_id"]) in (None, run_id)
     )
 
 
@@ -106,9 +107,9 @@ async def _adopt_or_conflict(
     expected: Sequence[str],
 ) -> tuple[Row, bool]:
     """(row, changed) after adoption or idempotent success; raises the conflict."""
-    mine = store.opt_str(row["assignee_agent_id"]) == agent_id
-    checkout = store.opt_str(row["checkout_run_id"])
-    execution = store.opt_str(row["execution_run_id"])
+    mine = text_or_none(row["assignee_agent_id"]) == agent_id
+    checkout = text_or_none(row["checkout_run_id"])
+    execution = text_or_none(row["execution_run_id"])
     if run_id is not None and mine and row["status"] == Status.IN_PROGRESS:
         if checkout == run_id and execution in (None, run_id):
             return row, False
@@ -237,13 +238,13 @@ async def release_issue(db: Database, actor: Actor, *, issue_id: str) -> issues_
         require_company_access(actor, str(row["company_id"]), write=True)
         if actor.is_agent:
             run_id = require_agent_run(actor)
-            if store.opt_str(row["assignee_agent_id"]) != actor.agent_id:
+            if text_or_none(row["assignee_agent_id"]) != actor.agent_id:
                 raise FailedPrecondition(
                     "only the assignee can release the issue",
                     reason="ISSUE_OWNERSHIP_CONFLICT",
                     metadata=conflict_metadata(row, actor_agent_id=actor.agent_id or ""),
                 )
-            checkout = store.opt_str(row["checkout_run_id"])
+            checkout = text_or_none(row["checkout_run_id"])
             if (
                 row["status"] == Status.IN_PROGRESS
                 and checkout not in (None, run_id)
@@ -273,7 +274,7 @@ async def release_issue(db: Database, actor: Actor, *, issue_id: str) -> issues_
             issue_id=issue,
             type=EventType.RELEASED,
             payload={
-                "previousAssigneeAgentId": store.opt_str(row["assignee_agent_id"]),
+                "previousAssigneeAgentId": text_or_none(row["assignee_agent_id"]),
                 "previousStatus": row["status"],
                 "status": updated["status"],
             },
@@ -294,8 +295,8 @@ async def force_release_issue(
             raise _not_found()
         company = str(row["company_id"])
         require_company_access(actor, company, write=True)
-        previous_checkout = store.opt_str(row["checkout_run_id"])
-        previous_execution = store.opt_str(row["execution_run_id"])
+        previous_checkout = text_or_none(row["checkout_run_id"])
+        previous_execution = text_or_none(row["execution_run_id"])
         values = dict(LOCK_COLUMNS_CLEARED)
         if clear_assignee:
             values["assignee_agent_id"] = None

@@ -19,7 +19,7 @@ from common.db import Database
 from common.errors import FailedPrecondition, NotFound, PermissionDenied
 from common.pagination import created_cursor, parse_page
 from common.protoconv import text as opt
-from common.protoconv import timestamp
+from common.protoconv import text_or_none, timestamp
 from common.sql import Row, Tx, sql
 from common.validation import MAX_BODY, parse_uuid, require_text
 from issue_service import store
@@ -98,7 +98,7 @@ async def insert_comment(
 async def _reopen_target(tx: Tx, actor: Actor, row: Row, flags: CommentFlags) -> Status | None:
     """The status the issue was reopened from, or None when the comment reopens nothing."""
     status = Status(row["status"])
-    agent_assignee = store.opt_str(row["assignee_agent_id"])
+    agent_assignee = text_or_none(row["assignee_agent_id"])
     if actor.is_agent:
         if (flags.resume or flags.reopen) and agent_assignee != actor.agent_id:
             raise PermissionDenied(
@@ -122,8 +122,8 @@ async def _reopen_target(tx: Tx, actor: Actor, row: Row, flags: CommentFlags) ->
     if not actor.is_board:
         return None
     holds = actor.run_id is not None and actor.run_id in (
-        store.opt_str(row["checkout_run_id"]),
-        store.opt_str(row["execution_run_id"]),
+        text_or_none(row["checkout_run_id"]),
+        text_or_none(row["execution_run_id"]),
     )
     if holds:
         return None
@@ -203,7 +203,7 @@ async def _record_comment(
     woken: set[str] = set()
     if actor.is_agent and actor.agent_id:
         woken.add(actor.agent_id)
-    assignee = store.opt_str(row["assignee_agent_id"])
+    assignee = text_or_none(row["assignee_agent_id"])
     if reopened_from is not None and assignee:
         emit(
             tx,
@@ -248,7 +248,7 @@ async def _record_comment(
             payload={"issueId": issue, "commentId": comment_id},
         )
     if flags.interrupt:
-        run = store.opt_str(row["execution_run_id"])
+        run = text_or_none(row["execution_run_id"])
         record_activity(
             tx,
             actor=actor,

@@ -13,6 +13,7 @@ from common.authz import require_agent_run, require_company_access
 from common.db import Database
 from common.errors import Aborted, FailedPrecondition, NotFound, PaperclipError, invalid
 from common.pagination import parse_page
+from common.protoconv import text_or_none
 from common.sql import Row, Tx, sql
 from common.validation import (
     MAX_BODY,
@@ -360,7 +361,7 @@ def _changes(row: Row, fields: IssueFields, now: datetime) -> dict[str, Any]:
         values["priority"] = fields.priority.value
     for column in ("assignee_agent_id", "assignee_user_id", "parent_issue_id"):
         new = getattr(fields, column)
-        if new is not None and (new or None) != store.opt_str(row[column]):
+        if new is not None and (new or None) != text_or_none(row[column]):
             values[column] = new or None
     if values.get("assignee_agent_id"):
         values.setdefault("assignee_user_id", None)
@@ -470,7 +471,7 @@ async def _record_update(
         entity_id=issue,
         details=details,
     )
-    new_agent = store.opt_str(after["assignee_agent_id"])
+    new_agent = text_or_none(after["assignee_agent_id"])
     if "assignee_agent_id" in values and new_agent:
         emit(
             tx,
@@ -492,6 +493,6 @@ async def _record_update(
             payload={
                 "from": before["status"],
                 "to": after["status"],
-                "executionRunId": store.opt_str(before["execution_run_id"]),
+                "executionRunId": text_or_none(before["execution_run_id"]),
             },
         )

@@ -14,6 +14,7 @@ from common.audit import record_activity
 from common.authz import require_service
 from common.db import Database
 from common.errors import FailedPrecondition, NotFound
+from common.protoconv import text_or_none
 from common.sql import Row, Tx, sql
 from common.validation import parse_uuid
 from issue_service import store
@@ -169,8 +170,8 @@ async def transfer_execution_lock(
         row = await store.lock_issue(tx, issue)
         if row is None:
             raise _issue_missing()
-        execution = store.opt_str(row["execution_run_id"])
-        checkout = store.opt_str(row["checkout_run_id"])
+        execution = text_or_none(row["execution_run_id"])
+        checkout = text_or_none(row["checkout_run_id"])
         if source not in (execution, checkout):
             if target in (execution, checkout):
                 return store.issue_to_proto(row)  # a repeat of a transfer already made
@@ -226,11 +227,11 @@ async def release_run_locks(db: Database, actor: Actor, *, run_id: str) -> list[
             )
         for row in rows:
             values: dict[str, object] = {}
-            if store.opt_str(row["execution_run_id"]) == run:
+            if text_or_none(row["execution_run_id"]) == run:
                 values.update(
                     {k: v for k, v in LOCK_COLUMNS_CLEARED.items() if k != "checkout_run_id"}
                 )
-            if store.opt_str(row["checkout_run_id"]) == run:
+            if text_or_none(row["checkout_run_id"]) == run:
                 values["checkout_run_id"] = None
             await store.update_issue_row(tx, str(row["id"]), values)
             record_activity(

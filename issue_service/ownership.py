@@ -12,6 +12,7 @@ from common.actor import Actor
 from common.audit import record_activity
 from common.authz import require_agent_run
 from common.errors import FailedPrecondition, PermissionDenied
+from common.protoconv import text_or_none
 from common.sql import Row, Tx
 from issue_service import store
 from issue_service.model import Status, run_is_stale
@@ -22,9 +23,9 @@ def conflict_metadata(row: Row, **extra: str) -> dict[str, str]:
     data = {
         "issue_id": str(row["id"]),
         "status": row["status"],
-        "assignee_agent_id": store.opt_str(row["assignee_agent_id"]) or "",
-        "checkout_run_id": store.opt_str(row["checkout_run_id"]) or "",
-        "execution_run_id": store.opt_str(row["execution_run_id"]) or "",
+        "assignee_agent_id": text_or_none(row["assignee_agent_id"]) or "",
+        "checkout_run_id": text_or_none(row["checkout_run_id"]) or "",
+        "execution_run_id": text_or_none(row["execution_run_id"]) or "",
     }
     data.update(extra)
     return data
@@ -33,7 +34,7 @@ def conflict_metadata(row: Row, **extra: str) -> dict[str, str]:
 async def adopt_lock(tx: Tx, actor: Actor, row: Row, run_id: str, *, stale_from: str | None) -> Row:
     """Make ``run_id`` (a run of the acting agent) the checkout and execution run of a
     locked issue row, stamping the execution lock with the agent's name key."""
-    already = store.opt_str(row["execution_run_id"]) == run_id
+    already = text_or_none(row["execution_run_id"]) == run_id
     info = await store.agent_info(tx, actor.agent_id) if actor.agent_id else None
     updated = await store.update_issue_row(
         tx,
@@ -75,7 +76,7 @@ async def enforce_agent_write(
     if not actor.is_agent:
         return row
     run_id = require_agent_run(actor)
-    assignee = store.opt_str(row["assignee_agent_id"])
+    assignee = text_or_none(row["assignee_agent_id"])
     if assignee is None:
         return row
     if assignee != actor.agent_id:
@@ -100,8 +101,8 @@ async def enforce_agent_write(
 
 
 async def _assert_checkout_owner(tx: Tx, actor: Actor, row: Row, run_id: str) -> Row:
-    checkout = store.opt_str(row["checkout_run_id"])
-    execution = store.opt_str(row["execution_run_id"])
+    checkout = text_or_none(row["checkout_run_id"])
+    execution = text_or_none(row["execution_run_id"])
     if checkout == run_id:
         return row
     if checkout is None and execution in (None, run_id):

@@ -18,6 +18,7 @@ from common.actor import Actor
 from common.authz import require_service
 from common.db import Database
 from common.errors import NotFound
+from common.protoconv import text_or_none
 from common.validation import parse_uuid, require_text
 from issue_service import store
 from issue_service.model import Status
@@ -51,7 +52,7 @@ async def reopen_issue(
             Status.TODO,
             details={"reopened": True, "reopenedFrom": previous.value, "source": why},
             event_payload={
-                "executionRunId": store.opt_str(row["execution_run_id"]),
+                "executionRunId": text_or_none(row["execution_run_id"]),
                 "source": why,
             },
         )

@@ -10,6 +10,7 @@ from typing import Any
 
 from common.actor import Actor
 from common.audit import record_activity
+from common.protoconv import text_or_none
 from common.sql import Row, Tx
 from issue_service import store
 from issue_service.events import EventType, emit
@@ -56,7 +57,7 @@ async def move_status(
             company_id=company,
             issue_id=issue,
             type=EventType.STATUS_CHANGED,
-            target_agent_id=store.opt_str(updated["assignee_agent_id"]),
+            target_agent_id=text_or_none(updated["assignee_agent_id"]),
             payload={"from": previous, "to": target.value, **event_payload},
         )
     return updated

@@ -141,11 +141,6 @@ def issue_to_proto(row: Row) -> issues_pb2.Issue:
     )
 
 
-def opt_str(value: object | None) -> str | None:
-    """A nullable UUID column as a string (None stays None)."""
-    return None if value is None else str(value)
-
-
 def parse_issue_ref(field: str, value: str) -> tuple[str, str]:
     """('id', uuid) or ('identifier', 'PAP-12') for a reference to an issue."""
     if not value:

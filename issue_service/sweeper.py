@@ -15,6 +15,7 @@ from common import metrics
 from common.actor import SYSTEM_ACTOR
 from common.audit import record_activity
 from common.db import Database
+from common.protoconv import text_or_none
 from common.sql import sql
 
 log = logging.getLogger("paperclip.issue_service.sweeper")
@@ -67,17 +68,13 @@ async def sweep_once(db: Database, *, batch: int = DEFAULT_BATCH) -> list[str]:
                 entity_id=str(row["id"]),
                 details={
                     "issueId": str(row["id"]),
-                    "prevCheckoutRunId": _opt(row["checkout_run_id"]),
-                    "prevExecutionRunId": _opt(row["execution_run_id"]),
+                    "prevCheckoutRunId": text_or_none(row["checkout_run_id"]),
+                    "prevExecutionRunId": text_or_none(row["execution_run_id"]),
                     "clearAssignee": False,
                     "source": "sweep",
                 },
             )
         return [str(row["id"]) for row in rows]
-
-
-def _opt(value: object | None) -> str | None:
-    return None if value is None else str(value)
 
 
 async def sweep_forever(db: Database, *, interval: float = DEFAULT_INTERVAL_SECONDS) -> None:

@@ -40,6 +40,7 @@ from common import tracing
 from common.config import Settings
 from common.db import Database
 from common.errors import FailedPrecondition, NotFound, PaperclipError, Unavailable
+from common.protoconv import text_or_none
 from common.run_tokens import mint_run_token
 from common.sql import sql
 from paperclip.issues.v1 import issues_pb2
@@ -275,7 +276,7 @@ class OutputWriter:
 async def execute(ctx: ExecutorContext, execution: Execution) -> None:
     """Run one claimed run to its end (see the module docstring). Never raises."""
     run_id = execution.run_id
-    issue_id = _opt(execution.claim.run["issue_id"])
+    issue_id = text_or_none(execution.claim.run["issue_id"])
     ended = False
     try:
         ended = await _execute(ctx, execution)
@@ -326,7 +327,7 @@ async def _execute(ctx: ExecutorContext, execution: Execution) -> bool:
     run = claim.run
     agent = claim.agent
     run_id = execution.run_id
-    issue_id = _opt(run["issue_id"])
+    issue_id = text_or_none(run["issue_id"])
     wake_reason = run["wake_reason"] or ""
     pre_events: list[tuple[str, str, Mapping[str, Any] | None]] = []
 
@@ -516,7 +517,3 @@ async def _mark_started(
 async def _requeue(ctx: ExecutorContext, run_id: str, why: str) -> None:
     if await dispatch.requeue(ctx.db, run_id):
         logger.info("run requeued", extra={"run_id": run_id, "why": why})
-
-
-def _opt(value: object | None) -> str | None:
-    return None if value is None else str(value)

@@ -87,7 +87,8 @@ from common.authz import require_instance_admin
 from common.db import Database
 from common.errors import FailedPrecondition, PaperclipError
 from common.outage import OUTAGE
-from common.process_tree import group_members, kill_tree, process_alive
+from common.process_tree import boot_id, group_members, kill_tree, process_alive
+from common.protoconv import text_or_none
 from common.sql import Row, Tx, sql
 from paperclip.runs.v1 import runs_pb2
 from run_service import finalize, run_store, wakes
@@ -383,7 +384,7 @@ class NodeRecovery:
         async with self._host.db.unit_of_work() as tx:
             nodes = await tx.fetch(_DEAD_NODE_CANDIDATES, {"me": me})
             live_hosts = {r["host"] for r in await tx.fetch(_LIVE_HOSTS)}
-        my_boot = _boot_id()
+        my_boot = boot_id()
         dead: dict[str, _Node] = {}
         for n in nodes:
             local = n["host"] == self.hostname
@@ -461,7 +462,7 @@ class NodeRecovery:
             pid=pid,
             pgid=int(run["process_group_id"] or pid),
             create_time=run["process_started_at"].timestamp(),
-            issue_id=_opt(run["issue_id"]),
+            issue_id=text_or_none(run["issue_id"]),
             grace=float(run["grace_seconds"] or DEFAULT_GRACE_SECONDS),
             adopted_at=adopted_at,
         )
@@ -507,7 +508,7 @@ class NodeRecovery:
 
     async def _after_lost(self, run: Row, retry_id: str | None) -> None:
         run_id = str(run["id"])
-        issue_id = _opt(run["issue_id"])
+        issue_id = text_or_none(run["issue_id"])
         issues = self._host.issues
         if retry_id is None:
             await finalize.after_terminal(
@@ -745,18 +746,6 @@ def _json(value: object) -> dict[str, Any]:
         loaded = json.loads(value)
         return dict(loaded) if isinstance(loaded, dict) else {}
     return dict(value) if isinstance(value, dict) else {}
-
-
-def _opt(value: object | None) -> str | None:
-    return None if value is None else str(value)
-
-
-def _boot_id() -> str:
-    try:
-        with open("/proc/sys/kernel/random/boot_id") as fh:
-            return fh.read().strip()
-    except OSError:
-        return "unknown"
 
 
 class HasRecovery(Protocol):

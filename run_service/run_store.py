@@ -77,24 +77,20 @@ _INSERT_EVENTS = sql(
 )
 
 
-def _opt(value: object | None) -> str:
-    return protoconv.text(value)
-
-
 def run_to_proto(row: Row) -> pb.Run:
     """The ``Run`` message of one run row."""
     run = pb.Run(
         id=str(row["id"]),
         company_id=str(row["company_id"]),
         agent_id=str(row["agent_id"]),
-        issue_id=_opt(row["issue_id"]),
+        issue_id=protoconv.text(row["issue_id"]),
         status=RUN_STATUS_TO_PROTO[row["status"]],
         invocation_source=SOURCE_TO_PROTO.get(
             row["invocation_source"] or "", pb.WAKE_SOURCE_UNSPECIFIED
         ),
         wake_reason=row["wake_reason"] or "",
-        wakeup_request_id=_opt(row["wakeup_request_id"]),
-        retry_of_run_id=_opt(row["retry_of_run_id"]),
+        wakeup_request_id=protoconv.text(row["wakeup_request_id"]),
+        retry_of_run_id=protoconv.text(row["retry_of_run_id"]),
         retry_reason=row["retry_reason"] or "",
         process_loss_retry_count=row["process_loss_retry_count"],
         process_pid=row["process_pid"] or 0,
@@ -102,7 +98,7 @@ def run_to_proto(row: Row) -> pb.Run:
         signal=row["signal"] or "",
         error_code=row["error_code"] or "",
         error=row["error"] or "",
-        supervisor_node_id=_opt(row["supervisor_node_id"]),
+        supervisor_node_id=protoconv.text(row["supervisor_node_id"]),
         created_at=protoconv.timestamp(row["created_at"]),
         started_at=protoconv.timestamp(row["started_at"]),
         finished_at=protoconv.timestamp(row["finished_at"]),
@@ -123,12 +119,12 @@ def wakeup_to_proto(row: Row) -> pb.WakeupRequest:
         agent_id=str(row["agent_id"]),
         source=SOURCE_TO_PROTO[row["source"]],
         reason=row["reason"],
-        issue_id=_opt(row["issue_id"]),
+        issue_id=protoconv.text(row["issue_id"]),
         payload=protoconv.struct(row["payload"]),
         status=WAKE_STATUS_TO_PROTO[row["status"]],
         skip_reason=row["skip_reason"] or "",
         coalesced_count=row["coalesced_count"],
-        run_id=_opt(row["run_id"]),
+        run_id=protoconv.text(row["run_id"]),
         idempotency_key=row["idempotency_key"] or "",
         requested_at=protoconv.timestamp(row["requested_at"]),
         finished_at=protoconv.timestamp(row["finished_at"]),

@@ -58,6 +58,7 @@ from common import metrics, outage
 from common.config import Settings
 from common.db import Database
 from common.embedded_pg import asyncpg_dsn
+from common.process_tree import boot_id
 from common.sql import sql
 from run_service import dispatch, finalize
 from run_service.executor import Execution, ExecutorContext, execute
@@ -80,7 +81,6 @@ STOP_REASON = "run service stopped"
 STOP_TIMEOUT_SECONDS = 30.0
 #: How long stop() waits for a dispatch pass in flight before cancelling it.
 DISPATCH_STOP_SECONDS = 10.0
-BOOT_ID_FILE = "/proc/sys/kernel/random/boot_id"
 
 _REGISTER = sql(
     f"""
@@ -111,15 +111,6 @@ _STOPPED = sql(
     WHERE id = :id
     """
 )
-
-
-def boot_id() -> str:
-    """This host's boot id (a pid and start time are only unique within one boot)."""
-    try:
-        with open(BOOT_ID_FILE) as fh:
-            return fh.read().strip()
-    except OSError:
-        return "unknown"
 
 
 class Runner:

@@ -15,7 +15,7 @@ from datetime import datetime
 
 from common.actor import Actor
 from common.audit import record_activity
-from common.protoconv import text, timestamp
+from common.protoconv import text, text_or_none, timestamp
 from common.sql import Row, Tx, sql
 from paperclip.workspaces.v1 import workspace_messages_pb2 as pb
 
@@ -153,8 +153,8 @@ class LeaseRecord:
             company_id=str(row["company_id"]),
             environment_id=str(row["environment_id"]),
             workspace_id=str(row["workspace_id"]),
-            issue_id=_opt(row["issue_id"]),
-            run_id=_opt(row["run_id"]),
+            issue_id=text_or_none(row["issue_id"]),
+            run_id=text_or_none(row["run_id"]),
             status=row["status"],
             lease_policy=row["lease_policy"],
             provider=row["provider"],
@@ -354,7 +354,3 @@ async def db_now(tx: Tx) -> datetime:
     """The transaction's clock (``now()``), which expiries are compared against."""
     value: datetime = await tx.fetchval(_NOW)
     return value
-
-
-def _opt(value: object | None) -> str | None:
-    return None if value is None else str(value)

@@ -20,6 +20,7 @@ from common.audit import record_activity
 from common.authz import require_agent_run, require_company_access, require_service
 from common.db import Database
 from common.errors import Aborted, FailedPrecondition, NotFound, PermissionDenied
+from common.protoconv import text_or_none
 from common.sql import Row, Tx
 from common.validation import Violations
 from paperclip.runs.v1 import run_messages_pb2 as runs_pb
@@ -86,7 +87,7 @@ async def acquire_lease(
         issue_id = wanted.issue_id
         if run_id is not None:
             run = await _live_run(tx, actor, run_id, company_id=wanted.company_id)
-            issue_id = issue_id or _opt(run["issue_id"])
+            issue_id = issue_id or text_or_none(run["issue_id"])
         lease = await _take(tx, actor, wanted, run_id=run_id, issue_id=issue_id)
     return lease.to_proto()
 
@@ -368,7 +369,3 @@ def _ttl(v: Violations, field: str, value: int, *, default: int | None) -> int |
         v.add(field, f"must be between {MIN_TTL_SECONDS} and {MAX_TTL_SECONDS} seconds")
         return None
     return value
-
-
-def _opt(value: object | None) -> str | None:
-    return None if value is None else str(value)

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from common.protoconv import struct, text, timestamp
+from common.protoconv import struct, text, text_or_none, timestamp
 from common.sql import Row
 from paperclip.workspaces.v1 import workspace_messages_pb2 as pb
 from workspace_service.workspace_config import Config, config_to_proto, read_config
@@ -90,8 +90,8 @@ class WorkspaceRecord:
         return cls(
             id=str(row["id"]),
             company_id=str(row["company_id"]),
-            project_id=_opt(row["project_id"]),
-            source_issue_id=_opt(row["source_issue_id"]),
+            project_id=text_or_none(row["project_id"]),
+            source_issue_id=text_or_none(row["source_issue_id"]),
             name=row["name"],
             mode=row["mode"],
             strategy_type=row["strategy_type"],
@@ -206,7 +206,7 @@ class RuntimeServiceRecord:
             pgid=row["pgid"],
             create_time=row["create_time"],
             log_path=row["log_path"],
-            started_by_run_id=_opt(row["started_by_run_id"]),
+            started_by_run_id=text_or_none(row["started_by_run_id"]),
             last_error=row["last_error"],
             started_at=row["started_at"],
             stopped_at=row["stopped_at"],
@@ -241,7 +241,3 @@ class RuntimeServiceRecord:
             created_at=timestamp(self.created_at),
             updated_at=timestamp(self.updated_at),
         )
-
-
-def _opt(value: object | None) -> str | None:
-    return None if value is None else str(value)
