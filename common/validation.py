@@ -45,6 +45,30 @@ def parse_uuid(field: str, value: str, *, required: bool = True) -> str | None:
         raise invalid(field, f"must be a UUID, got {value[:64]!r}") from exc
 
 
+def is_uuid(value: str) -> bool:
+    """Whether ``value`` is a UUID."""
+    try:
+        uuid.UUID(value)
+    except (ValueError, AttributeError):
+        return False
+    return True
+
+
+def collect_uuid(v: Violations, field: str, value: str, *, required: bool = True) -> str | None:
+    """The canonical form of a UUID field, or None with its problem added to ``v``
+    (None too for '' when not ``required``): for requests whose bad fields are all named
+    at once."""
+    if value == "":
+        if required:
+            v.add(field, "is required")
+        return None
+    try:
+        return str(uuid.UUID(value))
+    except (ValueError, AttributeError):
+        v.add(field, f"must be a UUID, got {value[:64]!r}")
+        return None
+
+
 def parse_uuids(field: str, values: Iterable[str], *, limit: int = 100) -> list[str]:
     """A de-duplicated list of UUIDs, in order."""
     out: list[str] = []

@@ -13,7 +13,6 @@ import asyncio
 import hashlib
 import logging
 import time
-import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -24,6 +23,7 @@ from common.db import Database
 from common.errors import Unauthenticated
 from common.run_tokens import looks_like_jwt, verify_run_token
 from common.sql import sql
+from common.validation import is_uuid
 from gateway import keys
 
 log = logging.getLogger("paperclip.gateway.auth")
@@ -148,14 +148,6 @@ def bearer_token(metadata: Mapping[str, str]) -> str:
     return token.strip()
 
 
-def _is_uuid(value: str) -> bool:
-    try:
-        uuid.UUID(value)
-    except ValueError:
-        return False
-    return True
-
-
 class BearerAuthenticator:
     """The gateway's authenticator: run tokens and board keys."""
 
@@ -178,7 +170,7 @@ class BearerAuthenticator:
 
     async def _agent(self, token: str, digest: bytes) -> Actor:
         claims = verify_run_token(self.jwt_secret, token)
-        if not all(_is_uuid(v) for v in (claims.run_id, claims.agent_id, claims.company_id)):
+        if not all(is_uuid(v) for v in (claims.run_id, claims.agent_id, claims.company_id)):
             # Validly signed yet not ids: refused here, not by the database (UNKNOWN).
             raise Unauthenticated("run token names no valid run", reason="UNAUTHENTICATED")
         since = time.monotonic()

@@ -8,13 +8,12 @@ INVALID_ARGUMENT names them all, with BadRequest paths such as
 from __future__ import annotations
 
 import re
-import uuid
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import PurePosixPath
 from typing import Any, Literal
 
-from common.validation import Violations
+from common.validation import Violations, collect_uuid
 from paperclip.runs.v1 import agents_pb2
 
 MAX_NAME_LENGTH = 100
@@ -163,14 +162,7 @@ class NewAgent:
 
 def check_uuid(v: Violations, path: str, value: str) -> str:
     """The canonical form of a required UUID string ('' when it is not one)."""
-    if not value:
-        v.add(path, "is required")
-        return ""
-    try:
-        return str(uuid.UUID(value))
-    except ValueError:
-        v.add(path, f"must be a UUID, got {value[:64]!r}")
-        return ""
+    return collect_uuid(v, path, value) or ""
 
 
 def name_key(name: str) -> str:

@@ -26,10 +26,10 @@ from common.actor import Actor
 from common.authz import require_company_access
 from common.db import Database
 from common.embedded_pg import asyncpg_dsn
-from common.errors import InvalidArgument, NotFound, invalid
+from common.errors import NotFound, invalid
 from common.pagination import parse_page
 from common.sql import Row, Tx, sql
-from common.validation import Violations, parse_uuid
+from common.validation import Violations, collect_uuid
 from paperclip.runs.v1 import run_messages_pb2 as pb
 from paperclip.runs.v1 import runs_pb2
 from run_service import run_store
@@ -69,19 +69,10 @@ def run_not_found(run_id: str) -> NotFound:
 def check_run_id(field_name: str, value: str) -> str:
     """The canonical form of a required run id (INVALID_ARGUMENT naming the field)."""
     v = Violations()
-    canonical = _uuid(v, field_name, value, required=True)
+    canonical = collect_uuid(v, field_name, value, required=True)
     v.raise_if_any()
     assert canonical is not None
     return canonical
-
-
-def _uuid(v: Violations, field_name: str, value: str, *, required: bool) -> str | None:
-    try:
-        return parse_uuid(field_name, value, required=required)
-    except InvalidArgument as exc:  # collected with the other fields of the request
-        for item in exc.violations:
-            v.add(item.field, item.description)
-        return None
 
 
 # --- GetRun ---------------------------------------------------------------------------
@@ -123,9 +114,9 @@ async def list_runs(
     """A page of a company's runs, newest first, optionally of one agent, one issue or
     some statuses (keyset on created_at DESC, id DESC)."""
     v = Violations()
-    company_id = _uuid(v, "company_id", request.company_id, required=True)
-    agent_id = _uuid(v, "agent_id", request.agent_id, required=False)
-    issue_id = _uuid(v, "issue_id", request.issue_id, required=False)
+    company_id = collect_uuid(v, "company_id", request.company_id, required=True)
+    agent_id = collect_uuid(v, "agent_id", request.agent_id, required=False)
+    issue_id = collect_uuid(v, "issue_id", request.issue_id, required=False)
     statuses: set[str] = set()
     for index, value in enumerate(request.statuses):
         status = run_store.RUN_STATUS_FROM_PROTO.get(value)
@@ -201,7 +192,7 @@ async def list_run_events(
 ) -> runs_pb2.ListRunEventsResponse:
     """A page of a run's events with ``seq > after_seq``, in order (keyset on seq)."""
     v = Violations()
-    run_id = _uuid(v, "run_id", request.run_id, required=True)
+    run_id = collect_uuid(v, "run_id", request.run_id, required=True)
     if request.after_seq < 0:
         v.add("after_seq", "must not be negative")
     if request.page_size < 0:
@@ -251,7 +242,7 @@ async def watch_run(
     terminal and nothing is left). Authorization and validation happen before the
     first event, so a bad request fails the stream with its proper status."""
     v = Violations()
-    run_id = _uuid(v, "run_id", request.run_id, required=True)
+    run_id = collect_uuid(v, "run_id", request.run_id, required=True)
     if request.after_seq < 0:
         v.add("after_seq", "must not be negative")
     v.raise_if_any()

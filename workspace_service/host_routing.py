@@ -16,7 +16,6 @@ never forwarded again.
 from __future__ import annotations
 
 import asyncio
-import uuid
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -30,6 +29,7 @@ from common.channels import BACKEND_OPTIONS
 from common.db import Database
 from common.errors import STATUS_DETAILS_KEY, Unavailable, from_rpc_error
 from common.interceptors import REQUEST_ID_HEADER, Context
+from common.validation import is_uuid
 from paperclip.workspaces.v1 import workspaces_pb2_grpc
 from workspace_service import hosts
 
@@ -49,14 +49,6 @@ def host_unavailable(host: str, why: str) -> Unavailable:
         reason=HOST_UNAVAILABLE,
         metadata={"host": host},
     )
-
-
-def _is_uuid(value: str) -> bool:
-    try:
-        uuid.UUID(value)
-    except ValueError:
-        return False
-    return True
 
 
 class Remote:
@@ -109,7 +101,7 @@ class HostRouter:
     async def for_workspace(self, workspace_id: str, context: Context) -> Remote | None:
         """The replica to forward a call about ``workspace_id`` to; None when this one
         serves it (its own host, an unknown workspace, a workspace of no recorded host)."""
-        if not _is_uuid(workspace_id):
+        if not is_uuid(workspace_id):
             return None  # the local handler names the bad field
         async with self._db.unit_of_work() as tx:
             owner = await hosts.workspace_host(tx, workspace_id)
@@ -120,7 +112,7 @@ class HostRouter:
     async def for_new_workspace(self, actor: Actor, context: Context) -> Remote | None:
         """The replica that creates a workspace for ``actor``: the host running the
         agent's run, else this one."""
-        if actor.run_id is None or not _is_uuid(actor.run_id):
+        if actor.run_id is None or not is_uuid(actor.run_id):
             return None
         async with self._db.unit_of_work() as tx:
             host = await hosts.run_host(tx, actor.run_id)

@@ -12,7 +12,6 @@ authorize, apply the rule, write the change and its audit row in one transaction
 
 from __future__ import annotations
 
-import uuid
 from dataclasses import dataclass
 
 from common.actor import SYSTEM_ACTOR, Actor
@@ -22,7 +21,7 @@ from common.db import Database
 from common.errors import Aborted, FailedPrecondition, NotFound, PermissionDenied
 from common.protoconv import text_or_none
 from common.sql import Row, Tx
-from common.validation import Violations
+from common.validation import Violations, collect_uuid
 from paperclip.runs.v1 import run_messages_pb2 as runs_pb
 from paperclip.workspaces.v1 import workspace_leases_pb2 as internal_pb
 from paperclip.workspaces.v1 import workspace_messages_pb2 as messages
@@ -98,7 +97,7 @@ async def renew_lease(
     """Push an active, unexpired lease's expiry to now + TTL (default: the TTL it was
     acquired with); FAILED_PRECONDITION ``LEASE_NOT_ACTIVE`` otherwise."""
     v = Violations()
-    lease_id = _uuid(v, "lease_id", request.lease_id)
+    lease_id = collect_uuid(v, "lease_id", request.lease_id)
     ttl = _ttl(v, "ttl_seconds", request.ttl_seconds, default=None)
     v.raise_if_any()
     assert lease_id is not None
@@ -122,7 +121,7 @@ async def release_lease(
     ``released``. Idempotent: a lease no longer active is returned as it is. Audited as
     ``environment.lease_released``."""
     v = Violations()
-    lease_id = _uuid(v, "lease_id", request.lease_id)
+    lease_id = collect_uuid(v, "lease_id", request.lease_id)
     reason = request.failure_reason.strip()
     if len(request.failure_reason) > MAX_FAILURE_REASON:
         v.add("failure_reason", f"must be at most {MAX_FAILURE_REASON} characters")
@@ -151,7 +150,7 @@ async def release_run_leases(
     or running. The ids ended by this call (none on a repeat)."""
     require_service(actor)
     v = Violations()
-    run_id = _uuid(v, "run_id", request.run_id)
+    run_id = collect_uuid(v, "run_id", request.run_id)
     claimed = None
     if request.run_status != runs_pb.RUN_STATUS_UNSPECIFIED:
         claimed = RUN_STATUS_FROM_PROTO.get(request.run_status)
@@ -198,11 +197,11 @@ async def release_workspace_leases(
 
 def _parse_acquire(request: pb.AcquireEnvironmentLeaseRequest) -> Wanted:
     v = Violations()
-    company_id = _uuid(v, "company_id", request.company_id)
-    environment_id = _uuid(v, "environment_id", request.environment_id)
-    workspace_id = _uuid(v, "workspace_id", request.workspace_id)
-    run_id = _uuid(v, "run_id", request.run_id, required=False)
-    issue_id = _uuid(v, "issue_id", request.issue_id, required=False)
+    company_id = collect_uuid(v, "company_id", request.company_id)
+    environment_id = collect_uuid(v, "environment_id", request.environment_id)
+    workspace_id = collect_uuid(v, "workspace_id", request.workspace_id)
+    run_id = collect_uuid(v, "run_id", request.run_id, required=False)
+    issue_id = collect_uuid(v, "issue_id", request.issue_id, required=False)
     ttl = _ttl(v, "ttl_seconds", request.ttl_seconds, default=DEFAULT_TTL_SECONDS)
     policy = request.lease_policy or POLICIES[0]
     if policy not in POLICIES:
@@ -346,19 +345,6 @@ def _agent_mismatch(actor: Actor, run_id: str) -> PermissionDenied:
         reason="AGENT_MISMATCH",
         metadata={"actor_run_id": actor.run_id or "", "run_id": run_id},
     )
-
-
-def _uuid(v: Violations, field: str, value: str, *, required: bool = True) -> str | None:
-    """The canonical form of a UUID field, or None ('' when not ``required``)."""
-    if value == "":
-        if required:
-            v.add(field, "is required")
-        return None
-    try:
-        return str(uuid.UUID(value))
-    except ValueError:
-        v.add(field, f"must be a UUID, got {value[:64]!r}")
-        return None
 
 
 def _ttl(v: Violations, field: str, value: int, *, default: int | None) -> int | None:
