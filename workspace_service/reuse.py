@@ -13,7 +13,7 @@ all means ``reuse``. Either way the decision is recorded as a
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from common.actor import Actor
 from common.audit import record_activity
@@ -22,10 +22,8 @@ from workspace_service import provisioning, store
 from workspace_service.deps import WorkspaceDeps
 from workspace_service.model import WorkspaceRecord
 from workspace_service.workspace_config import COMMAND_KEYS, merge_config
+from workspace_service.workspace_request import NewWorkspace
 from workspace_service.workspaces import workspace_proto
-
-if TYPE_CHECKING:
-    from workspace_service.workspace_create import NewWorkspace
 
 FRESHNESS_PHASE = "workspace_config_freshness"
 

@@ -23,14 +23,16 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import asyncpg
 import psutil
 
 from common.actor import SYSTEM_ACTOR
+from common.db import Database
 from common.errors import PaperclipError
 from workspace_service import commands, store
 from workspace_service import runtime_store as rows
@@ -38,12 +40,36 @@ from workspace_service.commands import CommandDef
 from workspace_service.environment import render, template_values
 from workspace_service.model import RuntimeServiceRecord, WorkspaceRecord
 from workspace_service.readiness import adoption_refusal
-from workspace_service.recorder import OperationContext, Recorder
+from workspace_service.recorder import Operation, OperationContext, Recorder
 from workspace_service.service_process import kill_recorded_tree
 from workspace_service.workspace_config import service_state
 
-if TYPE_CHECKING:
-    from workspace_service.runtime_services import RuntimeSupervisor
+
+class RuntimeSupervisor(Protocol):
+    """What start-up needs of the host's supervisor (``runtime_services``)."""
+
+    @property
+    def db(self) -> Database: ...
+
+    host: str
+
+    def serialized(
+        self, workspace_id: str, command_id: str
+    ) -> AbstractAsyncContextManager[None]: ...
+
+    def supervises(self, service_id: str) -> bool: ...
+
+    def adopt(self, row: RuntimeServiceRecord) -> None: ...
+
+    async def start_service(
+        self,
+        workspace: WorkspaceRecord,
+        command: CommandDef,
+        *,
+        op: Operation,
+        started_by_run_id: str | None = None,
+    ) -> RuntimeServiceRecord: ...
+
 
 logger = logging.getLogger(__name__)
 

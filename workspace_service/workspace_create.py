@@ -5,7 +5,6 @@ issue with its commands and runtime refreshed (reference §8, §9)."""
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,36 +21,13 @@ from workspace_service.config_validation import check_config
 from workspace_service.deps import WorkspaceDeps
 from workspace_service.model import MODE_FROM_PROTO, STRATEGY_FROM_PROTO, WorkspaceRecord
 from workspace_service.recorder import Recorder
-from workspace_service.workspace_config import Config, config_from_proto, has_host_commands
+from workspace_service.workspace_config import config_from_proto, has_host_commands
+from workspace_service.workspace_request import NewWorkspace
 from workspace_service.workspaces import company_not_found, optional_uuid, workspace_proto
 
 ENTITY_TYPE = "execution_workspace"
 MAX_PATH = 4096
 MAX_REF = 250
-
-
-@dataclass(frozen=True)
-class NewWorkspace:
-    """A validated CreateExecutionWorkspace request."""
-
-    company_id: str
-    name: str
-    mode: str
-    strategy_type: str
-    cwd: str | None
-    repo_url: str | None
-    repo_path: str | None
-    base_ref: str | None
-    branch_name: str | None
-    source_issue_id: str | None
-    project_id: str | None
-    config: Config | None
-    has_config: bool
-    reuse_existing: bool
-
-    @property
-    def is_git_worktree(self) -> bool:
-        return self.strategy_type == "git_worktree"
 
 
 async def create_workspace(
