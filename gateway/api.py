@@ -9,7 +9,7 @@ from gateway import accounts
 from paperclip.gateway.v1 import auth_pb2, auth_pb2_grpc
 
 
-class AuthApi(auth_pb2_grpc.AuthServiceServicer):
+class AuthServicer(auth_pb2_grpc.AuthServiceServicer):
     """WhoAmI, and board keys for instance admins."""
 
     def __init__(self, db: Database) -> None:

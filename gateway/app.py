@@ -17,7 +17,7 @@ from common.embedded_pg import asyncpg_dsn
 from common.errors import ConfigError
 from common.outage import watch_database
 from common.server import RunningServer, ServiceSpec, start_server
-from gateway.api import AuthApi
+from gateway.api import AuthServicer
 from gateway.authn import AuthCache, BearerAuthenticator, listen_for_invalidations
 from gateway.backend_health import SERVING, follow_backends
 from gateway.proxy import Proxy
@@ -76,7 +76,7 @@ async def start_gateway(
     cache = AuthCache()
     authenticator = BearerAuthenticator(db, settings.jwt_secret, cache)
     proxy = Proxy(build_routes(), channels, settings.internal_key)
-    auth = AuthApi(db)
+    auth = AuthServicer(db)
     running = await start_server(
         [
             ServiceSpec(

@@ -24,7 +24,7 @@ from paperclip.issues.v1 import (
 )
 
 
-class IssueApi(issues_pb2_grpc.IssueServiceServicer):
+class IssueServicer(issues_pb2_grpc.IssueServiceServicer):
     """paperclip.issues.v1.IssueService."""
 
     def __init__(self, db: Database) -> None:
@@ -160,7 +160,7 @@ class IssueApi(issues_pb2_grpc.IssueServiceServicer):
         return issues_pb2.ListActivityResponse(entries=rows, next_page_token=token)
 
 
-class IssueLockApi(issue_locks_pb2_grpc.IssueLockServiceServicer):
+class IssueLockServicer(issue_locks_pb2_grpc.IssueLockServiceServicer):
     """paperclip.issues.v1.IssueLockService (internal)."""
 
     def __init__(self, db: Database) -> None:

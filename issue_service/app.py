@@ -7,7 +7,7 @@ from common.db import Database
 from common.server import ServiceSpec
 from common.service_main import Wiring
 from issue_service import retention
-from issue_service.api import IssueApi, IssueLockApi
+from issue_service.api import IssueLockServicer, IssueServicer
 from issue_service.sweeper import sweep_forever
 from paperclip.issues.v1 import issue_locks_pb2_grpc, issues_pb2_grpc
 
@@ -21,12 +21,14 @@ def service_specs(db: Database, settings: Settings) -> list[ServiceSpec]:
     return [
         ServiceSpec(
             ISSUE_SERVICE,
-            lambda server: issues_pb2_grpc.add_IssueServiceServicer_to_server(IssueApi(db), server),
+            lambda server: issues_pb2_grpc.add_IssueServiceServicer_to_server(
+                IssueServicer(db), server
+            ),
         ),
         ServiceSpec(
             ISSUE_LOCK_SERVICE,
             lambda server: issue_locks_pb2_grpc.add_IssueLockServiceServicer_to_server(
-                IssueLockApi(db), server
+                IssueLockServicer(db), server
             ),
         ),
     ]
