@@ -1,6 +1,6 @@
 """Authorization rules shared by every service: company scope, board-only, service-only.
 
-Authorization lives next to the data (ARCHITECTURE.md): each service function calls
+Authorization lives next to the data (docs/architecture.md): each service function calls
 these with the actor of the request before it reads or writes.
 """
 

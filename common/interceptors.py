@@ -47,7 +47,7 @@ class Authenticator(Protocol):
 
 
 class SignedActorAuthenticator:
-    """Services trust only an actor signed with the internal key (ARCHITECTURE.md)."""
+    """Services trust only an actor signed with the internal key (docs/architecture.md)."""
 
     def __init__(self, internal_key: bytes) -> None:
         self._key = internal_key

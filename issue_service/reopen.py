@@ -1,7 +1,7 @@
 """IssueLockService.ReopenIssue: a done or cancelled issue back to ``todo``.
 
 The run service calls it when it promotes a deferred comment wake on an issue that was
-closed meanwhile (reference §5, "Lock release"): a board user's comment asked for more
+closed meanwhile: a board user's comment asked for more
 work, so the promoted run must find the issue open. Whether a wake warrants a reopen is
 the run service's decision; this is only the compare-and-set: done/cancelled -> todo,
 anything else unchanged (so a repeat writes nothing).

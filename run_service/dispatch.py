@@ -14,7 +14,7 @@ runs (oldest queued run first), in one transaction per agent:
 3. Free slots = ``max_concurrent_runs`` - the agent's ``running`` runs (all nodes),
    capped by the node's free process slots (``settings.max_processes`` - live local
    processes, passed in by the runner).
-4. Pick the agent's queued runs in reference §3 order: issue in progress first, then other
+4. Pick the agent's queued runs in this order: issue in progress first, then other
    issue runs, then issue-less runs, then runs on a blocked issue; within a rank by issue
    priority (critical first), then age. Runs whose issue's execution lock is held by
    another live run are skipped (deferred: they start when the holder ends). The picked

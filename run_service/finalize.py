@@ -7,12 +7,12 @@ the lifecycle terminal event (message ``run <status>``, payload ``{"terminal": t
 "status": ...}``; ``WatchRun`` ends after it), the wakeup request's final status, and the
 agent's runtime state (``INSERT ... ON CONFLICT``, race-free).
 
-:func:`after_terminal` runs *after* that commit (ARCHITECTURE, "Run ends"):
+:func:`after_terminal` runs *after* that commit (docs/architecture.md, "Run ends"):
 
 1. ``ReleaseRunLocks`` on the issue service (retried until acknowledged), and beside
    it (concurrently, so it never delays what follows) ``ReleaseRunLeases`` on the
    workspace service;
-2. the **comment policy** (reference §5 "Follow-ups" 2, :func:`apply_comment_policy`):
+2. the **comment policy**:
    a succeeded issue run woken by ``issue_assigned`` or ``execution_*`` that wrote no
    comment on its issue gets exactly one retry (reason ``missing_issue_comment``,
    ``retry_of_run_id`` = the run); a retry that again wrote none gets nothing. The
@@ -51,7 +51,7 @@ logger = logging.getLogger(__name__)
 
 _WAKE_STATUS = {"succeeded": "completed", "cancelled": "cancelled"}  # else: failed
 
-#: Comment policy (reference §5 "Follow-ups" 2): the wake reasons it applies to, the
+#: Comment policy: the wake reasons it applies to, the
 #: reason of its one retry, and the outcomes recorded as ``context.commentPolicy``.
 POLICY_REASONS = frozenset({"issue_assigned"})
 POLICY_REASON_PREFIX = "execution_"

@@ -4,7 +4,7 @@ Every call is signed with the internal key. Lock calls act as the ``run_service`
 service actor; the harness checkout acts as the *agent* inside its run, which is how the
 issue service knows the run (not a board user) checked the issue out.
 
-All calls are idempotent compare-and-set operations (ARCHITECTURE, "Cross-service
+All calls are idempotent compare-and-set operations (docs/architecture.md, "Cross-service
 calls"), so repeating one is always safe. ``ReleaseRunLocks`` is retried with backoff
 until it is acknowledged; only a shutdown of the run service gives up early (the issue
 service's stale-lock sweep converges then).
@@ -94,7 +94,7 @@ class IssueClient:
         self, *, issue_id: str, agent_id: str, company_id: str, run_id: str
     ) -> issues_pb2.Issue:
         """Check the issue out for the run, as the agent acting inside it (harness
-        auto-checkout, reference §4 step 2); raises ``PaperclipError`` on a conflict."""
+        auto-checkout); raises ``PaperclipError`` on a conflict."""
         _, issues = self._stubs()
         actor = Actor(type=ActorType.AGENT, agent_id=agent_id, company_id=company_id, run_id=run_id)
         try:

@@ -1,5 +1,4 @@
-"""Stranded agent-assigned issues: ``ReconcileStrandedIssues`` and its periodic job
-(reference §7.3).
+"""Stranded agent-assigned issues: ``ReconcileStrandedIssues`` and its periodic job.
 
 A *candidate* is an issue assigned to an agent (never to a user) in ``todo`` or
 ``in_progress``, whose agent is active and in the issue's company, with no queued or
@@ -99,7 +98,7 @@ def decide(
     *,
     has_run_link: bool,
 ) -> Action:
-    """The decision table of reference §7.3 (``latest_status`` None: no run yet)."""
+    """The decision table of the module docstring (``latest_status`` None: no run yet)."""
     unsuccessful = latest_status in UNSUCCESSFUL
     if issue_status == "todo":
         if latest_status is None or latest_status == "succeeded":
@@ -126,7 +125,7 @@ def _decide_row(row: Row) -> Action:
 
 
 def escalation_body(action: Action, row: Row) -> str:
-    """The comment of an escalation (reference §7.3 wording)."""
+    """The comment of an escalation."""
     if action is Action.ESCALATE_DISPATCH:
         head = (
             "Paperclip automatically retried dispatch for this assigned issue, but it still "

@@ -1,6 +1,6 @@
 """Recovery of ``running`` runs whose supervisor is gone: adoption, ``process_lost``,
-exactly one automatic retry (ARCHITECTURE, "Run liveness is the source of truth";
-reference §7.1).
+exactly one automatic retry (docs/architecture.md, "Run liveness is the source of
+truth").
 
 **Which runs.** A pass looks at ``running`` runs whose supervisor node is *dead* and is
 not this node (this node's own runs are supervised in memory):

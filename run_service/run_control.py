@@ -1,4 +1,4 @@
-"""Controlling runs: CancelRun and ReportRunActivity (reference §6 and §7.2).
+"""Controlling runs: CancelRun and ReportRunActivity.
 
 CancelRun ends a run as ``cancelled`` whatever state it is in, idempotently:
 

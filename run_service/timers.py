@@ -1,5 +1,4 @@
-"""Timer wakes: agents with ``heartbeat_interval_seconds`` > 0 (reference §7.4, user-asks
-row 10).
+"""Timer wakes: agents with ``heartbeat_interval_seconds`` > 0.
 
 An active agent is *due* when ``now >= base + interval + jitter``, where ``base`` is its
 ``agent_runtime_state.last_heartbeat_at`` (written by every terminal run write, and by

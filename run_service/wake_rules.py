@@ -1,4 +1,4 @@
-"""Wake rules (reference §2): request checks, pre-check skips, run context, merging,
+"""Wake rules: request checks, pre-check skips, run context, merging,
 follow-ups, and the SQL statements of the wake flow.
 
 No I/O here; ``run_service.wakes`` applies these inside the caller's transaction.
@@ -36,7 +36,7 @@ ISSUE_NOT_FOUND = "issue_execution_issue_not_found"
 #: A deferred wake whose agent could not run any more when the issue was released.
 NOT_INVOKABLE = "agent_not_invokable"
 
-#: Reasons that need a fresh run after a running one, like a comment (reference §2).
+#: Reasons that need a fresh run after a running one, like a comment.
 FOLLOW_UP_REASONS = frozenset({"approval_approved", "issue_blockers_resolved"})
 #: Context keys the service owns; a stale one in a payload is dropped.
 _DROPPED_KEYS = ("paperclipWake",)

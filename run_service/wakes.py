@@ -1,5 +1,5 @@
 """Wakes: ``WakeAgent``, the shared core the outbox consumer uses, and the promotion of
-deferred wakes when an issue is released (reference §2 and §5).
+deferred wakes when an issue is released.
 
 Every wake is its own record in ``runs.wakeup_requests``: ``queued`` (a run was queued
 for it), ``coalesced`` (merged into a queued or running run, ``run_id`` set; or merged
@@ -41,7 +41,7 @@ ONE_ACTIVE_RUN_INDEX = "heartbeat_runs_one_active_per_agent_issue"
 _ATTEMPTS = 5
 #: The wake reason of a comment that reopened its issue (outbox ``issue.reopened``).
 REOPENED_VIA_COMMENT = "issue_reopened_via_comment"
-#: Issue statuses a promoted comment wake may reopen (reference §5, "Lock release").
+#: Issue statuses a promoted comment wake may reopen.
 CLOSED_STATUSES = frozenset({"done", "cancelled"})
 
 _NEXT_DEFERRED = sql(
@@ -316,7 +316,7 @@ async def wake_agent(
 
 async def promote_deferred(db: Database, issue_id: str) -> str | None:
     """After the run holding ``issue_id`` ended and released it: queue a run for the
-    oldest deferred wake of the issue (reference §5) and return its id. Wakes whose agent
+    oldest deferred wake of the issue and return its id. Wakes whose agent
     can no longer run are marked failed and the next one is tried; at most one wake is
     promoted per call; None when none is left or the issue already has an active run."""
     async with db.unit_of_work() as tx:
@@ -370,7 +370,7 @@ async def next_deferred(db: Database, issue_id: str) -> Row | None:
 
 
 async def reopen_wanted(db: Database, wake: Row | Mapping[str, Any], finishing_run_id: str) -> bool:
-    """Whether promoting ``wake`` must first reopen its issue (reference §5, V2 rule).
+    """Whether promoting ``wake`` must first reopen its issue.
 
     Only a comment wake on a done or cancelled issue, and only when a board user asked
     for more work: one of its comments was written by a user, or it is an

@@ -1,5 +1,5 @@
 """The run service's client of the workspace service: ``ReleaseRunLeases`` after a run
-ends (ARCHITECTURE, "Run ends").
+ends (docs/architecture.md, "Run ends").
 
 Calls are signed as the ``run_service`` service actor. The call is an idempotent
 compare-and-set (the workspace service checks the run really ended and touches only

@@ -1,4 +1,4 @@
-"""Who may do what to a workspace (reference §11).
+"""Who may do what to a workspace.
 
 Reads: anyone who may read the company. Changes, runtime control and archiving: board
 users with write access, services, or an agent whose open issue the workspace was made

@@ -1,4 +1,4 @@
-"""ArchiveExecutionWorkspace (reference §3 archive flow, §7 cleanup).
+"""ArchiveExecutionWorkspace.
 
 Refused with FAILED_PRECONDITION ``WORKSPACE_CLOSE_BLOCKED`` (nothing changes) while
 close readiness is blocked. Otherwise the workspace is closed first (archived, its

@@ -1,4 +1,4 @@
-"""Removing a closed workspace's artifacts (reference §7): its cleanup and teardown
+"""Removing a closed workspace's artifacts: its cleanup and teardown
 commands, then its worktree and the branch Paperclip created, or the directory
 Paperclip created for it.
 

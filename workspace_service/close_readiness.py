@@ -1,4 +1,4 @@
-"""GetCloseReadiness (reference §6): whether a workspace may be archived now, what
+"""GetCloseReadiness: whether a workspace may be archived now, what
 warrants a warning, and what archiving will do.
 
 Blocking: an isolated workspace whose issue is still open; a closed workspace; and,

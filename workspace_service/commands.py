@@ -1,4 +1,4 @@
-"""Workspace command definitions (reference §2): the services and jobs of a runtime
+"""Workspace command definitions: the services and jobs of a runtime
 config, with stable ids, display names and service indexes, and how a request selects
 one.
 
@@ -16,10 +16,10 @@ from typing import Any, Literal
 Kind = Literal["service", "job"]
 
 DEFAULT_PORT_ENV = "PORT"
-#: Readiness poll interval: default and floor (reference §4).
+#: Readiness poll interval: default and floor.
 DEFAULT_INTERVAL_MS = 500
 MIN_INTERVAL_MS = 100
-#: Readiness timeout: dev-server commands get longer (reference §4, scenario 28).
+#: Readiness timeout: dev-server commands get longer.
 DEV_SERVER_TIMEOUT_S = 90
 DEFAULT_READY_TIMEOUT_S = 30
 DEFAULT_JOB_TIMEOUT_S = 3600

@@ -1,4 +1,4 @@
-"""ControlRuntimeServices (reference §3): start, stop or restart a workspace's runtime
+"""ControlRuntimeServices: start, stop or restart a workspace's runtime
 services, or run one of its jobs, as one recorded operation.
 
 Checks run in the reference's order, each refusal with its own reason and nothing

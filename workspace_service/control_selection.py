@@ -1,4 +1,4 @@
-"""What a ControlRuntimeServices request targets (reference §3 steps 4-9): checked in
+"""What a ControlRuntimeServices request targets: checked in
 order, each refusal with its own code and reason, before anything runs."""
 
 from __future__ import annotations

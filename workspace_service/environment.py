@@ -1,7 +1,6 @@
-"""The environment of commands run on the host for a workspace (reference §4 "Env
-layers", §7): the service's own environment without Paperclip's secrets, then the
-workspace variables, then the command's own entries; and the ``{{name}}`` templates
-those entries and URLs may use."""
+"""The environment of commands run on the host for a workspace: the service's own
+environment without Paperclip's secrets, then the workspace variables, then the
+command's own entries; and the ``{{name}}`` templates those entries and URLs may use."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The git part of close readiness (reference §6): what would be lost or left behind
+"""The git part of close readiness: what would be lost or left behind
 if a workspace's checkout were removed now.
 
 Read-only and unrecorded. ``GIT_OPTIONAL_LOCKS=0`` keeps ``git status`` from taking

@@ -1,4 +1,4 @@
-"""Git worktree workspaces (reference §8): the branch a workspace works on, the base it
+"""Git worktree workspaces: the branch a workspace works on, the base it
 starts from, and the worktree that holds it, created, reused or re-attached.
 
 Every command that changes the repository is a recorded ``worktree_prepare``

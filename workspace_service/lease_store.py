@@ -1,5 +1,5 @@
 """SQL of environment leases, their record and proto form, and how leases end: the
-mapping from a run's end to its leases' (reference §10 "Release", scenario 34).
+mapping from a run's end to its leases'.
 
 Every statement runs in the unit of work of the caller. Ending leases is one
 ``UPDATE ... FROM unnest(...)`` for any number of them, with an audit row for each in

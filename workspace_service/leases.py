@@ -1,4 +1,4 @@
-"""Environment leases (reference §10; user asks row 23): AcquireEnvironmentLease,
+"""Environment leases: AcquireEnvironmentLease,
 RenewEnvironmentLease, ReleaseEnvironmentLease and the internal ReleaseRunLeases.
 
 A lease is a run's (or a board user's) claim on an environment for a workspace, with a

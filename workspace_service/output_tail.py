@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import hashlib
 
-#: Bytes of each stream kept (reference §5).
+#: Bytes of each stream kept.
 TAIL_BYTES = 256 * 1024
 #: Characters of each stream shown as an excerpt.
 EXCERPT_CHARS = 4096

@@ -93,7 +93,7 @@ async def reserve_port(
 
     No port wanted: ``write(None)``. An explicit port: refused (``RUNTIME_PORT_IN_USE``)
     when something listens on it or the database reserves it. ``auto_port``: the
-    ``previous`` port if free (reference §4), else a free one; a port another workspace
+    ``previous`` port if free, else a free one; a port another workspace
     reserved first is dropped and another picked, a bounded number of times.
     """
     if not command.wants_port:

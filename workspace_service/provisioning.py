@@ -1,8 +1,8 @@
-"""Making a persisted workspace usable again before work runs in it (reference §8
-``ensurePersistedExecutionWorkspaceAvailable``) and running its provision command.
+"""Making a persisted workspace usable again before work runs in it, and running its
+provision command.
 
 Only git worktree workspaces are provisioned: the provision command belongs to the
-worktree strategy (reference §9), and a plain directory is used as stored.
+worktree strategy, and a plain directory is used as stored.
 """
 
 from __future__ import annotations

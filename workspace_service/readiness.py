@@ -1,4 +1,4 @@
-"""Readiness of a runtime service (reference §4 "Readiness"): HTTP GET until a 2xx.
+"""Readiness of a runtime service: HTTP GET until a 2xx.
 
 The probe speaks just enough HTTP/1.1 over asyncio streams (``http://`` only) to read a
 status line, so no HTTP client dependency is needed and a probe never blocks the loop.

@@ -1,4 +1,4 @@
-"""The operation recorder (reference §5): every command run in a workspace is one
+"""The operation recorder: every command run in a workspace is one
 ``workspace_operations`` row.
 
 The row is inserted as ``running`` (and committed, so the operation is visible while it

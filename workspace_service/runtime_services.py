@@ -1,4 +1,4 @@
-"""The runtime services of this host's workspaces (reference §4): supervised process
+"""The runtime services of this host's workspaces: supervised process
 groups with a reserved port, a readiness check, a watcher, a tree-wide stop, and
 adoption after the workspace service restarts.
 
@@ -376,7 +376,7 @@ class RuntimeSupervisor:
 
 
 def _service_cwd(workspace_cwd: str, command_cwd: str) -> str:
-    """The command's directory: relative to the workspace's (reference §4), or absolute."""
+    """The command's directory: relative to the workspace's, or absolute."""
     return os.path.normpath(os.path.join(workspace_cwd, command_cwd or "."))
 
 
@@ -392,7 +392,7 @@ def _start_failed(
     name: str, reason: str, *, tail: str = "", service_id: str | None = None
 ) -> FailedPrecondition:
     """``RUNTIME_SERVICE_START_FAILED``: "Failed to start runtime service "<name>":
-    <reason> | stderr: <tail>" (reference §4 "Readiness")."""
+    <reason> | stderr: <tail>"."""
     message = _with_tail(f'Failed to start runtime service "{name}": {reason}', tail)
     metadata = {"runtime_service_id": service_id} if service_id else {}
     return FailedPrecondition(message, reason=START_FAILED, metadata=metadata)

@@ -1,6 +1,6 @@
-"""The start-up pass of a workspace-service process (reference §4 "Startup", scenario
-29): judge the runtime services an earlier process of this host left recorded, then
-bring back those that should run.
+"""The start-up pass of a workspace-service process (scenario 29): judge the runtime
+services an earlier process of this host left recorded, then bring back those that
+should run.
 
 - **Reconcile.** Each ``starting``/``running`` row of this host that no process here
   watches: a live process (pid + create time) that is healthy (its readiness URL

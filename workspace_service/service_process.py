@@ -167,7 +167,7 @@ async def kill_recorded_tree(row: RuntimeServiceRecord) -> None:
 
 
 def exited_cleanly(code: int) -> bool:
-    """Exit 0 or SIGTERM (reference §4 "Exit"); 143 is how a shell that did not exec
+    """Exit 0 or SIGTERM; 143 is how a shell that did not exec
     its command reports a SIGTERMed child."""
     return code in (0, -signal.SIGTERM, 128 + signal.SIGTERM)
 

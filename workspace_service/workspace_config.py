@@ -1,11 +1,12 @@
-"""A workspace's configuration (reference §1 ``metadata.config``): its host-executed
+"""A workspace's configuration: its host-executed
 commands, its runtime services and jobs, and their desired state.
 
 Stored as one JSON object in ``execution_workspaces.config`` (NULL when empty). The
 read rules: strings are trimmed and an empty one is absent; unknown desired states are
 dropped; a config with nothing in it is no config. The merge rules: only the keys a
 patch names change; a ``None`` patch, or a merge that leaves nothing, deletes the
-config. The desired-state patch of a start or stop is reference §4.7.
+config. A start or stop patches the desired state of what it targets (``desired_state``
+for the whole workspace, ``service_states`` per service).
 """
 
 from __future__ import annotations

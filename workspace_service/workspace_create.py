@@ -1,6 +1,6 @@
 """CreateExecutionWorkspace: make a workspace (a directory or a git worktree), record
 it, provision it; or, with ``reuse_existing``, hand back the open workspace of the same
-issue with its commands and runtime refreshed (reference §8, §9)."""
+issue with its commands and runtime refreshed."""
 
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """UpdateExecutionWorkspace (AIP-134): change the fields an update mask names.
 
 ``config`` replaces the whole config (unset deletes it); ``config.<key>`` merges that
-one key (reference §1). Agents are refused any path that sets host-executed commands
+one key. Agents are refused any path that sets host-executed commands
 before anything else is looked at (§11). A closed workspace keeps its location and
 config: only its name, metadata and cleanup fields change.
 """

@@ -1,5 +1,4 @@
-"""Comment wakes with real agent processes (reference §5 "Follow-ups" and "Lock release",
-§8; scenarios C24-C27, C29, C30), and ``IssueLockService.ReopenIssue``.
+"""Comment wakes with real agent processes, and ``IssueLockService.ReopenIssue``.
 
 The session's issue and run services and runner; comments go through ``AddComment``
 (as the board, or as an agent inside its run), the outbox is consumed by calling
@@ -355,7 +354,8 @@ async def test_c26_deferred_mention_by_an_agent_leaves_the_done_issue_done(
 async def test_reopen_decision_needs_a_user_comment_not_written_by_the_finishing_run(
     world: World,
 ) -> None:
-    """``wakes.reopen_wanted`` on its own: the V2 rule of reference §5."""
+    """``wakes.reopen_wanted`` on its own: a promoted wake reopens a closed issue only
+    for a board user's comment."""
     a = await world.gated_agent()
     issue = await world.issue(assignee=a)
     run1 = await start_holding(world, a, issue, "manual")

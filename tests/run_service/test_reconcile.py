@@ -1,4 +1,4 @@
-"""ReconcileStrandedIssues (reference §7.3, scenarios A8-A11, A14-A16).
+"""ReconcileStrandedIssues.
 
 Issues and runs are seeded by SQL in a fresh company per test; the issue service is
 real (escalation goes through EscalateStrandedIssue). Passes are scoped to the test's

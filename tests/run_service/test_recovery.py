@@ -1,4 +1,4 @@
-"""Recovery of running runs whose supervisor node died (reference §7.1, §10 A1-A4, B21):
+"""Recovery of running runs whose supervisor node died:
 real agent-like processes, real PostgreSQL, the real ReapOrphanedRuns RPC.
 
 Each test records a *dead* supervisor node on this host (its pid is gone, its lease not

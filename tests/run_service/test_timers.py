@@ -1,4 +1,4 @@
-"""Timer wakes (reference §7.4, user-asks row 10): one per interval, deterministic
+"""Timer wakes: one per interval, deterministic
 jitter, no burst after downtime, coalesced into the agent's issue-less run."""
 
 from __future__ import annotations

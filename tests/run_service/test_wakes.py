@@ -1,4 +1,4 @@
-"""Wakes (reference §2, §5, §8; scenarios C22-C23, C28, E38): coalescing, deferral,
+"""Wakes: coalescing, deferral,
 skips, idempotency, races and the promotion of deferred wakes, on real PostgreSQL.
 
 Rows are seeded straight into the tables and ``wake_agent`` / ``enqueue_wake`` /

@@ -1,4 +1,4 @@
-"""Artifact cleanup (reference §7, scenarios 18 and 19): commands first, each failure a
+"""Artifact cleanup: commands first, each failure a
 warning; then the worktree, the runtime-created branch only when merged, or the
 runtime-created directory unless it holds the repository. Real git, real PostgreSQL."""
 

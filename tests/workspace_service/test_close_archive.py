@@ -1,6 +1,5 @@
 """GetCloseReadiness and ArchiveExecutionWorkspace through the real service, with real
-directories, git worktrees and service processes (reference §3, §6, §7; scenarios 3,
-18, 31)."""
+directories, git worktrees and service processes."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""ControlRuntimeServices (reference §3): every check in order with its code and reason
+"""ControlRuntimeServices: every check in order with its code and reason
 and nothing written; start, stop and restart of real services; jobs run as nested
 operations; the desired state written per §4.7 (scenarios 6, 26, 27)."""
 

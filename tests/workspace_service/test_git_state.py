@@ -1,4 +1,4 @@
-"""The git part of close readiness (reference §6): untracked and modified files, commits
+"""The git part of close readiness: untracked and modified files, commits
 ahead (and whether they are merged) and behind the base, and inspection failures. Real
 git in temporary directories, workspace rows in real PostgreSQL."""
 

@@ -1,4 +1,4 @@
-"""Git worktree workspaces (reference §8, scenarios 13-17 and 20): branch names, the
+"""Git worktree workspaces: branch names, the
 detected base, creating, reusing and refusing worktrees, re-attaching a deleted one and
 provisioning it again. Real git in temporary directories, real PostgreSQL."""
 

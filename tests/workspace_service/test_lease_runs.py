@@ -1,4 +1,4 @@
-"""Real runs that hold an environment lease and end (ARCHITECTURE, "Run ends"; user
+"""Real runs that hold an environment lease and end (docs/architecture.md, "Run ends"; user
 asks row 23): the run service's after-terminal step calls ReleaseRunLeases on the
 workspace server, and no active lease is left, whichever way the run ended.
 

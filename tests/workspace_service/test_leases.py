@@ -1,6 +1,6 @@
-"""Environment leases over the real workspace server (reference §10, scenarios 33-34;
-user asks row 23): acquire, renew, release, ReleaseRunLeases, one active lease per
-(environment, workspace) under a race, authorization and bad input.
+"""Environment leases over the real workspace server (scenarios 33-34): acquire, renew,
+release, ReleaseRunLeases, one active lease per (environment, workspace) under a race,
+authorization and bad input.
 
 Runs are rows written as the run service would (``insert_run``): these tests pin the
 lease rules; ``test_lease_runs`` ends real runs.

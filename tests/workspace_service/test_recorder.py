@@ -1,4 +1,4 @@
-"""The operation recorder (reference §5): one row per command, with status, exit code,
+"""The operation recorder: one row per command, with status, exit code,
 the kept tail of each stream behind a truncation marker, excerpts, sizes and digests;
 failures, time limits and cancellation recorded, never left running."""
 

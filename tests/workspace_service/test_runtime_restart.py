@@ -1,4 +1,4 @@
-"""The workspace service restarting (reference §4 "Startup", scenario 29): recorded
+"""The workspace service restarting: recorded
 services are adopted when their process is alive and healthy, cleared otherwise, and
 services whose desired state is running come back.
 

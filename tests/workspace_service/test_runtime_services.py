@@ -1,4 +1,4 @@
-"""Runtime services as real process trees (reference §4, scenarios 24 and 28): start on
+"""Runtime services as real process trees: start on
 a reserved port, readiness over HTTP, the environment a service gets, the watcher of a
 service that exits by itself, and a stop that leaves no process of the tree behind.
 

@@ -1,5 +1,5 @@
-"""The configuration rules of reference §1 and §4.7 and the command definitions of §2,
-as plain functions (scenarios 27, 28, 30)."""
+"""The configuration rules (stored form, merges, desired-state patches) and the command
+definitions, as plain functions (scenarios 27, 28, 30)."""
 
 from __future__ import annotations
 

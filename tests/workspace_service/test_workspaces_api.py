@@ -1,6 +1,5 @@
 """Execution workspaces through the real WorkspaceService: create (local directories),
-get, list, update with update masks, reuse and refresh (reference §1, §3, §9, §11;
-scenarios 8, 10, 11, 30, 32)."""
+get, list, update with update masks, reuse and refresh."""
 
 from __future__ import annotations
 
