@@ -181,10 +181,19 @@ async def _record_comment(
     reopened_from: Status | None,
     flags: CommentFlags,
 ) -> None:
-    company, issue = str(row["company_id"]), str(row["id"])
-    comment_id = str(comment["id"])
+    """The audit row of a comment and the outbox events it causes: a reopen or a comment
+    event for the assignee, a mention event per other agent named, an interrupt."""
+    _audit_comment(tx, actor, row, comment, reopened_from)
+    await _emit_wakes(tx, actor, row, comment, reopened_from=reopened_from, flags=flags)
+    if flags.interrupt:
+        _request_interrupt(tx, actor, row, str(comment["id"]))
+
+
+def _audit_comment(
+    tx: Tx, actor: Actor, row: Row, comment: Row, reopened_from: Status | None
+) -> None:
     details: dict[str, object] = {
-        "commentId": comment_id,
+        "commentId": str(comment["id"]),
         "bodySnippet": comment["body"][:SNIPPET],
         "identifier": row["identifier"],
         "issueTitle": row["title"],
@@ -194,12 +203,27 @@ async def _record_comment(
     record_activity(
         tx,
         actor=actor,
-        company_id=company,
+        company_id=str(row["company_id"]),
         action="issue.comment_added",
         entity_type="issue",
-        entity_id=issue,
+        entity_id=str(row["id"]),
         details=details,
     )
+
+
+async def _emit_wakes(
+    tx: Tx,
+    actor: Actor,
+    row: Row,
+    comment: Row,
+    *,
+    reopened_from: Status | None,
+    flags: CommentFlags,
+) -> None:
+    """One event per agent to wake: the assignee (reopened, or commented while open),
+    then each other agent mentioned; never the commenting agent itself."""
+    company, issue = str(row["company_id"]), str(row["id"])
+    comment_id = str(comment["id"])
     woken: set[str] = set()
     if actor.is_agent and actor.agent_id:
         woken.add(actor.agent_id)
@@ -247,26 +271,29 @@ async def _record_comment(
             target_agent_id=agent_id,
             payload={"issueId": issue, "commentId": comment_id},
         )
-    if flags.interrupt:
-        run = text_or_none(row["execution_run_id"])
-        record_activity(
-            tx,
-            actor=actor,
-            company_id=company,
-            action="issue.interrupt_requested",
-            entity_type="issue",
-            entity_id=issue,
-            details={"runId": run, "commentId": comment_id, "source": "issue_comment_interrupt"},
-        )
-        emit(
-            tx,
-            actor=actor,
-            company_id=company,
-            issue_id=issue,
-            type=EventType.INTERRUPT_REQUESTED,
-            target_agent_id=assignee,
-            payload={"runId": run, "commentId": comment_id},
-        )
+
+
+def _request_interrupt(tx: Tx, actor: Actor, row: Row, comment_id: str) -> None:
+    company, issue = str(row["company_id"]), str(row["id"])
+    run = text_or_none(row["execution_run_id"])
+    record_activity(
+        tx,
+        actor=actor,
+        company_id=company,
+        action="issue.interrupt_requested",
+        entity_type="issue",
+        entity_id=issue,
+        details={"runId": run, "commentId": comment_id, "source": "issue_comment_interrupt"},
+    )
+    emit(
+        tx,
+        actor=actor,
+        company_id=company,
+        issue_id=issue,
+        type=EventType.INTERRUPT_REQUESTED,
+        target_agent_id=text_or_none(row["assignee_agent_id"]),
+        payload={"runId": run, "commentId": comment_id},
+    )
 
 
 async def list_comments(
