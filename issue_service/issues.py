@@ -170,66 +170,83 @@ async def create_issue(
             raise FailedPrecondition(
                 "issue is blocked by unresolved blockers", reason="ISSUE_BLOCKED"
             )
-        now = datetime.now(UTC)
-        stamps = status_stamps(status, started_at=None, now=now)
-        _, _, by_agent, _ = actor.audit_identity()
-        row = await tx.fetchrow(
-            _CREATE,
-            {
-                "company": company,
-                "title": fields.title,
-                "description": fields.description or "",
-                "status": status.value,
-                "priority": (fields.priority or Priority.MEDIUM).value,
-                "assignee_agent": fields.assignee_agent_id,
-                "assignee_user": fields.assignee_user_id,
-                "parent": fields.parent_issue_id,
-                "by_agent": by_agent,
-                "by_user": actor.user_id if actor.is_board else None,
-                "request_id": request,
-                "started_at": stamps.get("started_at"),
-                "completed_at": stamps.get("completed_at"),
-                "cancelled_at": stamps.get("cancelled_at"),
-            },
-        )
-        if row is None:
-            exists = await _company_exists(tx, company)
-            if not exists:
-                raise NotFound("company not found", reason="COMPANY_NOT_FOUND")
-            raise _RetryCreate("request id raced")
-        issue_id = str(row["id"])
-        if fields.blocked_by:
-            await store.replace_blockers(tx, issue_id, fields.blocked_by)
-            row = await store.find_issue(tx, ("id", issue_id))
-        record_activity(
-            tx,
-            actor=actor,
-            company_id=company,
-            action="issue.created",
-            entity_type="issue",
-            entity_id=issue_id,
-            details={
-                "identifier": row["identifier"],
-                "title": row["title"],
-                "status": row["status"],
-                "assigneeAgentId": fields.assignee_agent_id,
-            },
-        )
-        if fields.assignee_agent_id:
-            emit(
-                tx,
-                actor=actor,
-                company_id=company,
-                issue_id=issue_id,
-                type=EventType.ASSIGNED,
-                target_agent_id=fields.assignee_agent_id,
-                payload={"identifier": row["identifier"], "status": row["status"]},
-            )
+        row = await _insert_issue(tx, actor, company, fields, status=status, request=request)
+        _record_created(tx, actor, company, fields, row)
         return store.issue_to_proto(row)
 
 
 class _RetryCreate(PaperclipError):
     """A concurrent request with the same request id won; read its issue instead."""
+
+
+async def _insert_issue(
+    tx: Tx,
+    actor: Actor,
+    company: str,
+    fields: IssueFields,
+    *,
+    status: Status,
+    request: str | None,
+) -> Row:
+    """The new issue's row (with its blockers), numbered next in its company."""
+    stamps = status_stamps(status, started_at=None, now=datetime.now(UTC))
+    _, _, by_agent, _ = actor.audit_identity()
+    row = await tx.fetchrow(
+        _CREATE,
+        {
+            "company": company,
+            "title": fields.title,
+            "description": fields.description or "",
+            "status": status.value,
+            "priority": (fields.priority or Priority.MEDIUM).value,
+            "assignee_agent": fields.assignee_agent_id,
+            "assignee_user": fields.assignee_user_id,
+            "parent": fields.parent_issue_id,
+            "by_agent": by_agent,
+            "by_user": actor.user_id if actor.is_board else None,
+            "request_id": request,
+            "started_at": stamps.get("started_at"),
+            "completed_at": stamps.get("completed_at"),
+            "cancelled_at": stamps.get("cancelled_at"),
+        },
+    )
+    if row is None:
+        if not await _company_exists(tx, company):
+            raise NotFound("company not found", reason="COMPANY_NOT_FOUND")
+        raise _RetryCreate("request id raced")
+    if fields.blocked_by:
+        await store.replace_blockers(tx, str(row["id"]), fields.blocked_by)
+        row = await store.find_issue(tx, ("id", str(row["id"])))
+    return row
+
+
+def _record_created(tx: Tx, actor: Actor, company: str, fields: IssueFields, row: Row) -> None:
+    """The audit row of a new issue, and its assignment event when an agent has it."""
+    issue_id = str(row["id"])
+    record_activity(
+        tx,
+        actor=actor,
+        company_id=company,
+        action="issue.created",
+        entity_type="issue",
+        entity_id=issue_id,
+        details={
+            "identifier": row["identifier"],
+            "title": row["title"],
+            "status": row["status"],
+            "assigneeAgentId": fields.assignee_agent_id,
+        },
+    )
+    if fields.assignee_agent_id:
+        emit(
+            tx,
+            actor=actor,
+            company_id=company,
+            issue_id=issue_id,
+            type=EventType.ASSIGNED,
+            target_agent_id=fields.assignee_agent_id,
+            payload={"identifier": row["identifier"], "status": row["status"]},
+        )
 
 
 async def create_issue_idempotent(
