@@ -142,14 +142,7 @@ async def checkout_issue(
     issue = parse_uuid("issue_id", issue_id)
     agent = parse_uuid("agent_id", agent_id)
     assert issue and agent
-    if not expected_statuses:
-        raise invalid("expected_statuses", "at least one status is required")
-    expected = [
-        Status.from_proto(
-            require_enum(f"expected_statuses[{i}]", s, STATUS_PROTO_VALUES) or 0
-        ).value
-        for i, s in enumerate(expected_statuses)
-    ]
+    expected = _expected_statuses(expected_statuses)
     require_acting_as(actor, agent)
     run_id = require_agent_run(actor) if actor.is_agent else None
     async with db.unit_of_work() as tx:
@@ -192,25 +185,43 @@ async def checkout_issue(
         else:
             row = updated
         if changed:
-            record_activity(
-                tx,
-                actor=actor,
-                company_id=str(row["company_id"]),
-                action="issue.checked_out",
-                entity_type="issue",
-                entity_id=issue,
-                details={"agentId": agent, "runId": run_id},
-            )
-            if not (actor.is_agent and actor.agent_id == agent):
-                emit(
-                    tx,
-                    actor=actor,
-                    company_id=str(row["company_id"]),
-                    issue_id=issue,
-                    type=EventType.CHECKED_OUT,
-                    target_agent_id=agent,
-                )
+            _record_checkout(tx, actor, row, agent_id=agent, run_id=run_id)
         return store.issue_to_proto(row)
+
+
+def _expected_statuses(expected_statuses: Sequence[int]) -> list[str]:
+    """The statuses a checkout accepts, by value; at least one."""
+    if not expected_statuses:
+        raise invalid("expected_statuses", "at least one status is required")
+    return [
+        Status.from_proto(
+            require_enum(f"expected_statuses[{i}]", s, STATUS_PROTO_VALUES) or 0
+        ).value
+        for i, s in enumerate(expected_statuses)
+    ]
+
+
+def _record_checkout(tx: Tx, actor: Actor, row: Row, *, agent_id: str, run_id: str | None) -> None:
+    """The audit row of a checkout, and its event unless the agent checked out itself."""
+    company, issue = str(row["company_id"]), str(row["id"])
+    record_activity(
+        tx,
+        actor=actor,
+        company_id=company,
+        action="issue.checked_out",
+        entity_type="issue",
+        entity_id=issue,
+        details={"agentId": agent_id, "runId": run_id},
+    )
+    if not (actor.is_agent and actor.agent_id == agent_id):
+        emit(
+            tx,
+            actor=actor,
+            company_id=company,
+            issue_id=issue,
+            type=EventType.CHECKED_OUT,
+            target_agent_id=agent_id,
+        )
 
 
 async def _release_row(tx: Tx, row: Row) -> Row:
