@@ -357,20 +357,7 @@ async def _execute(ctx: ExecutorContext, execution: Execution) -> bool:
         idle_timeout_seconds=float(agent.idle_timeout_seconds),
         grace_seconds=float(max(1, agent.grace_seconds)),
     )
-    token = mint_run_token(
-        ctx.settings.jwt_secret, agent_id=agent.id, company_id=agent.company_id, run_id=run_id
-    )
-    paperclip = {
-        "PAPERCLIP_API_URL": ctx.settings.gateway_addr,
-        "PAPERCLIP_AGENT_TOKEN": token,
-        "PAPERCLIP_RUN_ID": run_id,
-        "PAPERCLIP_AGENT_ID": agent.id,
-        "PAPERCLIP_COMPANY_ID": agent.company_id,
-        "PAPERCLIP_WAKE_REASON": wake_reason,
-    }
-    if issue_id is not None:
-        paperclip["PAPERCLIP_ISSUE_ID"] = issue_id
-    env = build_env(base=os.environ, config_env=adapter.env, paperclip=paperclip)
+    env = _agent_env(ctx, claim, issue_id=issue_id, wake_reason=wake_reason)
     writer = OutputWriter(ctx.db, run_id)
     try:
         spec = ProcessSpec(
@@ -399,6 +386,28 @@ async def _execute(ctx: ExecutorContext, execution: Execution) -> bool:
         ctx, execution, finalize.result_of(outcome, cancel_reason=execution.cancel_reason)
     )
     return True
+
+
+def _agent_env(
+    ctx: ExecutorContext, claim: Claim, *, issue_id: str | None, wake_reason: str
+) -> dict[str, str]:
+    """The agent process's environment: a minimal base, the agent's own entries, then
+    the run's ``PAPERCLIP_*`` variables (its gateway, token and ids), which win."""
+    agent = claim.agent
+    token = mint_run_token(
+        ctx.settings.jwt_secret, agent_id=agent.id, company_id=agent.company_id, run_id=claim.run_id
+    )
+    paperclip = {
+        "PAPERCLIP_API_URL": ctx.settings.gateway_addr,
+        "PAPERCLIP_AGENT_TOKEN": token,
+        "PAPERCLIP_RUN_ID": claim.run_id,
+        "PAPERCLIP_AGENT_ID": agent.id,
+        "PAPERCLIP_COMPANY_ID": agent.company_id,
+        "PAPERCLIP_WAKE_REASON": wake_reason,
+    }
+    if issue_id is not None:
+        paperclip["PAPERCLIP_ISSUE_ID"] = issue_id
+    return build_env(base=os.environ, config_env=agent.adapter.env, paperclip=paperclip)
 
 
 async def _take_issue(
