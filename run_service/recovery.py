@@ -71,15 +71,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
-import uuid
 from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, Protocol
-
-import asyncpg
 
 from common import metrics
 from common.actor import Actor
@@ -91,7 +87,7 @@ from common.process_tree import boot_id, group_members, kill_tree, process_alive
 from common.protoconv import text_or_none
 from common.sql import Row, Tx, sql
 from paperclip.runs.v1 import runs_pb2
-from run_service import finalize, run_store, wakes
+from run_service import finalize, lost_runs, run_store
 from run_service.issue_client import IssueClient
 from run_service.workspace_client import WorkspaceClient
 
@@ -117,11 +113,7 @@ SWEEP_LOCK_KEY = "runs.reap_orphaned_runs"
 OUTAGE_GRACE_SECONDS = 20.0
 
 DETACHED_CODE = "process_detached"
-LOST_CODE = "process_lost"
-RETRY_REASON = "process_lost"
-RETRY_WAKE_REASON = "process_lost_retry"
 ADOPTED_EXIT_ERROR = "Process exited while adopted after a restart; exit status unknown"
-RETRY_EVENT = "Queued automatic retry after orphaned child process was confirmed dead"
 
 _DEAD_NODE_CANDIDATES = sql(
     """
@@ -173,52 +165,6 @@ _ADOPTED_LIMITS = sql(
            last_activity_at, last_output_at
     FROM runs.heartbeat_runs
     WHERE id = ANY(CAST(:ids AS uuid[])) AND status = 'running'
-    """
-)
-_LOST = sql(
-    """
-    UPDATE runs.heartbeat_runs
-    SET status = 'failed', error_code = 'process_lost', error = :error,
-        finished_at = now(), updated_at = now()
-    WHERE id = :id AND status = 'running' AND supervisor_node_id = :me
-    RETURNING id
-    """
-)
-_FAIL_WAKE = sql(
-    """
-    UPDATE runs.wakeup_requests SET status = 'failed', finished_at = now()
-    WHERE status IN ('queued', 'claimed') AND (run_id = :run OR id = :wake)
-    """
-)
-_RUNTIME_STATE = sql(
-    """
-    INSERT INTO runs.agent_runtime_state
-        (agent_id, last_run_id, last_run_status, last_error, last_heartbeat_at, updated_at)
-    VALUES (:agent, :run, 'failed', :error, now(), now())
-    ON CONFLICT (agent_id) DO UPDATE
-    SET last_run_id = EXCLUDED.last_run_id, last_run_status = EXCLUDED.last_run_status,
-        last_error = EXCLUDED.last_error, last_heartbeat_at = EXCLUDED.last_heartbeat_at,
-        updated_at = EXCLUDED.updated_at
-    """
-)
-_INSERT_RETRY = sql(
-    """
-    INSERT INTO runs.heartbeat_runs
-        (company_id, agent_id, issue_id, status, invocation_source, wake_reason,
-         trigger_detail, wakeup_request_id, retry_of_run_id, retry_reason,
-         process_loss_retry_count, context)
-    VALUES (:company, :agent, :issue, 'queued', :source, :reason, :detail, :wake, :old,
-            :retry_reason, :count, CAST(:context AS jsonb))
-    RETURNING id
-    """
-)
-_INSERT_RETRY_WAKE = sql(
-    """
-    INSERT INTO runs.wakeup_requests
-        (id, company_id, agent_id, source, reason, issue_id, payload, status, run_id,
-         requested_by_actor_type, requested_by_actor_id)
-    VALUES (:id, :company, :agent, :source, :reason, :issue, CAST(:payload AS jsonb),
-            'queued', :run, 'system', 'run_service')
     """
 )
 _TRY_SWEEP_LOCK = sql("SELECT pg_try_advisory_xact_lock(hashtext(:key))")
@@ -427,8 +373,12 @@ class NodeRecovery:
         if local and pid and started is not None and pgid and group_members(pgid, create_time):
             descendants_killed = True
             await kill_tree(int(pid), pgid, create_time, grace)
-        message, extra = _lost_message(run, local, node, descendants_killed)
-        retry_id = await self._write_lost(run, message, extra)
+        message, extra = lost_runs.lost_message(
+            run, local, node.host if node is not None else None, descendants_killed
+        )
+        retry_id = await lost_runs.write_lost(
+            self._host.db, self._host.node_id, run, message, extra
+        )
         result.lost.append(run_id)
         if retry_id is not None:
             result.retries.append(retry_id)
@@ -467,44 +417,6 @@ class NodeRecovery:
             adopted_at=adopted_at,
         )
         logger.warning("adopted a running agent process", extra={"run_id": run_id, "pid": pid})
-
-    async def _write_lost(self, run: Row, message: str, extra: dict[str, Any]) -> str | None:
-        """The terminal write of a lost run and, in the same transaction, its retry; the
-        retry's id (None: no retry)."""
-        run_id = str(run["id"])
-        retry = int(run["process_loss_retry_count"]) < 1
-        async with self._host.db.unit_of_work() as tx:
-            error = message + ("; retrying once" if retry else "")
-            done = await tx.fetchval(
-                _LOST, {"id": run_id, "me": self._host.node_id, "error": error}
-            )
-            if done is None:
-                return None  # cancelled meanwhile: that outcome stands
-            payload: dict[str, Any] = {
-                "terminal": True,
-                "status": "failed",
-                "error_code": LOST_CODE,
-                "error": error,
-                "stopReason": LOST_CODE,
-            }
-            await run_store.append_events(
-                tx,
-                run_id,
-                [
-                    ("error", error, {"error_code": LOST_CODE, **extra}),
-                    ("lifecycle", "run failed", payload),
-                ],
-            )
-            await tx.execute(_FAIL_WAKE, {"run": run_id, "wake": run["wakeup_request_id"]})
-            await tx.execute(
-                _RUNTIME_STATE, {"agent": run["agent_id"], "run": run_id, "error": error}
-            )
-            retry_id = await _insert_retry(tx, run) if retry else None
-        metrics.count_outcome("failed", LOST_CODE)
-        logger.warning(
-            "run process lost", extra={"run_id": run_id, "retry_run_id": retry_id, "error": error}
-        )
-        return retry_id
 
     async def _after_lost(self, run: Row, retry_id: str | None) -> None:
         run_id = str(run["id"])
@@ -646,53 +558,6 @@ class NodeRecovery:
             self._host.wake()
 
 
-async def _insert_retry(tx: Tx, run: Row) -> str | None:
-    """The queued retry of a lost run and its wakeup row (None if the agent already has
-    another active run on the issue)."""
-    context = _json(run["context"])
-    context.update({"retryReason": RETRY_REASON, "wakeReason": RETRY_WAKE_REASON})
-    context["retryOfRunId"] = str(run["id"])
-    wake_id = str(uuid.uuid4())
-    source = run["invocation_source"] or "automation"
-    params = {
-        "company": run["company_id"],
-        "agent": run["agent_id"],
-        "issue": run["issue_id"],
-        "source": source,
-        "reason": RETRY_WAKE_REASON,
-        "detail": run["trigger_detail"],
-        "wake": wake_id,
-        "old": run["id"],
-        "retry_reason": RETRY_REASON,
-        "count": int(run["process_loss_retry_count"]) + 1,
-        "context": json.dumps(context),
-    }
-    try:
-        async with tx.conn.transaction():
-            retry_id = await tx.fetchval(_INSERT_RETRY, params)
-    except asyncpg.UniqueViolationError as exc:
-        if exc.constraint_name != wakes.ONE_ACTIVE_RUN_INDEX:
-            raise
-        return None
-    await tx.execute(
-        _INSERT_RETRY_WAKE,
-        {
-            "id": wake_id,
-            "company": run["company_id"],
-            "agent": run["agent_id"],
-            "source": source,
-            "reason": RETRY_WAKE_REASON,
-            "issue": run["issue_id"],
-            "payload": json.dumps(context),
-            "run": retry_id,
-        },
-    )
-    await run_store.append_events(
-        tx, str(retry_id), [("lifecycle", RETRY_EVENT, {"retryOfRunId": str(run["id"])})]
-    )
-    return str(retry_id)
-
-
 def _limit_reached(run: Row, adopted_at: datetime) -> finalize.RunResult | None:
     """The ``timed_out`` result of an adopted run past its wall-clock or idle limit (its
     row's snapshot; database clock), or None."""
@@ -712,40 +577,6 @@ def _limit_reached(run: Row, adopted_at: datetime) -> finalize.RunResult | None:
                 f"no activity for {idle} s (output of an adopted run cannot be observed)",
             )
     return None
-
-
-def _lost_message(
-    run: Row, local: bool, node: _Node | None, descendants_killed: bool
-) -> tuple[str, dict[str, Any]]:
-    pid = run["process_pid"]
-    pgid = run["process_group_id"]
-    if not pid:
-        return (
-            "Process lost -- the run was claimed but ended before an adapter child process "
-            "was recorded",
-            {"stalePreSpawnActiveRun": True},
-        )
-    if not local:
-        host = node.host if node is not None else "?"
-        return (
-            f"Process lost -- server may have restarted (supervisor node on host {host} is "
-            f"gone; child pid {pid} cannot be checked from here)",
-            {"pid": pid, "host": host},
-        )
-    if descendants_killed:
-        return (
-            f"Process lost -- parent pid {pid} exited, but descendant process group {pgid} "
-            "was still alive and was terminated",
-            {"pid": pid, "process_group_id": pgid, "descendantOnly": True},
-        )
-    return f"Process lost -- child pid {pid} is no longer running", {"pid": pid}
-
-
-def _json(value: object) -> dict[str, Any]:
-    if isinstance(value, str):
-        loaded = json.loads(value)
-        return dict(loaded) if isinstance(loaded, dict) else {}
-    return dict(value) if isinstance(value, dict) else {}
 
 
 class HasRecovery(Protocol):
