@@ -131,7 +131,7 @@ async def _linked_issues(tx: Tx, readiness: Readiness) -> None:
 
 
 async def add_git_state(readiness: Readiness) -> None:
-    """Inspect the worktree: lost-work blockers and git warnings (§6)."""
+    """Inspect the worktree: lost-work blockers and git warnings."""
     workspace = readiness.workspace
     if not workspace.is_git_worktree or not workspace.is_open:
         return

@@ -1,12 +1,13 @@
 """ControlRuntimeServices: start, stop or restart a workspace's runtime
 services, or run one of its jobs, as one recorded operation.
 
-Checks run in the reference's order, each refusal with its own reason and nothing
-written: the request's fields, the workspace (NOT_FOUND), the caller (§11), an open
+Checks run in this order, each refusal with its own reason and nothing written: the
+request's fields, the workspace (NOT_FOUND), the caller (``access``), an open
 workspace with a path, then the selection (``control_selection``). Then one operation
 is recorded around the work: the workspace is made available (re-attached and
 provisioned) before a start, restart or run; a job runs as a nested operation; the
-desired state is patched (§4.7) unless the target was named by its runtime record only.
+desired state is patched (``workspace_config.desired_state_patch``) unless the target
+was named by its runtime record only.
 A failed start stops what this operation started and writes those services' desired
 state stopped, so a broken service is not restarted at every boot.
 """
@@ -229,7 +230,7 @@ async def _run_job(
 async def _write_desired_state(
     deps: WorkspaceDeps, workspace_id: str, selection: Selection, *, failed: bool
 ) -> None:
-    """Merge the §4.7 patch into the config (a failed start writes stopped)."""
+    """Merge the desired-state patch into the config (a failed start writes stopped)."""
     if selection.keeps_desired_state or selection.action == "run":
         return
     action: Literal["start", "stop", "restart"]

@@ -1,5 +1,5 @@
-"""Reuse of an issue's open workspace, and the refresh of its configuration (reference
-§9): a reused workspace picks up changed commands and runtime services.
+"""Reuse of an issue's open workspace, and the refresh of its configuration: a reused
+workspace picks up changed commands and runtime services.
 
 The request is compared with the open workspace by category. A different mode,
 strategy, repository, location, branch, base or environment means the request wants

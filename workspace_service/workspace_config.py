@@ -170,7 +170,7 @@ def desired_state_patch(
     service_count: int,
     index: int | None,
 ) -> Config:
-    """Reference §4.7: the ``desired_state`` / ``service_states`` keys after ``action``
+    """The ``desired_state`` / ``service_states`` keys after ``action``
     on every service (``index`` None) or on one. ``manual`` entries never change; the
     overall state is running if any entry runs, else manual if any is manual, else
     stopped."""

@@ -2,7 +2,7 @@
 
 ``config`` replaces the whole config (unset deletes it); ``config.<key>`` merges that
 one key. Agents are refused any path that sets host-executed commands
-before anything else is looked at (§11). A closed workspace keeps its location and
+before anything else is looked at (``access``). A closed workspace keeps its location and
 config: only its name, metadata and cleanup fields change.
 """
 
