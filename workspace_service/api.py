@@ -14,9 +14,9 @@ from paperclip.workspaces.v1 import workspaces_pb2_grpc
 from workspace_service import (
     archive,
     close_readiness,
-    control,
     leases,
     operations,
+    runtime_control,
     workspace_create,
     workspace_update,
     workspaces,
@@ -95,7 +95,7 @@ class WorkspaceServicer(workspaces_pb2_grpc.WorkspaceServiceServicer):
             return await remote.call(
                 "ControlRuntimeServices", request, context, pb.ControlRuntimeServicesResponse
             )
-        return await control.control_runtime_services(self._deps, current_actor(), request)
+        return await runtime_control.control_runtime_services(self._deps, current_actor(), request)
 
     async def ListRuntimeServices(
         self, request: pb.ListRuntimeServicesRequest, context: Context

@@ -3,7 +3,7 @@ services, or run one of its jobs, as one recorded operation.
 
 Checks run in this order, each refusal with its own reason and nothing written: the
 request's fields, the workspace (NOT_FOUND), the caller (``access``), an open
-workspace with a path, then the selection (``control_selection``). Then one operation
+workspace with a path, then the targets (``runtime_targets``). Then one operation
 is recorded around the work: the workspace is made available (re-attached and
 provisioned) before a start, restart or run; a job runs as a nested operation; the
 desired state is patched (``workspace_config.desired_state_patch``) unless the target
@@ -25,11 +25,11 @@ from common.validation import Violations
 from paperclip.workspaces.v1 import workspaces_pb2 as pb
 from workspace_service import access, operations, provisioning, store
 from workspace_service.commands import CommandDef
-from workspace_service.control_selection import Action, Selection, select
 from workspace_service.deps import WorkspaceDeps
 from workspace_service.environment import render, sanitized_env, template_values, workspace_env
 from workspace_service.model import RuntimeServiceRecord, WorkspaceRecord
 from workspace_service.recorder import Operation, Recorder
+from workspace_service.runtime_targets import Action, Selection, select
 from workspace_service.workspace_config import desired_state_patch, merge_config
 from workspace_service.workspaces import load_workspace, optional_uuid, workspace_proto
 
