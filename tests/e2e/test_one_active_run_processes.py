@@ -42,8 +42,13 @@ async def one_active_db_url(server_url: str) -> AsyncIterator[str]:
 
 @pytest.fixture
 def processes(one_active_db_url: str, tmp_path: Path) -> Iterator[ServiceProcesses]:
+    # The wake-loop breaker off: 40 wakes of one reason may start more than its 10 runs
+    # (it has tests of its own); here every wake must be queued, merged or deferred.
     running = ServiceProcesses(
-        one_active_db_url, tmp_path, jwt_secret="one-active-test-jwt-secret-0123456789abcdef"
+        one_active_db_url,
+        tmp_path,
+        jwt_secret="one-active-test-jwt-secret-0123456789abcdef",
+        PAPERCLIP_WAKE_LOOP_RUNS="0",
     )
     try:
         yield running
