@@ -142,6 +142,10 @@ async def _settled(db: Database, agent: str) -> None:
         )
         return int(found[0]["runs"]) == 0 and int(found[0]["wakes"]) == 0
 
+    # Twice, 2 s apart: a run's after-steps may queue one more (the comment policy's
+    # retry of an assignment run that wrote no comment) just after it ended.
+    await wait_until(quiet, within=60, what="every run of the agent ended")
+    await asyncio.sleep(2)
     await wait_until(quiet, within=60, what="every run of the agent ended")
 
 

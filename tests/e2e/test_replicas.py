@@ -578,6 +578,10 @@ async def _settled(db: Database, company_id: str) -> None:
         )
         return int(active[0]["runs"]) == 0 and int(active[0]["wakes"]) == 0
 
+    # Twice, 2 s apart: a run's after-steps may queue one more (the comment policy's
+    # retry of an assignment run that wrote no comment) just after it ended.
+    await wait_until(quiet, within=90, what="every run ended and every wake dealt with")
+    await asyncio.sleep(2)
     await wait_until(quiet, within=90, what="every run ended and every wake dealt with")
 
 
