@@ -206,6 +206,10 @@ def _run(home: Path, external: str | None) -> Sections:
             seconds=SECONDS,
             report=_print_result,
         )
+        # Before the run service wired to the issue service starts: its outbox consumer
+        # would turn the sweep section's checkouts into runs that take the seats' locks.
+        print("\nretention: the sweep over 1M run events and 100k finished runs", flush=True)
+        retention_figures = asyncio.run(retention.measure_retention(database_url, address, KEY))
         first_runs.close()
         runs = stack.enter_context(
             service_process(
@@ -227,8 +231,6 @@ def _run(home: Path, external: str | None) -> Sections:
         workspaces_figures = asyncio.run(
             workspace_cycle.measure_workspaces(database_url, workspaces, home, KEY)
         )
-        print("\nretention: the sweep over 1M run events and 100k finished runs", flush=True)
-        retention_figures = asyncio.run(retention.measure_retention(database_url, address, KEY))
         return Sections(
             results,
             statements,
