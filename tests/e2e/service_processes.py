@@ -3,6 +3,7 @@ started with the environment ``common.launcher`` builds, and the test's agents."
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 from pathlib import Path
@@ -13,6 +14,7 @@ from common import process_group
 from common.db import Database
 from common.sql import Row, sql
 from tests.harness import INTERNAL_KEY
+from tests.waiting import wait_until
 
 
 class ServiceProcesses:
@@ -74,3 +76,30 @@ async def rows(db: Database, query: str, **params: object) -> list[Row]:
     """The rows of one query, in a unit of work of its own."""
     async with db.unit_of_work() as tx:
         return await tx.fetch(sql(query), params)
+
+
+async def settled(db: Database, *, column: str, value: str, within: float) -> None:
+    """Until no run of ``column`` = ``value`` (``company_id`` or ``agent_id``) is queued or
+    running and none of its wakes waits, twice 2 s apart: a run's after-steps may queue
+    one more (the comment policy's retry of an assignment run that wrote no comment)
+    just after it ended."""
+    if column not in ("company_id", "agent_id"):
+        raise ValueError(f"no such key: {column}")
+
+    async def quiet() -> bool:
+        found = await rows(
+            db,
+            f"""
+            SELECT (SELECT count(*) FROM runs.heartbeat_runs
+                    WHERE {column} = :v AND status IN ('queued', 'running')) AS runs,
+                   (SELECT count(*) FROM runs.wakeup_requests
+                    WHERE {column} = :v AND status IN ('queued', 'claimed', 'deferred')) AS wakes
+            """,
+            v=value,
+        )
+        return int(found[0]["runs"]) == 0 and int(found[0]["wakes"]) == 0
+
+    for attempt in range(2):
+        if attempt:
+            await asyncio.sleep(2)
+        await wait_until(quiet, within=within, what="every run ended and every wake dealt with")

@@ -23,10 +23,9 @@ from paperclip.issues.v1 import issues_pb2
 from paperclip.runs.v1 import run_messages_pb2, runs_pb2
 from tests.databases import fresh_database
 from tests.e2e import service_processes
-from tests.e2e.service_processes import ServiceProcesses, rows
+from tests.e2e.service_processes import ServiceProcesses, rows, settled
 from tests.harness import Suite, admin, new_company
 from tests.run_service.test_runner import agent_command, create_agent
-from tests.waiting import wait_until
 
 pytestmark = pytest.mark.e2e
 
@@ -93,7 +92,7 @@ async def test_two_run_services_keep_one_active_run_per_agent_and_issue(
             )
 
         answers = await asyncio.gather(*(wake(i) for i in range(WAKES)))
-        await _settled(db, agent)
+        await settled(db, column="agent_id", value=agent, within=60)
         stop.set()
         await sampler
     finally:
@@ -126,27 +125,6 @@ async def _sample(
         )
         most[0] = max(most[0], int(found[0]["n"]))
         await asyncio.sleep(0.02)
-
-
-async def _settled(db: Database, agent: str) -> None:
-    async def quiet() -> bool:
-        found = await rows(
-            db,
-            """
-            SELECT (SELECT count(*) FROM runs.heartbeat_runs
-                    WHERE agent_id = :a AND status IN ('queued', 'running')) AS runs,
-                   (SELECT count(*) FROM runs.wakeup_requests
-                    WHERE agent_id = :a AND status IN ('queued', 'claimed', 'deferred')) AS wakes
-            """,
-            a=agent,
-        )
-        return int(found[0]["runs"]) == 0 and int(found[0]["wakes"]) == 0
-
-    # Twice, 2 s apart: a run's after-steps may queue one more (the comment policy's
-    # retry of an assignment run that wrote no comment) just after it ended.
-    await wait_until(quiet, within=60, what="every run of the agent ended")
-    await asyncio.sleep(2)
-    await wait_until(quiet, within=60, what="every run of the agent ended")
 
 
 async def _runs(url: str, agent: str) -> list[dict[str, object]]:

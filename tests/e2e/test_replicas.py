@@ -53,7 +53,7 @@ from paperclip.runs.v1 import agents_pb2, run_messages_pb2, runs_pb2
 from paperclip.workspaces.v1 import workspace_messages_pb2, workspaces_pb2
 from tests.databases import fresh_database
 from tests.e2e import service_processes
-from tests.e2e.service_processes import rows
+from tests.e2e.service_processes import rows, settled
 from tests.harness import INTERNAL_KEY
 from tests.waiting import wait_until
 from tests.workspace_service.support import insert_workspace, service_config
@@ -333,7 +333,7 @@ async def _scenario(
         sum(n for (m, r), n in outcomes.seen.items() if m == "RunService/WakeAgent" and r == "OK")
         > 10
     )
-    await _settled(db, company.id)
+    await settled(db, column="company_id", value=company.id, within=90)
     await _accounted(db, company.id, starts)
     assert max(most.values()) <= LIMIT, most
 
@@ -560,29 +560,6 @@ async def _host_back(client: PaperclipClient, workspace: HostedWorkspace) -> Non
 
     await wait_until(adopted, within=15, what="the runtime service adopted by host-b")
     os.kill(workspace.pid, 0)  # the same process, alive all along
-
-
-async def _settled(db: Database, company_id: str) -> None:
-    """Every run ended and every wake was dealt with."""
-
-    async def quiet() -> bool:
-        active = await rows(
-            db,
-            """
-            SELECT (SELECT count(*) FROM runs.heartbeat_runs
-                    WHERE company_id = :c AND status IN ('queued', 'running')) AS runs,
-                   (SELECT count(*) FROM runs.wakeup_requests
-                    WHERE company_id = :c AND status IN ('queued', 'claimed', 'deferred')) AS wakes
-            """,
-            c=company_id,
-        )
-        return int(active[0]["runs"]) == 0 and int(active[0]["wakes"]) == 0
-
-    # Twice, 2 s apart: a run's after-steps may queue one more (the comment policy's
-    # retry of an assignment run that wrote no comment) just after it ended.
-    await wait_until(quiet, within=90, what="every run ended and every wake dealt with")
-    await asyncio.sleep(2)
-    await wait_until(quiet, within=90, what="every run ended and every wake dealt with")
 
 
 async def _accounted(db: Database, company_id: str, starts: Path) -> None:
