@@ -46,10 +46,12 @@ RUN mkdir -p /app \
 # The services run from source (PYTHONPATH=/app): the Alembic migrations are read from
 # common/migrations, which is not an installable package.
 COPY common /app/common
+COPY supervision /app/supervision
 COPY issue_service /app/issue_service
 COPY run_service /app/run_service
 COPY workspace_service /app/workspace_service
 COPY gateway /app/gateway
+COPY clients/python/paperclip_client /app/paperclip_client
 
 # --- final: no compilers, no build tools, a non-root user ------------------------------
 FROM ${PYTHON_IMAGE}

@@ -52,7 +52,7 @@ $(PROTO_STAMP): $(PROTOS) $(INSTALLED)
 	rm -rf $(GEN) && mv $(SCRATCH)/$(GEN) $(GEN) && rm -rf $(SCRATCH)
 
 run: install
-	exec $(PY) -m common.launcher
+	exec $(PY) -m local_suite.launcher
 
 test: install
 	$(PY) -m pytest $(PYTEST_ARGS)

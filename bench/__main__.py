@@ -53,7 +53,7 @@ from bench.issue_cycle import (
 )
 from bench.processes import JWT_SECRET, KEY, service_process, wait_serving
 from bench.stats import Operation, Result, run_load
-from common.embedded_pg import asyncpg_dsn
+from common.database_url import asyncpg_dsn
 
 CLIENT_COUNTS = (1, 16)
 SECONDS = float(os.environ.get("PAPERCLIP_BENCH_SECONDS", "5"))

@@ -11,8 +11,9 @@ from pathlib import Path
 
 import asyncpg
 
-from common.embedded_pg import EmbeddedPostgres, asyncpg_dsn, normalize_database_url
+from common.database_url import asyncpg_dsn, normalize_database_url
 from common.migrate import migrate
+from local_suite.embedded_pg import EmbeddedPostgres
 
 
 @contextmanager

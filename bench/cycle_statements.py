@@ -23,8 +23,8 @@ from sqlalchemy import event
 from bench.issue_cycle import Seat, minimal_sql_cycle, same_sql_cycle, seed
 from bench.run_cycle import hold_runs
 from common.actor import Actor, ActorType
+from common.database_url import asyncpg_dsn
 from common.db import Database
-from common.embedded_pg import asyncpg_dsn
 from issue_service import checkout
 from paperclip.issues.v1 import issues_pb2
 

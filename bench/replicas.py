@@ -33,7 +33,7 @@ from bench.gateway_cycle import gateway_cycle, get_company_direct, get_company_v
 from bench.issue_cycle import seed
 from bench.processes import JWT_SECRET, KEY, pid_of, service_process, wait_serving
 from bench.stats import Result, run_load
-from common.embedded_pg import asyncpg_dsn
+from common.database_url import asyncpg_dsn
 
 CLIENTS = 32
 #: The extra processes of this section share the database server's connections (100 by

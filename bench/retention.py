@@ -34,8 +34,8 @@ from bench.issue_cycle import grpc_cycle, seed
 from bench.processes import KEY, service_process
 from bench.stats import run_load
 from common.config import load_settings
+from common.database_url import asyncpg_dsn
 from common.db import Database
-from common.embedded_pg import asyncpg_dsn
 from common.retention import sweep
 from run_service import retention
 

@@ -59,8 +59,8 @@ import grpc
 from bench.stats import Series
 from common.actor import service_actor, sign_actor
 from common.config import load_settings
+from common.database_url import asyncpg_dsn
 from common.db import Database
-from common.embedded_pg import asyncpg_dsn
 from common.sql import Query
 from paperclip.runs.v1 import run_messages_pb2, runs_pb2, runs_pb2_grpc
 from run_service import reconcile as reconcile_module

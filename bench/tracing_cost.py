@@ -42,11 +42,12 @@ from sqlalchemy.util import greenlet_spawn
 
 from common import interceptors, tracing
 from common.actor import Actor, ActorType
+from common.database_url import normalize_database_url
 from common.db import Database
-from common.embedded_pg import EmbeddedPostgres, normalize_database_url
 from common.errors import PaperclipError
 from common.request_context import REQUEST_ID
 from common.sql import Tx, sql
+from local_suite.embedded_pg import EmbeddedPostgres
 
 RESULTS = Path(__file__).with_name("results")
 #: Many short rounds, alternating: the fastest round of each is the one least disturbed

@@ -75,7 +75,7 @@ from bench.bench_database import bench_database
 from bench.processes import KEY, pid_of, service_process
 from bench.stats import Series
 from common.actor import service_actor, sign_actor
-from common.embedded_pg import asyncpg_dsn
+from common.database_url import asyncpg_dsn
 from paperclip.workspaces.v1 import workspace_messages_pb2 as messages
 from paperclip.workspaces.v1 import workspaces_pb2 as pb
 from paperclip.workspaces.v1 import workspaces_pb2_grpc

@@ -18,7 +18,7 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from common.config import load_settings
-from common.embedded_pg import normalize_database_url
+from common.database_url import normalize_database_url
 
 #: Arbitrary, fixed key of the session-level advisory lock held while migrating.
 MIGRATION_LOCK_KEY = 0x5041504552  # "PAPER"

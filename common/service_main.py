@@ -11,13 +11,13 @@ from typing import Any
 from prometheus_client import start_http_server
 
 from common.config import Settings, load_settings
+from common.database_url import normalize_database_url
 from common.db import Database
-from common.embedded_pg import normalize_database_url
 from common.log import configure_logging
 from common.outage import watch_database
-from common.process_group import die_with_parent
 from common.server import ServiceSpec, host_of, serve_until_signalled, start_server
 from common.tracing import setup_tracing
+from supervision.process_group import die_with_parent
 
 Job = Coroutine[Any, Any, None]
 

@@ -5,14 +5,14 @@ from __future__ import annotations
 import asyncio
 
 from common.config import Settings, load_settings
+from common.database_url import normalize_database_url
 from common.db import Database
-from common.embedded_pg import normalize_database_url
 from common.log import configure_logging
-from common.process_group import die_with_parent
 from common.server import serve_until_signalled
 from common.service_main import start_metrics
 from common.tracing import setup_tracing
 from gateway.app import backend_addresses, start_gateway
+from supervision.process_group import die_with_parent
 
 
 async def _main(settings: Settings) -> None:

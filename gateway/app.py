@@ -12,8 +12,8 @@ from paperclip_client.channels import grpc_target
 
 from common.channels import backend_channel, replica_addresses
 from common.config import Settings
+from common.database_url import asyncpg_dsn
 from common.db import Database
-from common.embedded_pg import asyncpg_dsn
 from common.errors import ConfigError
 from common.outage import watch_database
 from common.server import RunningServer, ServiceSpec, start_server

@@ -6,8 +6,8 @@ import grpc
 
 from common import metrics
 from common.config import Settings
+from common.database_url import asyncpg_dsn
 from common.db import Database
-from common.embedded_pg import asyncpg_dsn
 from common.server import ServiceSpec
 from common.service_main import Wiring
 from paperclip.runs.v1 import runs_pb2, runs_pb2_grpc

@@ -83,13 +83,13 @@ from common.authz import require_instance_admin
 from common.db import Database
 from common.errors import FailedPrecondition, PaperclipError
 from common.outage import OUTAGE
-from common.process_tree import boot_id, group_members, kill_tree, process_alive
 from common.protoconv import text_or_none
 from common.sql import Row, Tx, sql
 from paperclip.runs.v1 import runs_pb2
 from run_service import finalize, lost_runs, run_store
 from run_service.issue_client import IssueClient
 from run_service.workspace_client import WorkspaceClient
+from supervision.process_tree import boot_id, group_members, kill_tree, process_alive
 
 logger = logging.getLogger(__name__)
 

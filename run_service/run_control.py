@@ -30,7 +30,6 @@ from common.audit import record_activity
 from common.authz import require_company_access
 from common.db import Database
 from common.errors import FailedPrecondition, PermissionDenied
-from common.process_tree import kill_tree
 from common.sql import Row, Tx, sql
 from common.validation import require_text
 from paperclip.runs.v1 import run_messages_pb2 as pb
@@ -40,6 +39,7 @@ from run_service.issue_client import IssueClient
 from run_service.run_queries import check_run_id, run_not_found, shared_listener
 from run_service.run_store import RUN_COLUMNS, TERMINAL
 from run_service.workspace_client import WorkspaceClient
+from supervision.process_tree import kill_tree
 
 logger = logging.getLogger(__name__)
 

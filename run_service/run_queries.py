@@ -24,8 +24,8 @@ import asyncpg
 
 from common.actor import Actor
 from common.authz import require_company_access
+from common.database_url import asyncpg_dsn
 from common.db import Database
-from common.embedded_pg import asyncpg_dsn
 from common.errors import NotFound, invalid
 from common.pagination import parse_page
 from common.sql import Row, Tx, sql

@@ -56,15 +56,15 @@ import psutil
 
 from common import metrics, outage
 from common.config import Settings
+from common.database_url import asyncpg_dsn
 from common.db import Database
-from common.embedded_pg import asyncpg_dsn
-from common.process_tree import boot_id
 from common.sql import sql
 from run_service import dispatch, finalize
 from run_service.executor import Execution, ExecutorContext, execute
 from run_service.issue_client import IssueClient
 from run_service.recovery import NodeRecovery
 from run_service.workspace_client import WorkspaceClient
+from supervision.process_tree import boot_id
 
 logger = logging.getLogger(__name__)
 

@@ -23,7 +23,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
-from common.process_tree import (
+from run_service.output import OutputCallback, OutputSink, Stream, pump
+from supervision.process_tree import (
     create_time_of,
     group_members,
     kill_tree,
@@ -31,7 +32,6 @@ from common.process_tree import (
     process_alive,
     stop_processes,
 )
-from run_service.output import OutputCallback, OutputSink, Stream, pump
 
 __all__ = [
     "DRAIN_TIMEOUT_S",

@@ -12,16 +12,17 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 # The test process starts agents, services and PostgreSQL while its own gRPC servers run:
-# gRPC's fork handlers must not run in those children (see common.process_group).
+# gRPC's fork handlers must not run in those children (see supervision.process_group).
 os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
 
 import pytest
 
 from common.config import Settings, load_settings
+from common.database_url import normalize_database_url
 from common.db import Database
-from common.embedded_pg import EmbeddedPostgres, normalize_database_url
 from common.server import RunningServer, start_server
 from issue_service.app import service_specs as issue_specs
+from local_suite.embedded_pg import EmbeddedPostgres
 from run_service.app import service_specs as run_specs
 from run_service.runner import Runner
 from tests.databases import fresh_database

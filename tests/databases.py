@@ -8,7 +8,7 @@ from contextlib import asynccontextmanager
 
 import asyncpg
 
-from common.embedded_pg import asyncpg_dsn
+from common.database_url import asyncpg_dsn
 from common.migrate import migrate
 
 

@@ -19,7 +19,7 @@ import asyncpg
 import psutil
 
 from common.errors import FailedPrecondition
-from common.process_tree import descendants, group_members
+from supervision.process_tree import descendants, group_members
 from workspace_service.commands import CommandDef
 from workspace_service.runtime_store import is_port_conflict
 

@@ -10,7 +10,7 @@ import asyncio
 from typing import Any
 from urllib.parse import urlsplit
 
-from common.process_tree import process_alive
+from supervision.process_tree import process_alive
 from workspace_service.model import RuntimeServiceRecord
 from workspace_service.ports import held_outside_tree
 from workspace_service.service_process import describe_exit

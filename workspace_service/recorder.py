@@ -20,8 +20,8 @@ from typing import Any
 
 from common.actor import Actor
 from common.db import Database
-from common.process_tree import create_time_of, kill_tree
 from common.sql import sql
+from supervision.process_tree import create_time_of, kill_tree
 from workspace_service.output_tail import OutputTail
 
 logger = logging.getLogger(__name__)

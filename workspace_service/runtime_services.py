@@ -27,7 +27,7 @@ import asyncpg
 from common.config import Settings
 from common.db import Database
 from common.errors import FailedPrecondition, PaperclipError, Unavailable
-from common.process_tree import kill_tree, process_alive
+from supervision.process_tree import kill_tree, process_alive
 from workspace_service import runtime_startup
 from workspace_service import runtime_store as rows
 from workspace_service.commands import CommandDef

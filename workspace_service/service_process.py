@@ -18,7 +18,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from common.process_tree import create_time_of, kill_tree, process_alive
+from supervision.process_tree import create_time_of, kill_tree, process_alive
 from workspace_service.model import RuntimeServiceRecord
 
 LOG_DIR = "workspace-service-logs"

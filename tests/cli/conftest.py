@@ -1,4 +1,4 @@
-"""The real ``paperclip`` command against a real suite: ``python -m common.launcher`` on
+"""The real ``paperclip`` command against a real suite: ``python -m local_suite.launcher`` on
 a home and a free gateway port of its own and a fresh database on the test session's
 PostgreSQL server. One suite serves every CLI test (starting one takes seconds); each
 test makes its own company, so tests never see each other's rows."""
@@ -123,7 +123,7 @@ class Cli:
 
 
 class Launcher:
-    """``python -m common.launcher`` on ``home`` and ``gateway`` with the database ``url``."""
+    """``python -m local_suite.launcher`` on ``home`` and ``gateway`` with the database ``url``."""
 
     def __init__(self, home: Path, gateway: str, url: str) -> None:
         self.home = home
@@ -140,7 +140,7 @@ class Launcher:
         )
         with self.log.open("ab") as out:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "common.launcher"],
+                [sys.executable, "-m", "local_suite.launcher"],
                 env=env,
                 start_new_session=True,
                 stdout=out,

@@ -1,5 +1,5 @@
 """The issue and run services as separate processes on a database of a test's own,
-started with the environment ``common.launcher`` builds, and the test's agents."""
+started with the environment ``local_suite.launcher`` builds, and the test's agents."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ from pathlib import Path
 
 import psutil
 
-from common import process_group
 from common.db import Database
 from common.sql import Row, sql
+from supervision import process_group
 from tests.harness import INTERNAL_KEY
 from tests.waiting import wait_until
 

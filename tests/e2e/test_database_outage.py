@@ -34,12 +34,12 @@ import psutil
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from common import process_group
 from common.db import Database
-from common.embedded_pg import EmbeddedPostgres
 from common.errors import STATUS_DETAILS_KEY, from_rpc_error
 from common.migrate import migrate
+from local_suite.embedded_pg import EmbeddedPostgres
 from paperclip.issues.v1 import issues_pb2
+from supervision import process_group
 from tests.e2e import service_processes
 from tests.e2e.service_processes import rows
 from tests.harness import INTERNAL_KEY, Suite, admin, new_company

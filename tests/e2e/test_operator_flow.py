@@ -1,5 +1,5 @@
 """The operator flow of ``make run``: nothing but grpcurl and the board token the launcher
-wrote. The suite runs as ``python -m common.launcher`` on its own ``PAPERCLIP_HOME`` and
+wrote. The suite runs as ``python -m local_suite.launcher`` on its own ``PAPERCLIP_HOME`` and
 public port; every call below goes through the gateway, as an operator's would."""
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ def _free_port() -> int:
 
 
 class Launcher:
-    """One ``python -m common.launcher`` process on a given home and gateway address."""
+    """One ``python -m local_suite.launcher`` process on a given home and gateway address."""
 
     def __init__(
         self, home: Path, gateway: str, log: Path, extra: dict[str, str] | None = None
@@ -56,7 +56,7 @@ class Launcher:
         env.update(extra or {})
         with log.open("ab") as out:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "common.launcher"],
+                [sys.executable, "-m", "local_suite.launcher"],
                 env=env,
                 start_new_session=True,
                 stdout=out,

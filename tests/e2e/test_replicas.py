@@ -44,13 +44,13 @@ import grpc
 import pytest
 from paperclip_client import PaperclipClient
 
-from common import process_group
 from common.db import Database
 from common.errors import PaperclipError
 from gateway.keys import create_key
 from paperclip.issues.v1 import issues_pb2
 from paperclip.runs.v1 import agents_pb2, run_messages_pb2, runs_pb2
 from paperclip.workspaces.v1 import workspace_messages_pb2, workspaces_pb2
+from supervision import process_group
 from tests.databases import fresh_database
 from tests.e2e import service_processes
 from tests.e2e.service_processes import rows, settled

@@ -1,7 +1,7 @@
 """SIGKILL the run service while 20 agents run, start it again (issue 4, "Faults").
 
 The issue service and the run service run as separate processes (``python -m ...``, the
-environment ``common.launcher`` builds) on a database of their own. 20 runs of silent
+environment ``local_suite.launcher`` builds) on a database of their own. 20 runs of silent
 ``sleep.py`` agents (4 agents x 5) run, each on its own issue (so each holds an
 execution lock); the run service is SIGKILLed; 5 of the agents are killed while it is
 down; it is started again. Then:

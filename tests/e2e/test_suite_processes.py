@@ -55,7 +55,7 @@ def running_suite(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningS
         PAPERCLIP_GATEWAY_ADDR="127.0.0.1:0",
     )
     proc = subprocess.Popen(
-        [sys.executable, "-m", "common.launcher"],
+        [sys.executable, "-m", "local_suite.launcher"],
         env=env,
         start_new_session=True,
         stdout=subprocess.PIPE,

@@ -1,7 +1,7 @@
 """Two run-service processes on one database (issue 4, "Concurrency").
 
 The issue service and two run services run as separate processes (``python -m ...``,
-the environment ``common.launcher`` builds) on a database of their own; each run
+the environment ``local_suite.launcher`` builds) on a database of their own; each run
 service registers its own supervisor node. 200 issue-less runs (each with its own
 wakeup row, as a non-coalesced wake writes them) are queued at once over 10 agents with
 ``max_concurrent_runs`` 5. The per-node process cap is set so that neither node can take
@@ -24,9 +24,9 @@ from pathlib import Path
 import psutil
 import pytest
 
-from common import process_group
 from common.db import Database
 from common.sql import sql
+from supervision import process_group
 from tests.databases import fresh_database
 from tests.e2e import service_processes
 from tests.e2e.service_processes import ServiceProcesses, rows

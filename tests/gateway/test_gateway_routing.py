@@ -22,8 +22,8 @@ import grpc.aio
 import pytest
 
 from common.actor import ACTOR_HEADER, SIGNATURE_HEADER, Actor, ActorType, sign_actor
+from common.database_url import asyncpg_dsn
 from common.db import Database
-from common.embedded_pg import asyncpg_dsn
 from common.errors import STATUS_DETAILS_KEY, from_rpc_error
 from common.interceptors import Context
 from common.request_context import current_actor

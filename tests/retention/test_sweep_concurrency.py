@@ -14,8 +14,8 @@ from prometheus_client import REGISTRY
 
 from bench.issue_cycle import grpc_cycle, seed
 from common.config import Settings
+from common.database_url import asyncpg_dsn
 from common.db import Database
-from common.embedded_pg import asyncpg_dsn
 from common.retention import sweep
 from issue_service import retention as issue_retention
 from run_service import retention as run_retention

@@ -18,8 +18,8 @@ from alembic.script import ScriptDirectory
 from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import create_async_engine
 
+from common.database_url import asyncpg_dsn, normalize_database_url
 from common.db import Database
-from common.embedded_pg import asyncpg_dsn, normalize_database_url
 from common.migrate import MIGRATIONS_DIR, migrate
 from paperclip.runs.v1 import run_messages_pb2 as pb
 from run_service.wakes import ONE_ACTIVE_RUN_INDEX, insert_queued_run, promote_deferred

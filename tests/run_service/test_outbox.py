@@ -13,8 +13,8 @@ import asyncpg
 import pytest
 from sqlalchemy import text
 
+from common.database_url import asyncpg_dsn
 from common.db import Database
-from common.embedded_pg import asyncpg_dsn
 from run_service import outbox
 from tests.harness import insert_run
 from tests.run_service.test_wakes import rows, runs_of_issue, seed_agent, seed_company, seed_issue

@@ -23,13 +23,13 @@ import psutil
 import pytest
 
 from common.db import Database
-from common.process_tree import boot_id
 from common.sql import Row, sql
 from paperclip.issues.v1 import issue_locks_pb2, issues_pb2
 from paperclip.runs.v1 import run_messages_pb2 as pb
 from paperclip.runs.v1 import runs_pb2
 from run_service import recovery
 from run_service.runner import Runner
+from supervision.process_tree import boot_id
 from tests.harness import Clients, Suite, admin, board, new_company, service
 from tests.run_service.test_runner import (
     agent_command,

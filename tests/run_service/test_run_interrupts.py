@@ -11,8 +11,8 @@ from collections.abc import AsyncIterator
 import psutil
 import pytest
 
+from common.database_url import asyncpg_dsn
 from common.db import Database
-from common.embedded_pg import asyncpg_dsn
 from common.sql import sql
 from paperclip.issues.v1 import issues_pb2
 from run_service.outbox import consume_forever

@@ -18,7 +18,6 @@ from typing import Any
 import psutil
 import pytest
 
-from common.process_tree import kill_tree, process_alive
 from run_service.output import Stream
 from run_service.supervisor import (
     Outcome,
@@ -28,6 +27,7 @@ from run_service.supervisor import (
     SupervisedProcess,
     spawn,
 )
+from supervision.process_tree import kill_tree, process_alive
 
 AGENTS = Path(__file__).resolve().parent.parent / "agents"
 MIB = 1024 * 1024

@@ -14,8 +14,8 @@ from typing import Any
 import pytest
 from google.protobuf import field_mask_pb2
 
+from common.database_url import asyncpg_dsn
 from common.db import Database
-from common.embedded_pg import asyncpg_dsn
 from common.sql import sql
 from paperclip.issues.v1 import issues_pb2
 from tests.conftest import Services

