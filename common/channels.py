@@ -7,12 +7,18 @@ replicas with gRPC's own ``round_robin`` policy and watches each one's
 ``grpc.health.v1`` status, so a replica that stops or reports NOT_SERVING gets no new
 calls. Calls that may safely be sent twice are retried on UNAVAILABLE by the channel's
 service config (another replica answers the retry), never by a loop of our own.
+
+A failed call on such a channel raises the exception the server raised (the
+``common.errors`` class of its status code, with the ``ErrorInfo`` reason and metadata):
+callers catch those, never ``grpc.aio.AioRpcError``. A proxy that relays each status as
+it came asks for the raw errors instead.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable
+from typing import Any
 
 import grpc
 import grpc.aio
@@ -24,6 +30,7 @@ from paperclip_client.channels import (
 )
 
 from common import tracing
+from common.errors import from_rpc_error
 
 #: Retries of an idempotent call on UNAVAILABLE: the first retry goes out at once to
 #: another replica (a stopped or killed one is out of the picker within a moment).
@@ -75,23 +82,46 @@ def retry_entries(idempotent_methods: Iterable[str]) -> list[dict[str, object]]:
     return entries
 
 
+class RaiseProjectErrors(grpc.aio.UnaryUnaryClientInterceptor):
+    """Makes a failed unary call raise the ``common.errors`` exception its status carries
+    (``from_rpc_error``: the class of the status code, the ``ErrorInfo`` reason and
+    metadata, the field violations), with the ``grpc.aio.AioRpcError`` as its cause.
+
+    It runs outside the tracing interceptors, so a client span still records the status
+    code that came over the wire."""
+
+    async def intercept_unary_unary(
+        self, continuation: Callable[..., Any], client_call_details: Any, request: Any
+    ) -> Any:
+        try:
+            call = await continuation(client_call_details, request)
+            await call
+        except grpc.aio.AioRpcError as exc:
+            raise from_rpc_error(exc) from exc
+        return call
+
+
 def backend_channel(
     address: str,
     *,
     idempotent_methods: Iterable[str] = (),
     setting: str = "address",
-    interceptors: Sequence[grpc.aio.ClientInterceptor] = (),
+    raw_errors: bool = False,
 ) -> grpc.aio.Channel:
-    """A balanced, health-checked channel to a service of the suite at ``address``."""
+    """A balanced, health-checked channel to a service of the suite at ``address``.
+
+    Its unary calls raise ``common.errors`` exceptions (:class:`RaiseProjectErrors`);
+    with ``raw_errors`` they raise the ``grpc.aio.AioRpcError`` as it came."""
     config = json.dumps(
         balanced_service_config(
             retry_entries(idempotent_methods), health_service=LIVE_HEALTH_SERVICE
         )
     )
+    errors: tuple[grpc.aio.ClientInterceptor, ...] = () if raw_errors else (RaiseProjectErrors(),)
     return grpc.aio.insecure_channel(
         grpc_target(address, setting=setting),
         options=[*BACKEND_OPTIONS, ("grpc.service_config", config)],
-        interceptors=[*tracing.client_interceptors(), *interceptors] or None,
+        interceptors=[*errors, *tracing.client_interceptors()] or None,
     )
 
 

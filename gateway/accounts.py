@@ -8,9 +8,9 @@ from common.authz import require_instance_admin
 from common.db import Database
 from common.errors import InvalidArgument, NotFound, invalid
 from common.protoconv import timestamp
-from common.sql import Row, sql
+from common.sql import Row
 from common.validation import MAX_NAME, Violations, parse_uuid, require_text
-from gateway import keys
+from gateway import foreign_reads, keys
 from paperclip.gateway.v1 import auth_pb2
 
 _ROLE_TO_PROTO = {
@@ -19,7 +19,6 @@ _ROLE_TO_PROTO = {
     Role.VIEWER: auth_pb2.ROLE_VIEWER,
 }
 _PROTO_TO_ROLE = {v: k for k, v in _ROLE_TO_PROTO.items()}
-_COMPANIES = sql("SELECT id FROM issues.companies WHERE id = ANY(CAST(:ids AS uuid[]))")
 
 
 def _memberships(values: dict[str, Role]) -> list[auth_pb2.CompanyMembership]:
@@ -97,7 +96,7 @@ async def create_api_key(
     require_instance_admin(actor)
     user_id, name, memberships = _parse_create(request)
     async with db.unit_of_work() as tx:
-        found = {str(r[0]) for r in await tx.fetch(_COMPANIES, {"ids": sorted(memberships)})}
+        found = await foreign_reads.existing_companies(tx, sorted(memberships))
         missing = sorted(set(memberships) - found)
         if missing:
             raise invalid("memberships", f"no such companies: {', '.join(missing)}")

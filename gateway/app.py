@@ -66,10 +66,14 @@ async def start_gateway(
 ) -> Gateway:
     """Serve the public services on ``address``, routed to ``backends``."""
     # Balanced over each backend's healthy replicas; the calls a client may repeat are
-    # retried on UNAVAILABLE (another replica answers), all others are sent once.
+    # retried on UNAVAILABLE (another replica answers), all others are sent once. The
+    # proxy relays each backend status as it came: the channels raise it raw.
     channels = {
         name: backend_channel(
-            target, idempotent_methods=IDEMPOTENT_METHODS, setting=f"PAPERCLIP_{name.upper()}_ADDR"
+            target,
+            idempotent_methods=IDEMPOTENT_METHODS,
+            setting=f"PAPERCLIP_{name.upper()}_ADDR",
+            raw_errors=True,
         )
         for name, target in backends.items()
     }

@@ -22,9 +22,8 @@ from common.actor import Actor, ActorType
 from common.db import Database
 from common.errors import Unauthenticated
 from common.run_tokens import looks_like_jwt, verify_run_token
-from common.sql import sql
 from common.validation import is_uuid
-from gateway import keys
+from gateway import foreign_reads, keys
 
 log = logging.getLogger("paperclip.gateway.auth")
 
@@ -35,7 +34,6 @@ _LIVE_RUN_STATUSES = frozenset({"queued", "running"})
 #: Longer headers, up to the server's metadata limit (``common.server``), are refused
 #: here before any hashing or lookup.
 MAX_AUTHORIZATION_LENGTH = 4096
-_RUN = sql("SELECT status, agent_id, company_id FROM runs.heartbeat_runs WHERE id = :id")
 
 
 @dataclass
@@ -175,7 +173,7 @@ class BearerAuthenticator:
             raise Unauthenticated("run token names no valid run", reason="UNAUTHENTICATED")
         since = time.monotonic()
         async with self.db.unit_of_work() as tx:
-            run = await tx.fetchrow(_RUN, {"id": claims.run_id})
+            run = await foreign_reads.get_run(tx, claims.run_id)
         if run is None or run["status"] not in _LIVE_RUN_STATUSES:
             raise Unauthenticated(
                 "the run of this token has finished",

@@ -5,6 +5,9 @@ is an idempotent compare-and-set, so repeating it is always safe. Transient fail
 (the peer is down, slow, or lost a race) are retried with jittered exponential backoff;
 a refusal for good is logged and given up, as is everything once shutdown begins. The
 peer's own sweep converges whatever is given up.
+
+The call goes over a channel of ``common.channels``, so a failure arrives as the
+``common.errors`` exception of its status; its status code decides whether to retry.
 """
 
 from __future__ import annotations
@@ -17,9 +20,8 @@ from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
 import grpc
-import grpc.aio
 
-from common.errors import from_rpc_error
+from common.errors import PaperclipError
 
 logger = logging.getLogger(__name__)
 
@@ -46,16 +48,16 @@ async def until_acknowledged(
     call: Callable[[], Awaitable[T]], *, name: str, run_id: str, closing: asyncio.Event
 ) -> T | None:
     """``await call()`` until it answers; None when refused for good or on shutdown
-    (``closing`` set: one more attempt at most)."""
+    (``closing`` set: one more attempt at most). ``call`` fails with a ``PaperclipError``
+    whose ``code`` is the status code of the failed call."""
     delay = BACKOFF_INITIAL
     attempt = 0
     while True:
         attempt += 1
         try:
             return await call()
-        except grpc.aio.AioRpcError as exc:
-            if exc.code() not in RETRYABLE:
-                error = from_rpc_error(exc)
+        except PaperclipError as error:
+            if error.code not in RETRYABLE:
                 logger.error(
                     f"{name} refused",
                     extra={"run_id": run_id, "reason": error.reason, "error": str(error)},
@@ -65,9 +67,9 @@ async def until_acknowledged(
                 f"{name} failed, retrying",
                 extra={
                     "run_id": run_id,
-                    "code": exc.code().name,
+                    "code": error.code.name,
                     # The peer's reason (DATABASE_UNAVAILABLE folds into an outage's log).
-                    "reason": from_rpc_error(exc).reason,
+                    "reason": error.reason,
                     "attempt": attempt,
                 },
             )

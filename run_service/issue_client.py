@@ -7,7 +7,8 @@ issue service knows the run (not a board user) checked the issue out.
 All calls are idempotent compare-and-set operations (docs/architecture.md, "Cross-service
 calls"), so repeating one is always safe. ``ReleaseRunLocks`` is retried with backoff
 until it is acknowledged; only a shutdown of the run service gives up early (the issue
-service's stale-lock sweep converges then).
+service's stale-lock sweep converges then). A refusal raises the issue service's own
+exception (``common.errors``, with its reason and metadata; see ``common.channels``).
 """
 
 from __future__ import annotations
@@ -15,13 +16,11 @@ from __future__ import annotations
 import asyncio
 import logging
 
-import grpc
 import grpc.aio
 
 from common.actor import Actor, ActorType, service_actor, sign_actor
 from common.channels import backend_channel, service_methods
 from common.config import Settings
-from common.errors import from_rpc_error
 from paperclip.issues.v1 import (
     issue_locks_pb2,
     issue_locks_pb2_grpc,
@@ -78,16 +77,13 @@ class IssueClient:
         """The issue, locked for ``run_id``; raises ``FailedPrecondition``
         (``ISSUE_EXECUTION_LOCKED``) while another live run holds it."""
         locks, _ = self._stubs()
-        try:
-            reply = await locks.AcquireExecutionLock(
-                issue_locks_pb2.AcquireExecutionLockRequest(
-                    issue_id=issue_id, run_id=run_id, agent_id=agent_id
-                ),
-                metadata=self._metadata(),
-                timeout=CALL_TIMEOUT_SECONDS,
-            )
-        except grpc.aio.AioRpcError as exc:
-            raise from_rpc_error(exc) from exc
+        reply = await locks.AcquireExecutionLock(
+            issue_locks_pb2.AcquireExecutionLockRequest(
+                issue_id=issue_id, run_id=run_id, agent_id=agent_id
+            ),
+            metadata=self._metadata(),
+            timeout=CALL_TIMEOUT_SECONDS,
+        )
         return reply.issue
 
     async def checkout_issue(
@@ -97,22 +93,19 @@ class IssueClient:
         auto-checkout); raises ``PaperclipError`` on a conflict."""
         _, issues = self._stubs()
         actor = Actor(type=ActorType.AGENT, agent_id=agent_id, company_id=company_id, run_id=run_id)
-        try:
-            return await issues.CheckoutIssue(
-                issues_pb2.CheckoutIssueRequest(
-                    issue_id=issue_id,
-                    agent_id=agent_id,
-                    expected_statuses=[
-                        issues_pb2.ISSUE_STATUS_TODO,
-                        issues_pb2.ISSUE_STATUS_BACKLOG,
-                        issues_pb2.ISSUE_STATUS_BLOCKED,
-                    ],
-                ),
-                metadata=self._metadata(actor),
-                timeout=CALL_TIMEOUT_SECONDS,
-            )
-        except grpc.aio.AioRpcError as exc:
-            raise from_rpc_error(exc) from exc
+        return await issues.CheckoutIssue(
+            issues_pb2.CheckoutIssueRequest(
+                issue_id=issue_id,
+                agent_id=agent_id,
+                expected_statuses=[
+                    issues_pb2.ISSUE_STATUS_TODO,
+                    issues_pb2.ISSUE_STATUS_BACKLOG,
+                    issues_pb2.ISSUE_STATUS_BLOCKED,
+                ],
+            ),
+            metadata=self._metadata(actor),
+            timeout=CALL_TIMEOUT_SECONDS,
+        )
 
     async def transfer_execution_lock(
         self, *, issue_id: str, from_run_id: str, to_run_id: str
@@ -121,30 +114,24 @@ class IssueClient:
         retry), only while ``from_run_id`` still holds them; raises ``FailedPrecondition``
         (``ISSUE_LOCK_NOT_HELD``) otherwise. Idempotent (a repeat returns the issue)."""
         locks, _ = self._stubs()
-        try:
-            reply = await locks.TransferExecutionLock(
-                issue_locks_pb2.TransferExecutionLockRequest(
-                    issue_id=issue_id, from_run_id=from_run_id, to_run_id=to_run_id
-                ),
-                metadata=self._metadata(),
-                timeout=CALL_TIMEOUT_SECONDS,
-            )
-        except grpc.aio.AioRpcError as exc:
-            raise from_rpc_error(exc) from exc
+        reply = await locks.TransferExecutionLock(
+            issue_locks_pb2.TransferExecutionLockRequest(
+                issue_id=issue_id, from_run_id=from_run_id, to_run_id=to_run_id
+            ),
+            metadata=self._metadata(),
+            timeout=CALL_TIMEOUT_SECONDS,
+        )
         return reply.issue
 
     async def reopen_issue(self, *, issue_id: str, source: str) -> str | None:
         """Move a done or cancelled issue back to todo (compare-and-set, idempotent);
         the status it was reopened from, or None when it was open already."""
         locks, _ = self._stubs()
-        try:
-            reply = await locks.ReopenIssue(
-                issue_locks_pb2.ReopenIssueRequest(issue_id=issue_id, source=source),
-                metadata=self._metadata(),
-                timeout=CALL_TIMEOUT_SECONDS,
-            )
-        except grpc.aio.AioRpcError as exc:
-            raise from_rpc_error(exc) from exc
+        reply = await locks.ReopenIssue(
+            issue_locks_pb2.ReopenIssueRequest(issue_id=issue_id, source=source),
+            metadata=self._metadata(),
+            timeout=CALL_TIMEOUT_SECONDS,
+        )
         return reply.reopened_from if reply.reopened else None
 
     async def add_system_comment(
@@ -153,16 +140,13 @@ class IssueClient:
         """A comment on the issue by the system actor (a notice; it wakes nobody); False
         when ``idempotency_key`` was used before."""
         locks, _ = self._stubs()
-        try:
-            reply = await locks.AddSystemComment(
-                issue_locks_pb2.AddSystemCommentRequest(
-                    issue_id=issue_id, body=body, idempotency_key=idempotency_key, source=source
-                ),
-                metadata=self._metadata(),
-                timeout=CALL_TIMEOUT_SECONDS,
-            )
-        except grpc.aio.AioRpcError as exc:
-            raise from_rpc_error(exc) from exc
+        reply = await locks.AddSystemComment(
+            issue_locks_pb2.AddSystemCommentRequest(
+                issue_id=issue_id, body=body, idempotency_key=idempotency_key, source=source
+            ),
+            metadata=self._metadata(),
+            timeout=CALL_TIMEOUT_SECONDS,
+        )
         return bool(reply.added)
 
     async def release_run_locks(self, run_id: str) -> list[str] | None:

@@ -53,7 +53,7 @@ from common.authz import require_instance_admin
 from common.channels import backend_channel
 from common.config import Settings
 from common.db import Database
-from common.errors import PaperclipError, from_rpc_error
+from common.errors import PaperclipError
 from common.sql import Row, Tx, sql
 from paperclip.issues.v1 import issue_locks_pb2, issue_locks_pb2_grpc
 from paperclip.runs.v1 import runs_pb2
@@ -363,16 +363,13 @@ class _Escalator:
             )
             self._stub = issue_locks_pb2_grpc.IssueLockServiceStub(self._channel)
         metadata = sign_actor(service_actor(SERVICE_NAME), self._settings.internal_key)
-        try:
-            reply = await self._stub.EscalateStrandedIssue(
-                issue_locks_pb2.EscalateStrandedIssueRequest(
-                    issue_id=issue_id, body=body, idempotency_key=key
-                ),
-                metadata=metadata,
-                timeout=CALL_TIMEOUT_SECONDS,
-            )
-        except grpc.aio.AioRpcError as exc:
-            raise from_rpc_error(exc) from exc
+        reply = await self._stub.EscalateStrandedIssue(
+            issue_locks_pb2.EscalateStrandedIssueRequest(
+                issue_id=issue_id, body=body, idempotency_key=key
+            ),
+            metadata=metadata,
+            timeout=CALL_TIMEOUT_SECONDS,
+        )
         return bool(reply.escalated)
 
     async def close(self) -> None:

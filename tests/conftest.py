@@ -27,9 +27,9 @@ from run_service.app import service_specs as run_specs
 from run_service.runner import Runner
 from tests.databases import fresh_database
 from tests.harness import INTERNAL_KEY, Suite
-from workspace_service.app import build_deps
+from workspace_service.app import build_context
 from workspace_service.app import service_specs as workspace_specs
-from workspace_service.deps import WorkspaceDeps
+from workspace_service.service_context import ServiceContext
 
 
 @pytest.fixture(scope="session")
@@ -69,8 +69,8 @@ class Services:
     runner: Runner
     #: The settings the run service (and its runner) were built with.
     settings: Settings
-    #: The workspace service's dependencies (its runtime supervisor among them).
-    workspace: WorkspaceDeps
+    #: The workspace service's context (its runtime supervisor among them).
+    workspace: ServiceContext
 
 
 @pytest.fixture(scope="session")
@@ -97,9 +97,9 @@ async def services(db: Database, database_url: str) -> AsyncIterator[Services]:
     run_db = Database(database_url, pool_size=10, max_overflow=10, name="run_service")
     issue_server = await start_server(issue_specs(issue_db, settings), "127.0.0.1:0", INTERNAL_KEY)
     workspace_db = Database(database_url, pool_size=10, max_overflow=20, name="workspace_service")
-    workspace_deps = build_deps(workspace_db, settings, host=f"test-{uuid.uuid4().hex[:8]}")
+    workspace_context = build_context(workspace_db, settings, host=f"test-{uuid.uuid4().hex[:8]}")
     workspace_server = await start_server(
-        workspace_specs(workspace_deps), "127.0.0.1:0", INTERNAL_KEY
+        workspace_specs(workspace_context), "127.0.0.1:0", INTERNAL_KEY
     )
     run_settings = replace(
         settings,
@@ -117,13 +117,13 @@ async def services(db: Database, database_url: str) -> AsyncIterator[Services]:
         db=db,
     )
     try:
-        yield Services(the_suite, runner, run_settings, workspace_deps)
+        yield Services(the_suite, runner, run_settings, workspace_context)
     finally:
         await the_suite.close()
         runner_task.cancel()
         await asyncio.gather(runner_task, return_exceptions=True)
         await runner.stop()  # while the issue service still answers ReleaseRunLocks
-        await workspace_deps.runtime.shutdown()
+        await workspace_context.runtime.shutdown()
         await asyncio.gather(*(s.stop(0.5) for s in servers))
         await issue_db.dispose()
         await run_db.dispose()

@@ -15,7 +15,7 @@ from common.actor import Actor
 from common.authz import require_company_access
 from common.errors import PermissionDenied
 from common.sql import Tx
-from workspace_service import store
+from workspace_service import foreign_reads
 from workspace_service.model import WorkspaceRecord
 
 #: Issue statuses in which the issue's agent may manage its workspace.
@@ -34,7 +34,7 @@ async def require_manage(tx: Tx, actor: Actor, *, company_id: str, issue_id: str
     if not actor.is_agent:
         return
     if issue_id is not None:
-        issue = await store.get_issue(tx, issue_id)
+        issue = await foreign_reads.get_issue(tx, issue_id)
         if (
             issue is not None
             and str(issue["company_id"]) == company_id

@@ -21,8 +21,8 @@ from workspace_service import (
     workspace_update,
     workspaces,
 )
-from workspace_service.deps import WorkspaceDeps
 from workspace_service.host_routing import HostRouter
+from workspace_service.service_context import ServiceContext
 
 
 class WorkspaceServicer(workspaces_pb2_grpc.WorkspaceServiceServicer):
@@ -31,9 +31,9 @@ class WorkspaceServicer(workspaces_pb2_grpc.WorkspaceServiceServicer):
     The calls that touch a workspace's directory or processes are served on its host
     (``host_routing``): from another host's replica they are forwarded there."""
 
-    def __init__(self, deps: WorkspaceDeps, router: HostRouter | None = None) -> None:
-        self._deps = deps
-        self._router = router or HostRouter(deps.db, deps.host)
+    def __init__(self, ctx: ServiceContext, router: HostRouter | None = None) -> None:
+        self._ctx = ctx
+        self._router = router or HostRouter(ctx.db, ctx.host)
 
     async def CreateExecutionWorkspace(
         self, request: pb.CreateExecutionWorkspaceRequest, context: Context
@@ -44,25 +44,25 @@ class WorkspaceServicer(workspaces_pb2_grpc.WorkspaceServiceServicer):
             return await remote.call(
                 "CreateExecutionWorkspace", request, context, messages.ExecutionWorkspace
             )
-        return await workspace_create.create_workspace(self._deps, current_actor(), request)
+        return await workspace_create.create_workspace(self._ctx, current_actor(), request)
 
     async def GetExecutionWorkspace(
         self, request: pb.GetExecutionWorkspaceRequest, context: Context
     ) -> messages.ExecutionWorkspace:
         """One workspace with its runtime services."""
-        return await workspaces.get_workspace(self._deps, current_actor(), request.id)
+        return await workspaces.get_workspace(self._ctx, current_actor(), request.id)
 
     async def ListExecutionWorkspaces(
         self, request: pb.ListExecutionWorkspacesRequest, context: Context
     ) -> pb.ListExecutionWorkspacesResponse:
         """A page of a company's workspaces, most recently used first."""
-        return await workspaces.list_workspaces(self._deps, current_actor(), request)
+        return await workspaces.list_workspaces(self._ctx, current_actor(), request)
 
     async def UpdateExecutionWorkspace(
         self, request: pb.UpdateExecutionWorkspaceRequest, context: Context
     ) -> messages.ExecutionWorkspace:
         """Change the fields named by the update mask."""
-        return await workspace_update.update_workspace(self._deps, current_actor(), request)
+        return await workspace_update.update_workspace(self._ctx, current_actor(), request)
 
     async def GetCloseReadiness(
         self, request: pb.GetCloseReadinessRequest, context: Context
@@ -72,7 +72,7 @@ class WorkspaceServicer(workspaces_pb2_grpc.WorkspaceServiceServicer):
         if remote is not None:
             return await remote.call("GetCloseReadiness", request, context, pb.CloseReadiness)
         return await close_readiness.get_close_readiness(
-            self._deps, current_actor(), request.workspace_id
+            self._ctx, current_actor(), request.workspace_id
         )
 
     async def ArchiveExecutionWorkspace(
@@ -84,7 +84,7 @@ class WorkspaceServicer(workspaces_pb2_grpc.WorkspaceServiceServicer):
             return await remote.call(
                 "ArchiveExecutionWorkspace", request, context, pb.ArchiveExecutionWorkspaceResponse
             )
-        return await archive.archive_workspace(self._deps, current_actor(), request.workspace_id)
+        return await archive.archive_workspace(self._ctx, current_actor(), request.workspace_id)
 
     async def ControlRuntimeServices(
         self, request: pb.ControlRuntimeServicesRequest, context: Context
@@ -95,42 +95,42 @@ class WorkspaceServicer(workspaces_pb2_grpc.WorkspaceServiceServicer):
             return await remote.call(
                 "ControlRuntimeServices", request, context, pb.ControlRuntimeServicesResponse
             )
-        return await runtime_control.control_runtime_services(self._deps, current_actor(), request)
+        return await runtime_control.control_runtime_services(self._ctx, current_actor(), request)
 
     async def ListRuntimeServices(
         self, request: pb.ListRuntimeServicesRequest, context: Context
     ) -> pb.ListRuntimeServicesResponse:
         """The workspace's runtime service records."""
         return await workspaces.list_runtime_services(
-            self._deps, current_actor(), request.workspace_id
+            self._ctx, current_actor(), request.workspace_id
         )
 
     async def ListWorkspaceOperations(
         self, request: pb.ListWorkspaceOperationsRequest, context: Context
     ) -> pb.ListWorkspaceOperationsResponse:
         """A page of the workspace's operations, newest first, without output."""
-        return await operations.list_operations(self._deps.db, current_actor(), request)
+        return await operations.list_operations(self._ctx.db, current_actor(), request)
 
     async def GetWorkspaceOperation(
         self, request: pb.GetWorkspaceOperationRequest, context: Context
     ) -> messages.WorkspaceOperation:
         """One operation with its output."""
-        return await operations.get_operation(self._deps.db, current_actor(), request.operation_id)
+        return await operations.get_operation(self._ctx.db, current_actor(), request.operation_id)
 
     async def AcquireEnvironmentLease(
         self, request: pb.AcquireEnvironmentLeaseRequest, context: Context
     ) -> messages.EnvironmentLease:
         """Take (or get back) the active lease of an environment for a workspace."""
-        return await leases.acquire_lease(self._deps.db, current_actor(), request)
+        return await leases.acquire_lease(self._ctx.db, current_actor(), request)
 
     async def RenewEnvironmentLease(
         self, request: pb.RenewEnvironmentLeaseRequest, context: Context
     ) -> messages.EnvironmentLease:
         """Push an active lease's expiry out by its TTL."""
-        return await leases.renew_lease(self._deps.db, current_actor(), request)
+        return await leases.renew_lease(self._ctx.db, current_actor(), request)
 
     async def ReleaseEnvironmentLease(
         self, request: pb.ReleaseEnvironmentLeaseRequest, context: Context
     ) -> messages.EnvironmentLease:
         """End a lease (idempotent)."""
-        return await leases.release_lease(self._deps.db, current_actor(), request)
+        return await leases.release_lease(self._ctx.db, current_actor(), request)

@@ -18,29 +18,29 @@ from paperclip.workspaces.v1 import (
 )
 from workspace_service import issue_reaper, lease_sweep, retention
 from workspace_service.api import WorkspaceServicer
-from workspace_service.deps import WorkspaceDeps
 from workspace_service.host_routing import HostRouter
 from workspace_service.hosts import HostRegistration
 from workspace_service.lease_api import WorkspaceLeaseServicer
 from workspace_service.runtime_services import RuntimeSupervisor
+from workspace_service.service_context import ServiceContext
 
 WORKSPACE_SERVICE = workspaces_pb2.DESCRIPTOR.services_by_name["WorkspaceService"].full_name
 LEASE_SERVICE = workspace_leases_pb2.DESCRIPTOR.services_by_name["WorkspaceLeaseService"].full_name
 
 
-def build_deps(db: Database, settings: Settings, host: str | None = None) -> WorkspaceDeps:
-    """The dependencies of one workspace-service process on ``host`` (default: the
+def build_context(db: Database, settings: Settings, host: str | None = None) -> ServiceContext:
+    """The service context of one workspace-service process on ``host`` (default: the
     ``PAPERCLIP_HOST`` setting)."""
     name = host or settings.host
-    return WorkspaceDeps(
+    return ServiceContext(
         db=db, settings=settings, runtime=RuntimeSupervisor(db, settings, name), host=name
     )
 
 
-def service_specs(deps: WorkspaceDeps, router: HostRouter | None = None) -> list[ServiceSpec]:
+def service_specs(ctx: ServiceContext, router: HostRouter | None = None) -> list[ServiceSpec]:
     """``WorkspaceService`` (public) and ``WorkspaceLeaseService`` (internal)."""
-    servicer = WorkspaceServicer(deps, router)
-    lease_servicer = WorkspaceLeaseServicer(deps.db)
+    servicer = WorkspaceServicer(ctx, router)
+    lease_servicer = WorkspaceLeaseServicer(ctx.db)
 
     def register_public(server: grpc.aio.Server) -> None:
         workspaces_pb2_grpc.add_WorkspaceServiceServicer_to_server(servicer, server)
@@ -64,23 +64,23 @@ def wiring(db: Database, settings: Settings) -> Wiring:
     the registration of this host (``hosts``); on the way out, the
     registration is removed and this process's services are stopped (their desired
     state is kept, so the next start brings them back)."""
-    deps = build_deps(db, settings)
-    router = HostRouter(db, deps.host)
-    registration = HostRegistration(db, deps.host)
+    ctx = build_context(db, settings)
+    router = HostRouter(db, ctx.host)
+    registration = HostRegistration(db, ctx.host)
     assert settings.database_url is not None
     jobs = [
-        deps.runtime.startup(),
+        ctx.runtime.startup(),
         lease_sweep.sweep_forever(db, interval=settings.lease_sweep_seconds),
         issue_reaper.reap_forever(
-            deps, asyncpg_dsn(settings.database_url), interval=settings.workspace_reap_seconds
+            ctx, asyncpg_dsn(settings.database_url), interval=settings.workspace_reap_seconds
         ),
         metrics.lease_gauges(db),
         retention.retention_forever(db, settings),
         retention.rotate_logs_forever(settings),
     ]
     return Wiring(
-        specs=service_specs(deps, router),
+        specs=service_specs(ctx, router),
         jobs=jobs,
-        on_stop=[registration.release, router.close, deps.runtime.shutdown],
+        on_stop=[registration.release, router.close, ctx.runtime.shutdown],
         on_listen=[registration.keep],
     )

@@ -20,8 +20,8 @@ from common.errors import FailedPrecondition
 from paperclip.workspaces.v1 import workspaces_pb2 as pb
 from workspace_service import access, cleanup, commands, leases, store
 from workspace_service.close_readiness import add_git_state, assess
-from workspace_service.deps import WorkspaceDeps
 from workspace_service.model import WorkspaceRecord
+from workspace_service.service_context import ServiceContext
 from workspace_service.workspace_config import desired_state_patch, merge_config
 from workspace_service.workspaces import load_workspace, uuid_argument, workspace_proto
 
@@ -30,12 +30,12 @@ ENTITY_TYPE = "execution_workspace"
 
 
 async def archive_workspace(
-    deps: WorkspaceDeps, actor: Actor, workspace_id: str
+    ctx: ServiceContext, actor: Actor, workspace_id: str
 ) -> pb.ArchiveExecutionWorkspaceResponse:
     """Close and clean up the workspace; the closed workspace and every warning."""
     canonical = uuid_argument("workspace_id", workspace_id)
-    async with deps.locks.hold(f"workspace:{canonical}"):
-        async with deps.db.unit_of_work() as tx:
+    async with ctx.locks.hold(f"workspace:{canonical}"):
+        async with ctx.db.unit_of_work() as tx:
             workspace = await load_workspace(tx, canonical)
             await access.require_manage(
                 tx, actor, company_id=workspace.company_id, issue_id=workspace.source_issue_id
@@ -51,9 +51,9 @@ async def archive_workspace(
                     "blocking_reasons": " | ".join(readiness.blocking_reasons),
                 },
             )
-        closed = await _close(deps, actor, canonical)
-        cleanup_warnings, cleaned = await _clean_up(deps, actor, closed)
-        async with deps.db.unit_of_work() as tx:
+        closed = await _close(ctx, actor, canonical)
+        cleanup_warnings, cleaned = await _clean_up(ctx, actor, closed)
+        async with ctx.db.unit_of_work() as tx:
             final = await store.update_workspace(
                 tx,
                 canonical,
@@ -78,9 +78,9 @@ async def archive_workspace(
     )
 
 
-async def _close(deps: WorkspaceDeps, actor: Actor, workspace_id: str) -> WorkspaceRecord:
+async def _close(ctx: ServiceContext, actor: Actor, workspace_id: str) -> WorkspaceRecord:
     """Mark the workspace archived, release its leases, want its services stopped."""
-    async with deps.db.unit_of_work() as tx:
+    async with ctx.db.unit_of_work() as tx:
         workspace = await load_workspace(tx, workspace_id, for_update=True)
         if not workspace.is_open:
             raise FailedPrecondition(
@@ -121,17 +121,17 @@ async def _close(deps: WorkspaceDeps, actor: Actor, workspace_id: str) -> Worksp
 
 
 async def _clean_up(
-    deps: WorkspaceDeps, actor: Actor, workspace: WorkspaceRecord
+    ctx: ServiceContext, actor: Actor, workspace: WorkspaceRecord
 ) -> tuple[list[str], bool]:
     """Stop the services, run the cleanup; (warnings, whether the files are gone)."""
-    recorder = deps.recorder(
+    recorder = ctx.recorder(
         actor,
         company_id=workspace.company_id,
         workspace_id=workspace.id,
         issue_id=workspace.source_issue_id,
     )
     try:
-        await deps.runtime.stop_workspace(workspace.id, reason="workspace archived")
+        await ctx.runtime.stop_workspace(workspace.id, reason="workspace archived")
         result = await cleanup.cleanup(recorder, workspace)
     except Exception as exc:
         logger.exception("archive cleanup failed", extra={"workspace_id": workspace.id})

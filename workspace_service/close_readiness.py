@@ -15,9 +15,9 @@ from dataclasses import dataclass, field
 from common.actor import Actor
 from common.sql import Tx
 from paperclip.workspaces.v1 import workspaces_pb2 as pb
-from workspace_service import access, git_state, store
-from workspace_service.deps import WorkspaceDeps
+from workspace_service import access, foreign_reads, git_state, store
 from workspace_service.model import RuntimeServiceRecord, WorkspaceRecord
+from workspace_service.service_context import ServiceContext
 from workspace_service.workspaces import load_workspace, uuid_argument
 
 TERMINAL_ISSUE_STATUSES = ("done", "cancelled")
@@ -62,11 +62,11 @@ class Readiness:
 
 
 async def get_close_readiness(
-    deps: WorkspaceDeps, actor: Actor, workspace_id: str
+    ctx: ServiceContext, actor: Actor, workspace_id: str
 ) -> pb.CloseReadiness:
     """The close readiness of a workspace, for anyone who may read its company."""
     canonical = uuid_argument("workspace_id", workspace_id)
-    async with deps.db.unit_of_work() as tx:
+    async with ctx.db.unit_of_work() as tx:
         workspace = await load_workspace(tx, canonical)
         access.require_read(actor, workspace)
         readiness = await assess(tx, workspace)
@@ -105,7 +105,7 @@ async def _linked_issues(tx: Tx, readiness: Readiness) -> None:
     workspace = readiness.workspace
     if workspace.source_issue_id is None:
         return
-    issue = await store.get_issue(tx, workspace.source_issue_id)
+    issue = await foreign_reads.get_issue(tx, workspace.source_issue_id)
     if issue is None:
         return
     terminal = issue["status"] in TERMINAL_ISSUE_STATUSES

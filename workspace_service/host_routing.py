@@ -31,7 +31,7 @@ from common.errors import STATUS_DETAILS_KEY, Unavailable, from_rpc_error
 from common.interceptors import REQUEST_ID_HEADER, Context
 from common.validation import is_uuid
 from paperclip.workspaces.v1 import workspaces_pb2_grpc
-from workspace_service import hosts
+from workspace_service import foreign_reads, host_store
 
 _AnswerT = TypeVar("_AnswerT", bound=Message)
 
@@ -104,7 +104,7 @@ class HostRouter:
         if not is_uuid(workspace_id):
             return None  # the local handler names the bad field
         async with self._db.unit_of_work() as tx:
-            owner = await hosts.workspace_host(tx, workspace_id)
+            owner = await host_store.workspace_host(tx, workspace_id)
         if owner is None or owner.host == self.host:
             return None
         return self._remote(owner, context)
@@ -115,13 +115,13 @@ class HostRouter:
         if actor.run_id is None or not is_uuid(actor.run_id):
             return None
         async with self._db.unit_of_work() as tx:
-            host = await hosts.run_host(tx, actor.run_id)
+            host = await foreign_reads.run_host(tx, actor.run_id)
             if host is None or host == self.host:
                 return None
-            target = await hosts.host_address(tx, host)
+            target = await host_store.host_address(tx, host)
         return self._remote(target, context)
 
-    def _remote(self, target: hosts.HostAddress, context: Context) -> Remote:
+    def _remote(self, target: host_store.HostAddress, context: Context) -> Remote:
         received = dict(context.invocation_metadata() or ())
         if FORWARDED_HEADER in received:
             raise host_unavailable(

@@ -20,8 +20,8 @@ from common.audit import record_activity
 from common.errors import PaperclipError
 from common.notify_loop import run_passes
 from workspace_service import commands, runtime_store, store
-from workspace_service.deps import WorkspaceDeps
 from workspace_service.model import RuntimeServiceRecord
+from workspace_service.service_context import ServiceContext
 from workspace_service.workspace_config import desired_state_patch, merge_config
 
 logger = logging.getLogger(__name__)
@@ -32,19 +32,19 @@ BATCH = 100
 STOP_REASON = "issue_closed"
 
 
-async def reap_once(deps: WorkspaceDeps) -> int:
+async def reap_once(ctx: ServiceContext) -> int:
     """One pass: how many services of closed issues' isolated workspaces were stopped."""
-    async with deps.db.unit_of_work() as tx:
-        found = await runtime_store.closed_issue_services(tx, host=deps.host, limit=BATCH)
+    async with ctx.db.unit_of_work() as tx:
+        found = await runtime_store.closed_issue_services(tx, host=ctx.host, limit=BATCH)
     by_workspace: dict[str, list[RuntimeServiceRecord]] = {}
     for service in found:
         by_workspace.setdefault(service.workspace_id, []).append(service)
     stopped = 0
     for workspace_id, services in by_workspace.items():
-        await _hold_stopped(deps, workspace_id, services)
+        await _hold_stopped(ctx, workspace_id, services)
         for service in services:
             try:
-                await deps.runtime.stop_service(service, reason=STOP_REASON)
+                await ctx.runtime.stop_service(service, reason=STOP_REASON)
             except PaperclipError as exc:
                 logger.warning("stopping a closed issue's service failed: %s", exc.message)
                 continue
@@ -53,10 +53,10 @@ async def reap_once(deps: WorkspaceDeps) -> int:
 
 
 async def _hold_stopped(
-    deps: WorkspaceDeps, workspace_id: str, services: Sequence[RuntimeServiceRecord]
+    ctx: ServiceContext, workspace_id: str, services: Sequence[RuntimeServiceRecord]
 ) -> None:
     """Desired state ``stopped`` for every service of the workspace, audited."""
-    async with deps.db.unit_of_work() as tx:
+    async with ctx.db.unit_of_work() as tx:
         workspace = await store.get_workspace(tx, workspace_id, for_update=True)
         if workspace is None:
             return
@@ -84,13 +84,13 @@ async def _hold_stopped(
         )
 
 
-async def reap_forever(deps: WorkspaceDeps, dsn: str, *, interval: float) -> None:
+async def reap_forever(ctx: ServiceContext, dsn: str, *, interval: float) -> None:
     """Reap until cancelled: a pass on every NOTIFY on ``paperclip_issue_events`` and at
     least every ``interval`` seconds. ``dsn`` is a plain asyncpg DSN for the LISTEN
     connection; errors are logged and the pass retried."""
 
     async def one_pass() -> bool:
-        return await reap_once(deps) >= BATCH
+        return await reap_once(ctx) >= BATCH
 
     await run_passes(
         dsn, CHANNEL, one_pass, interval=interval, what="reaping closed issues' services"

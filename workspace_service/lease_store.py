@@ -1,5 +1,5 @@
-"""SQL of environment leases, their record and proto form, and how leases end: the
-mapping from a run's end to its leases'.
+"""SQL of environment leases (the RPCs' and the lease sweep's), their record and proto
+form, and how leases end: the mapping from a run's end to its leases'.
 
 Every statement runs in the unit of work of the caller. Ending leases is one
 ``UPDATE ... FROM unnest(...)`` for any number of them, with an audit row for each in
@@ -18,6 +18,7 @@ from common.audit import record_activity
 from common.protoconv import text, text_or_none, timestamp
 from common.sql import Row, Tx, sql
 from paperclip.workspaces.v1 import workspace_messages_pb2 as pb
+from workspace_service import foreign_reads
 
 ACTIVE = "active"
 RELEASED = "released"
@@ -107,22 +108,29 @@ _ACTIVE_OF_WORKSPACE = sql(
      WHERE workspace_id = :workspace_id AND status = 'active' ORDER BY id FOR UPDATE
     """
 )
-# FOR SHARE holds off the run's terminal write until this transaction ends: a lease is
-# never taken for a run that ends meanwhile without its ReleaseRunLeases seeing it.
-_LIVE_RUN = sql(
-    """
-    SELECT id, company_id, agent_id, issue_id, status, error, error_code
-      FROM runs.heartbeat_runs WHERE id = :id FOR SHARE
-    """
-)
-_RUN = sql(
-    """
-    SELECT id, company_id, agent_id, issue_id, status, error, error_code
-      FROM runs.heartbeat_runs WHERE id = :id
-    """
-)
 _HOLDER = sql("SELECT holder_type, holder_id FROM workspaces.environment_leases WHERE id = :id")
 _NOW = sql("SELECT now()")
+_TRY_SWEEP_LOCK = sql("SELECT pg_try_advisory_xact_lock(hashtext(:key))")
+_LAPSED = sql(
+    """
+    SELECT id FROM workspaces.environment_leases
+     WHERE status = 'active' AND expires_at < now()
+     ORDER BY expires_at LIMIT :batch
+     FOR UPDATE SKIP LOCKED
+    """
+)
+# LEFT JOIN: a lease whose run row is gone is released like one whose run ended.
+_OF_ENDED_RUNS = sql(
+    f"""
+    SELECT l.id, r.status, r.error, r.error_code, r.id AS found
+      FROM workspaces.environment_leases l
+      {foreign_reads.LEASE_RUN_LEFT_JOIN}
+     WHERE l.status = 'active' AND l.run_id IS NOT NULL
+       AND (r.id IS NULL OR r.status NOT IN ('queued', 'running'))
+     ORDER BY l.id LIMIT :batch
+     FOR UPDATE OF l SKIP LOCKED
+    """
+)
 
 
 @dataclass(frozen=True)
@@ -338,12 +346,6 @@ async def active_leases_of_workspace(tx: Tx, workspace_id: str) -> list[LeaseRec
     return [LeaseRecord.from_row(r) for r in rows]
 
 
-async def get_run(tx: Tx, run_id: str, *, hold: bool = False) -> Row | None:
-    """The run (id, company_id, agent_id, issue_id, status, error, error_code), or None;
-    ``hold`` share-locks it so that it cannot end before this transaction does."""
-    return await tx.fetchrow(_LIVE_RUN if hold else _RUN, {"id": run_id})
-
-
 async def holder_of(tx: Tx, lease: LeaseRecord) -> tuple[str, str] | None:
     """(actor_type, actor_id) of whoever acquired the lease."""
     row = await tx.fetchrow(_HOLDER, {"id": lease.id})
@@ -354,3 +356,20 @@ async def db_now(tx: Tx) -> datetime:
     """The transaction's clock (``now()``), which expiries are compared against."""
     value: datetime = await tx.fetchval(_NOW)
     return value
+
+
+async def try_sweep_lock(tx: Tx, key: str) -> bool:
+    """Take the transaction-scoped advisory lock ``key`` if no one holds it."""
+    return bool(await tx.fetchval(_TRY_SWEEP_LOCK, {"key": key}))
+
+
+async def leases_of_ended_runs(tx: Tx, batch: int) -> list[Row]:
+    """Up to ``batch`` active leases whose run has ended or is gone, row-locked (rows
+    others hold are skipped): (id, the run's status, error, error_code, found)."""
+    return await tx.fetch(_OF_ENDED_RUNS, {"batch": batch})
+
+
+async def lapsed_leases(tx: Tx, batch: int) -> list[Row]:
+    """Up to ``batch`` active leases past their expiry, oldest first, row-locked (rows
+    others hold are skipped)."""
+    return await tx.fetch(_LAPSED, {"batch": batch})

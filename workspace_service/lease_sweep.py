@@ -21,7 +21,6 @@ from dataclasses import dataclass, field
 from common import metrics
 from common.actor import SYSTEM_ACTOR
 from common.db import Database
-from common.sql import sql
 from workspace_service import lease_store
 from workspace_service.lease_store import Ending
 
@@ -29,28 +28,6 @@ log = logging.getLogger("paperclip.workspace_service.lease_sweep")
 
 SWEEP_LOCK_KEY = "workspace_service.lease_sweep"
 DEFAULT_BATCH = 500
-
-_TRY_LOCK = sql("SELECT pg_try_advisory_xact_lock(hashtext(:key))")
-_LAPSED = sql(
-    """
-    SELECT id FROM workspaces.environment_leases
-     WHERE status = 'active' AND expires_at < now()
-     ORDER BY expires_at LIMIT :batch
-     FOR UPDATE SKIP LOCKED
-    """
-)
-# LEFT JOIN: a lease whose run row is gone is released like one whose run ended.
-_OF_ENDED_RUNS = sql(
-    """
-    SELECT l.id, r.status, r.error, r.error_code, r.id AS found
-      FROM workspaces.environment_leases l
-      LEFT JOIN runs.heartbeat_runs r ON r.id = l.run_id
-     WHERE l.status = 'active' AND l.run_id IS NOT NULL
-       AND (r.id IS NULL OR r.status NOT IN ('queued', 'running'))
-     ORDER BY l.id LIMIT :batch
-     FOR UPDATE OF l SKIP LOCKED
-    """
-)
 
 
 @dataclass(frozen=True)
@@ -71,10 +48,10 @@ async def sweep_once(db: Database, *, batch: int = DEFAULT_BATCH) -> SweepResult
     """One bounded pass (see the module docstring); audited like the RPCs that end
     leases, as the system actor."""
     async with db.unit_of_work() as tx:
-        if not await tx.fetchval(_TRY_LOCK, {"key": SWEEP_LOCK_KEY}):
+        if not await lease_store.try_sweep_lock(tx, SWEEP_LOCK_KEY):
             return SweepResult(ran=False)
         # Leases of ended runs first: the run's outcome says more than a lapsed TTL.
-        rows = await tx.fetch(_OF_ENDED_RUNS, {"batch": batch})
+        rows = await lease_store.leases_of_ended_runs(tx, batch)
         released = await lease_store.end_leases(
             tx,
             [
@@ -84,7 +61,7 @@ async def sweep_once(db: Database, *, batch: int = DEFAULT_BATCH) -> SweepResult
             actor=SYSTEM_ACTOR,
             source="sweep",
         )
-        lapsed = await tx.fetch(_LAPSED, {"batch": batch})
+        lapsed = await lease_store.lapsed_leases(tx, batch)
         expired = await lease_store.end_leases(
             tx,
             [

@@ -26,7 +26,7 @@ from paperclip.runs.v1 import run_messages_pb2 as runs_pb
 from paperclip.workspaces.v1 import workspace_leases_pb2 as internal_pb
 from paperclip.workspaces.v1 import workspace_messages_pb2 as messages
 from paperclip.workspaces.v1 import workspaces_pb2 as pb
-from workspace_service import lease_store, store
+from workspace_service import foreign_reads, lease_store, store
 from workspace_service.lease_store import Ending, LeaseRecord
 
 DEFAULT_TTL_SECONDS = 300
@@ -160,7 +160,7 @@ async def release_run_leases(
     assert run_id is not None
     async with db.unit_of_work() as tx:
         leases = await lease_store.active_leases_of_run(tx, run_id)
-        run = await lease_store.get_run(tx, run_id)
+        run = await foreign_reads.get_run(tx, run_id)
         if run is not None and run["status"] in lease_store.LIVE_RUN_STATUSES:
             raise FailedPrecondition(
                 "the run is still live",
@@ -225,7 +225,7 @@ def _acquiring_run(actor: Actor, wanted: Wanted) -> str | None:
 
 async def _live_run(tx: Tx, actor: Actor, run_id: str, *, company_id: str) -> Row:
     """The queued or running run of the company, share-locked until commit."""
-    run = await lease_store.get_run(tx, run_id, hold=True)
+    run = await foreign_reads.get_run(tx, run_id, hold=True)
     if run is None or str(run["company_id"]) != company_id:
         raise NotFound("run not found", reason="RUN_NOT_FOUND", metadata={"run_id": run_id})
     if actor.is_agent and str(run["agent_id"]) != actor.agent_id:
@@ -291,7 +291,7 @@ async def _ended_if_stale(tx: Tx, actor: Actor, lease: LeaseRecord) -> bool:
     if lease.expires_at <= await lease_store.db_now(tx):
         ending = Ending(lease.id, lease_store.EXPIRED, lease_store.TTL_EXPIRED)
     elif lease.run_id is not None:
-        run = await lease_store.get_run(tx, lease.run_id)
+        run = await foreign_reads.get_run(tx, lease.run_id)
         if run is not None and run["status"] in lease_store.LIVE_RUN_STATUSES:
             return False
         ending = lease_store.ending_for_run(lease.id, run)

@@ -10,10 +10,10 @@ from common.db import Database
 from common.errors import NotFound
 from common.pagination import parse_page
 from common.protoconv import struct, text, timestamp
-from common.sql import Row, Tx, sql
+from common.sql import Row
 from paperclip.workspaces.v1 import workspace_messages_pb2 as messages
 from paperclip.workspaces.v1 import workspaces_pb2 as pb
-from workspace_service import access
+from workspace_service import access, operation_store
 from workspace_service.workspaces import load_workspace, uuid_argument
 
 _STATUS = {
@@ -21,28 +21,6 @@ _STATUS = {
     "succeeded": messages.OPERATION_STATUS_SUCCEEDED,
     "failed": messages.OPERATION_STATUS_FAILED,
 }
-_SUMMARY = """
-    id, company_id, workspace_id, parent_operation_id, run_id, issue_id, actor_type,
-    actor_id, phase, command, cwd, status, exit_code, stdout_excerpt, stderr_excerpt,
-    stdout_bytes, stderr_bytes, stdout_sha256, stderr_sha256, metadata, started_at,
-    finished_at
-"""
-_GET = sql(f"SELECT {_SUMMARY}, stdout, stderr FROM workspaces.workspace_operations WHERE id = :id")
-_LIST = sql(
-    f"""
-    SELECT {_SUMMARY} FROM workspaces.workspace_operations
-     WHERE workspace_id = :workspace_id
-       AND (CAST(:after_t AS timestamptz) IS NULL
-            OR (started_at, id) < (CAST(:after_t AS timestamptz), CAST(:after_id AS uuid)))
-     ORDER BY started_at DESC, id DESC
-     LIMIT :limit
-    """
-)
-
-
-async def load_operation(tx: Tx, operation_id: str) -> Row | None:
-    """An operation row with its output."""
-    return await tx.fetchrow(_GET, {"id": operation_id})
 
 
 def operation_proto(row: Row, *, with_output: bool) -> messages.WorkspaceOperation:
@@ -85,7 +63,7 @@ async def get_operation(
     """One operation with the kept tail of its output."""
     canonical = uuid_argument("operation_id", operation_id)
     async with db.unit_of_work() as tx:
-        row = await tx.fetchrow(_GET, {"id": canonical})
+        row = await operation_store.load_operation(tx, canonical)
     if row is None:
         raise NotFound(
             "workspace operation not found",
@@ -107,14 +85,8 @@ async def list_operations(
     async with db.unit_of_work() as tx:
         workspace = await load_workspace(tx, workspace_id)
         access.require_read(actor, workspace)
-        rows = await tx.fetch(
-            _LIST,
-            {
-                "workspace_id": workspace_id,
-                "after_t": after_t,
-                "after_id": after_id,
-                "limit": page.fetch_limit,
-            },
+        rows = await operation_store.list_operations(
+            tx, workspace_id, after_t=after_t, after_id=after_id, limit=page.fetch_limit
         )
     shown, token = page.finish(
         rows, lambda r: {"t": r["started_at"].isoformat(), "i": str(r["id"])}

@@ -20,8 +20,8 @@ from typing import Any
 
 from common.actor import Actor
 from common.db import Database
-from common.sql import sql
 from supervision.process_tree import create_time_of, kill_tree
+from workspace_service import operation_store
 from workspace_service.output_tail import OutputTail
 
 logger = logging.getLogger(__name__)
@@ -33,37 +33,6 @@ _READ_BYTES = 64 * 1024
 _DRAIN_SECONDS = 2.0
 #: Between SIGTERM and SIGKILL when a command is stopped.
 KILL_GRACE_SECONDS = 5.0
-
-_INSERT = sql(
-    """
-    INSERT INTO workspaces.workspace_operations (
-        company_id, workspace_id, parent_operation_id, run_id, issue_id, actor_type,
-        actor_id, phase, command, cwd, host, metadata
-    ) VALUES (
-        :company_id, :workspace_id, :parent_id, :run_id, :issue_id, :actor_type,
-        :actor_id, :phase, :command, :cwd, :host, :metadata::jsonb
-    )
-    RETURNING id
-    """
-)
-_FINISH = sql(
-    """
-    UPDATE workspaces.workspace_operations
-       SET status = :status, exit_code = :exit_code,
-           stdout = :stdout, stderr = :stderr,
-           stdout_excerpt = :stdout_excerpt, stderr_excerpt = :stderr_excerpt,
-           stdout_bytes = :stdout_bytes, stderr_bytes = :stderr_bytes,
-           stdout_sha256 = :stdout_sha256, stderr_sha256 = :stderr_sha256,
-           metadata = metadata || :metadata::jsonb, finished_at = clock_timestamp()
-     WHERE id = :id
-    """
-)
-_BACKFILL = sql(
-    """
-    UPDATE workspaces.workspace_operations SET workspace_id = :workspace_id
-     WHERE id = ANY(:ids::uuid[]) AND workspace_id IS NULL
-    """
-)
 
 
 @dataclass(frozen=True)
@@ -144,7 +113,7 @@ class Recorder:
         """Back-fill ``workspace_id`` on the operations recorded before it existed."""
         if self._ids:
             async with self._db.unit_of_work() as tx:
-                await tx.execute(_BACKFILL, {"workspace_id": workspace_id, "ids": self._ids})
+                await operation_store.set_workspace_of(tx, workspace_id, self._ids)
 
     @asynccontextmanager
     async def operation(
@@ -160,8 +129,8 @@ class Recorder:
         ctx = self.context
         actor_type, actor_id, _agent_id, actor_run_id = ctx.actor.audit_identity()
         async with self._db.unit_of_work() as tx:
-            op_id = await tx.fetchval(
-                _INSERT,
+            op_id = await operation_store.insert_operation(
+                tx,
                 {
                     "company_id": ctx.company_id,
                     "workspace_id": ctx.workspace_id,
@@ -177,7 +146,7 @@ class Recorder:
                     "metadata": json.dumps(dict(metadata or {}), default=str),
                 },
             )
-        op = Operation(id=str(op_id), phase=phase, command=command)
+        op = Operation(id=op_id, phase=phase, command=command)
         self._ids.append(op.id)
         try:
             yield op
@@ -222,8 +191,8 @@ class Recorder:
     async def _finish(self, op: Operation) -> None:
         try:
             async with self._db.unit_of_work() as tx:
-                await tx.execute(
-                    _FINISH,
+                await operation_store.finish_operation(
+                    tx,
                     {
                         "id": op.id,
                         "status": op.final_status,

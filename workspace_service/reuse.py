@@ -19,8 +19,8 @@ from common.actor import Actor
 from common.audit import record_activity
 from paperclip.workspaces.v1 import workspace_messages_pb2 as messages
 from workspace_service import provisioning, store
-from workspace_service.deps import WorkspaceDeps
 from workspace_service.model import WorkspaceRecord
+from workspace_service.service_context import ServiceContext
 from workspace_service.workspace_config import COMMAND_KEYS, merge_config
 from workspace_service.workspace_request import NewWorkspace
 from workspace_service.workspaces import workspace_proto
@@ -66,12 +66,12 @@ def refreshed_config(existing: WorkspaceRecord, new: NewWorkspace) -> dict[str, 
 
 
 async def reuse_open_workspace(
-    deps: WorkspaceDeps, actor: Actor, new: NewWorkspace
+    ctx: ServiceContext, actor: Actor, new: NewWorkspace
 ) -> messages.ExecutionWorkspace | None:
     """The open workspace of the request's issue, reused or refreshed; None when there is
     none or the request wants a different one."""
     assert new.source_issue_id is not None
-    async with deps.db.unit_of_work() as tx:
+    async with ctx.db.unit_of_work() as tx:
         existing = await store.open_workspace_for_issue(
             tx, issue_id=new.source_issue_id, mode=new.mode, strategy_type=new.strategy_type
         )
@@ -80,7 +80,7 @@ async def reuse_open_workspace(
     decision, categories = decide(existing, new)
     if decision == "replace":
         return None
-    recorder = deps.recorder(
+    recorder = ctx.recorder(
         actor,
         company_id=existing.company_id,
         workspace_id=existing.id,
@@ -100,7 +100,7 @@ async def reuse_open_workspace(
             op.note(f"Refreshed {', '.join(categories)} from the request.")
         else:
             op.note("Configuration unchanged; workspace reused.")
-        async with deps.db.unit_of_work() as tx:
+        async with ctx.db.unit_of_work() as tx:
             workspace = await store.update_workspace(tx, existing.id, changes)
             record_activity(
                 tx,
@@ -112,5 +112,5 @@ async def reuse_open_workspace(
                 details={"decision": decision, "changed": categories},
             )
     await provisioning.ensure_available(recorder, workspace)
-    async with deps.db.unit_of_work() as tx:
+    async with ctx.db.unit_of_work() as tx:
         return await workspace_proto(tx, workspace)

@@ -23,13 +23,13 @@ from common.audit import record_activity
 from common.errors import FailedPrecondition, PaperclipError
 from common.validation import Violations
 from paperclip.workspaces.v1 import workspaces_pb2 as pb
-from workspace_service import access, operations, provisioning, store
+from workspace_service import access, operation_store, operations, provisioning, store
 from workspace_service.commands import CommandDef
-from workspace_service.deps import WorkspaceDeps
 from workspace_service.environment import render, sanitized_env, template_values, workspace_env
 from workspace_service.model import RuntimeServiceRecord, WorkspaceRecord
 from workspace_service.recorder import Operation, Recorder
 from workspace_service.runtime_targets import Action, Selection, select
+from workspace_service.service_context import ServiceContext
 from workspace_service.workspace_config import desired_state_patch, merge_config
 from workspace_service.workspaces import load_workspace, optional_uuid, workspace_proto
 
@@ -43,12 +43,12 @@ _DONE = {"start": "Started", "stop": "Stopped", "restart": "Restarted"}
 
 
 async def control_runtime_services(
-    deps: WorkspaceDeps, actor: Actor, request: pb.ControlRuntimeServicesRequest
+    ctx: ServiceContext, actor: Actor, request: pb.ControlRuntimeServicesRequest
 ) -> pb.ControlRuntimeServicesResponse:
     """Run the action; the workspace after it and the operation that recorded it."""
     action, workspace_id, runtime_service_id, service_index = _parse(request)
-    async with deps.locks.hold(f"workspace:{workspace_id}"):
-        async with deps.db.unit_of_work() as tx:
+    async with ctx.locks.hold(f"workspace:{workspace_id}"):
+        async with ctx.db.unit_of_work() as tx:
             workspace = await load_workspace(tx, workspace_id)
             await access.require_manage(
                 tx, actor, company_id=workspace.company_id, issue_id=workspace.source_issue_id
@@ -68,10 +68,10 @@ async def control_runtime_services(
             service_index=service_index,
             records=records,
         )
-        operation_id = await _execute(deps, actor, workspace, selection)
-    async with deps.db.unit_of_work() as tx:
+        operation_id = await _execute(ctx, actor, workspace, selection)
+    async with ctx.db.unit_of_work() as tx:
         workspace = await load_workspace(tx, workspace_id)
-        row = await operations.load_operation(tx, operation_id)
+        row = await operation_store.load_operation(tx, operation_id)
         assert row is not None
         return pb.ControlRuntimeServicesResponse(
             workspace=await workspace_proto(tx, workspace),
@@ -97,10 +97,10 @@ def _parse(request: pb.ControlRuntimeServicesRequest) -> tuple[Action, str, str 
 
 
 async def _execute(
-    deps: WorkspaceDeps, actor: Actor, workspace: WorkspaceRecord, selection: Selection
+    ctx: ServiceContext, actor: Actor, workspace: WorkspaceRecord, selection: Selection
 ) -> str:
     """Record and run the action; the id of the outer operation."""
-    recorder = deps.recorder(
+    recorder = ctx.recorder(
         actor,
         company_id=workspace.company_id,
         workspace_id=workspace.id,
@@ -120,13 +120,13 @@ async def _execute(
     failure: PaperclipError | None = None
     async with recorder.operation(phase, text, cwd=workspace.cwd, metadata=metadata) as op:
         try:
-            await _run_action(deps, recorder, workspace, selection, op)
+            await _run_action(ctx, recorder, workspace, selection, op)
         except PaperclipError as exc:
             op.status = "failed"
             op.stderr.write_text(exc.message)
             exc.metadata.setdefault("operation_id", op.id)
             failure = exc
-    async with deps.db.unit_of_work() as tx:
+    async with ctx.db.unit_of_work() as tx:
         record_activity(
             tx,
             actor=actor,
@@ -142,7 +142,7 @@ async def _execute(
 
 
 async def _run_action(
-    deps: WorkspaceDeps,
+    ctx: ServiceContext,
     recorder: Recorder,
     workspace: WorkspaceRecord,
     selection: Selection,
@@ -157,31 +157,31 @@ async def _run_action(
         await _run_job(recorder, workspace, selection.command, op)
         return
     if action in ("stop", "restart"):
-        stopped = await _stop(deps, workspace, selection, op)
+        stopped = await _stop(ctx, workspace, selection, op)
         op.metadata["stoppedCount"] = len(stopped)
     started: list[RuntimeServiceRecord] = []
     if action in ("start", "restart"):
         try:
             for service in selection.targets:
-                started.append(await deps.runtime.start_service(workspace, service, op=op))
+                started.append(await ctx.runtime.start_service(workspace, service, op=op))
         except PaperclipError:
             for record in started:
-                await deps.runtime.stop_service(
+                await ctx.runtime.stop_service(
                     record, reason="a start in the same operation failed"
                 )
-            await _write_desired_state(deps, workspace.id, selection, failed=True)
+            await _write_desired_state(ctx, workspace.id, selection, failed=True)
             raise
-    await _write_desired_state(deps, workspace.id, selection, failed=False)
+    await _write_desired_state(ctx, workspace.id, selection, failed=False)
     op.metadata["runtimeServiceCount"] = len(started) if started else len(selection.targets)
     op.note(f"{_DONE[action]} execution workspace runtime services.")
 
 
 async def _stop(
-    deps: WorkspaceDeps, workspace: WorkspaceRecord, selection: Selection, op: Operation
+    ctx: ServiceContext, workspace: WorkspaceRecord, selection: Selection, op: Operation
 ) -> list[RuntimeServiceRecord]:
     if selection.index is None and selection.service_record is None:
-        return await deps.runtime.stop_workspace(workspace.id, reason="stopped by request", op=op)
-    async with deps.db.unit_of_work() as tx:
+        return await ctx.runtime.stop_workspace(workspace.id, reason="stopped by request", op=op)
+    async with ctx.db.unit_of_work() as tx:
         records = await store.runtime_services(tx, workspace.id)
     wanted = [
         r
@@ -192,7 +192,7 @@ async def _stop(
             or (selection.service_record is None and r.service_index == selection.index)
         )
     ]
-    return [await deps.runtime.stop_service(r, reason="stopped by request", op=op) for r in wanted]
+    return [await ctx.runtime.stop_service(r, reason="stopped by request", op=op) for r in wanted]
 
 
 async def _run_job(
@@ -228,7 +228,7 @@ async def _run_job(
 
 
 async def _write_desired_state(
-    deps: WorkspaceDeps, workspace_id: str, selection: Selection, *, failed: bool
+    ctx: ServiceContext, workspace_id: str, selection: Selection, *, failed: bool
 ) -> None:
     """Merge the desired-state patch into the config (a failed start writes stopped)."""
     if selection.keeps_desired_state or selection.action == "run":
@@ -238,7 +238,7 @@ async def _write_desired_state(
         action = "stop"
     else:
         action = "restart" if selection.action == "restart" else "start"
-    async with deps.db.unit_of_work() as tx:
+    async with ctx.db.unit_of_work() as tx:
         workspace = await load_workspace(tx, workspace_id, for_update=True)
         patch = desired_state_patch(
             workspace.config,

@@ -17,6 +17,7 @@ import asyncpg
 
 from common.db import Database
 from common.sql import Tx, sql
+from workspace_service import foreign_reads
 from workspace_service.commands import CommandDef
 from workspace_service.model import RuntimeServiceRecord, WorkspaceRecord
 
@@ -93,9 +94,9 @@ _LIVE_IN_WORKSPACE = sql(
     """
 )
 _RESTARTABLE_WORKSPACES = sql(
-    """
+    f"""
     SELECT w.id FROM workspaces.execution_workspaces w
-      LEFT JOIN issues.issues i ON i.id = w.source_issue_id
+      {foreign_reads.SOURCE_ISSUE_LEFT_JOIN}
      WHERE w.status = ANY(:statuses::text[]) AND w.config IS NOT NULL
        AND NOT (w.mode = 'isolated_workspace' AND coalesce(i.status, '') IN ('done', 'cancelled'))
        AND EXISTS (
@@ -106,10 +107,10 @@ _RESTARTABLE_WORKSPACES = sql(
     """
 )
 _CLOSED_ISSUE_SERVICES = sql(
-    """
+    f"""
     SELECT s.* FROM workspaces.runtime_services s
       JOIN workspaces.execution_workspaces w ON w.id = s.workspace_id
-      JOIN issues.issues i ON i.id = w.source_issue_id
+      {foreign_reads.SOURCE_ISSUE_JOIN}
      WHERE s.host = :host AND s.status IN ('starting', 'running')
        AND w.mode = 'isolated_workspace' AND i.status IN ('done', 'cancelled')
      ORDER BY s.workspace_id, s.service_index

@@ -1,5 +1,5 @@
-"""SQL of execution workspaces, and the reads of other services' rows they need
-(companies, issues), in the unit of work of the caller."""
+"""SQL of execution workspaces and their runtime service rows, in the unit of work of
+the caller (the rows of other services they need are read by ``foreign_reads``)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from collections.abc import Mapping, Sequence
 from datetime import datetime
 from typing import Any
 
-from common.sql import Row, Tx, sql
+from common.sql import Tx, sql
 from workspace_service.model import RuntimeServiceRecord, WorkspaceRecord
 
 _COLUMNS = """
@@ -39,7 +39,6 @@ UPDATABLE = frozenset(
 )
 _JSON_COLUMNS = frozenset({"config", "metadata"})
 
-_COMPANY_EXISTS = sql("SELECT EXISTS (SELECT 1 FROM issues.companies WHERE id = :id)")
 _GET = sql(f"SELECT {_COLUMNS} FROM workspaces.execution_workspaces WHERE id = :id")
 _GET_FOR_UPDATE = sql(
     f"SELECT {_COLUMNS} FROM workspaces.execution_workspaces WHERE id = :id FOR UPDATE"
@@ -56,12 +55,6 @@ _INSERT = sql(
         :created_by_runtime, :config::jsonb, :metadata::jsonb, :host
     )
     RETURNING {_COLUMNS}
-    """
-)
-_ISSUE = sql(
-    """
-    SELECT id, company_id, identifier, title, status, assignee_agent_id
-      FROM issues.issues WHERE id = :id
     """
 )
 _SERVICES = sql(
@@ -87,10 +80,6 @@ _OPEN_FOR_ISSUE = sql(
      FOR UPDATE
     """
 )
-
-
-async def company_exists(tx: Tx, company_id: str) -> bool:
-    return bool(await tx.fetchval(_COMPANY_EXISTS, {"id": company_id}))
 
 
 async def get_workspace(
@@ -183,11 +172,6 @@ async def list_workspaces(
         " ORDER BY last_used_at DESC, id DESC LIMIT :limit"
     )
     return [WorkspaceRecord.from_row(row) for row in await tx.fetch(query, params)]
-
-
-async def get_issue(tx: Tx, issue_id: str) -> Row | None:
-    """The issue (id, company_id, identifier, title, status, assignee_agent_id)."""
-    return await tx.fetchrow(_ISSUE, {"id": issue_id})
 
 
 async def runtime_services_of(

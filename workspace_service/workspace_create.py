@@ -16,11 +16,11 @@ from common.sql import Row, Tx
 from common.validation import MAX_NAME, Violations
 from paperclip.workspaces.v1 import workspace_messages_pb2 as messages
 from paperclip.workspaces.v1 import workspaces_pb2 as pb
-from workspace_service import access, git_worktree, provisioning, reuse, store
+from workspace_service import access, foreign_reads, git_worktree, provisioning, reuse, store
 from workspace_service.config_validation import check_config
-from workspace_service.deps import WorkspaceDeps
 from workspace_service.model import MODE_FROM_PROTO, STRATEGY_FROM_PROTO, WorkspaceRecord
 from workspace_service.recorder import Recorder
+from workspace_service.service_context import ServiceContext
 from workspace_service.workspace_config import config_from_proto, has_host_commands
 from workspace_service.workspace_request import NewWorkspace
 from workspace_service.workspaces import company_not_found, optional_uuid, workspace_proto
@@ -31,37 +31,37 @@ MAX_REF = 250
 
 
 async def create_workspace(
-    deps: WorkspaceDeps, actor: Actor, request: pb.CreateExecutionWorkspaceRequest
+    ctx: ServiceContext, actor: Actor, request: pb.CreateExecutionWorkspaceRequest
 ) -> messages.ExecutionWorkspace:
     """Create (or reuse) and provision a workspace; audited ``execution_workspace.created``
     (or ``.reused``)."""
     new = parse_request(request)
     require_company_access(actor, new.company_id, write=True)
     access.refuse_host_commands(actor, [f"config.{key}" for key in has_host_commands(new.config)])
-    async with deps.db.unit_of_work() as tx:
-        if not await store.company_exists(tx, new.company_id):
+    async with ctx.db.unit_of_work() as tx:
+        if not await foreign_reads.company_exists(tx, new.company_id):
             raise company_not_found(new.company_id)
         issue = await _issue(tx, new)
         await access.require_manage(
             tx, actor, company_id=new.company_id, issue_id=new.source_issue_id
         )
     if not (new.reuse_existing and new.source_issue_id):
-        return await _create(deps, actor, new, issue)
+        return await _create(ctx, actor, new, issue)
     # Two reuse requests of one issue must not both find nothing and both create.
-    async with deps.locks.hold(f"issue:{new.source_issue_id}"):
-        reused = await reuse.reuse_open_workspace(deps, actor, new)
+    async with ctx.locks.hold(f"issue:{new.source_issue_id}"):
+        reused = await reuse.reuse_open_workspace(ctx, actor, new)
         if reused is not None:
             return reused
-        return await _create(deps, actor, new, issue)
+        return await _create(ctx, actor, new, issue)
 
 
 async def _create(
-    deps: WorkspaceDeps, actor: Actor, new: NewWorkspace, issue: Row | None
+    ctx: ServiceContext, actor: Actor, new: NewWorkspace, issue: Row | None
 ) -> messages.ExecutionWorkspace:
-    recorder = deps.recorder(actor, company_id=new.company_id, issue_id=new.source_issue_id)
+    recorder = ctx.recorder(actor, company_id=new.company_id, issue_id=new.source_issue_id)
     values = await _realize(recorder, new, issue)
-    async with deps.db.unit_of_work() as tx:
-        workspace = await store.insert_workspace(tx, {**values, "host": deps.host})
+    async with ctx.db.unit_of_work() as tx:
+        workspace = await store.insert_workspace(tx, {**values, "host": ctx.host})
         record_activity(
             tx,
             actor=actor,
@@ -80,7 +80,7 @@ async def _create(
         )
     await recorder.attach_workspace(workspace.id)
     await _provision(recorder.with_workspace(workspace.id), workspace)
-    async with deps.db.unit_of_work() as tx:
+    async with ctx.db.unit_of_work() as tx:
         return await workspace_proto(tx, workspace)
 
 
@@ -169,7 +169,7 @@ def _make_directory(cwd: str) -> bool:
 async def _issue(tx: Tx, new: NewWorkspace) -> Row | None:
     if new.source_issue_id is None:
         return None
-    issue = await store.get_issue(tx, new.source_issue_id)
+    issue = await foreign_reads.get_issue(tx, new.source_issue_id)
     if issue is None or str(issue["company_id"]) != new.company_id:
         raise NotFound(
             "issue not found",

@@ -20,8 +20,8 @@ from paperclip.workspaces.v1 import workspace_messages_pb2 as messages
 from paperclip.workspaces.v1 import workspaces_pb2 as pb
 from workspace_service import access, store
 from workspace_service.config_validation import check_config
-from workspace_service.deps import WorkspaceDeps
 from workspace_service.model import CLOSED_STATUSES, OPEN_STATUSES, STATUS_FROM_PROTO
+from workspace_service.service_context import ServiceContext
 from workspace_service.workspace_config import (
     COMMAND_KEYS,
     KEYS,
@@ -42,7 +42,7 @@ _HOST_COMMAND_PATHS = frozenset({*(f"config.{k}" for k in COMMAND_KEYS), "config
 
 
 async def update_workspace(
-    deps: WorkspaceDeps, actor: Actor, request: pb.UpdateExecutionWorkspaceRequest
+    ctx: ServiceContext, actor: Actor, request: pb.UpdateExecutionWorkspaceRequest
 ) -> messages.ExecutionWorkspace:
     """Apply the masked fields; audited ``execution_workspace.updated``."""
     workspace_in = request.workspace
@@ -58,7 +58,7 @@ async def update_workspace(
     changes = _changes(v, paths, workspace_in)
     v.raise_if_any()
     assert workspace_id is not None
-    async with deps.db.unit_of_work() as tx:
+    async with ctx.db.unit_of_work() as tx:
         workspace = await load_workspace(tx, workspace_id, for_update=True)
         await access.require_manage(
             tx, actor, company_id=workspace.company_id, issue_id=workspace.source_issue_id

@@ -13,9 +13,9 @@ from common.sql import Tx
 from common.validation import Violations, parse_uuid
 from paperclip.workspaces.v1 import workspace_messages_pb2 as messages
 from paperclip.workspaces.v1 import workspaces_pb2 as pb
-from workspace_service import access, store
-from workspace_service.deps import WorkspaceDeps
+from workspace_service import access, foreign_reads, store
 from workspace_service.model import STATUS_FROM_PROTO, WorkspaceRecord
+from workspace_service.service_context import ServiceContext
 
 
 def workspace_not_found(workspace_id: str) -> NotFound:
@@ -53,22 +53,22 @@ async def workspace_proto(tx: Tx, workspace: WorkspaceRecord) -> messages.Execut
 
 
 async def get_workspace(
-    deps: WorkspaceDeps, actor: Actor, workspace_id: str
+    ctx: ServiceContext, actor: Actor, workspace_id: str
 ) -> messages.ExecutionWorkspace:
     """One workspace, for anyone who may read its company."""
     canonical = uuid_argument("id", workspace_id)
-    async with deps.db.unit_of_work() as tx:
+    async with ctx.db.unit_of_work() as tx:
         workspace = await load_workspace(tx, canonical)
         access.require_read(actor, workspace)
         return await workspace_proto(tx, workspace)
 
 
 async def list_runtime_services(
-    deps: WorkspaceDeps, actor: Actor, workspace_id: str
+    ctx: ServiceContext, actor: Actor, workspace_id: str
 ) -> pb.ListRuntimeServicesResponse:
     """The runtime service records of a workspace, by service index."""
     canonical = uuid_argument("workspace_id", workspace_id)
-    async with deps.db.unit_of_work() as tx:
+    async with ctx.db.unit_of_work() as tx:
         workspace = await load_workspace(tx, canonical)
         access.require_read(actor, workspace)
         services = await store.runtime_services(tx, canonical)
@@ -76,7 +76,7 @@ async def list_runtime_services(
 
 
 async def list_workspaces(
-    deps: WorkspaceDeps, actor: Actor, request: pb.ListExecutionWorkspacesRequest
+    ctx: ServiceContext, actor: Actor, request: pb.ListExecutionWorkspacesRequest
 ) -> pb.ListExecutionWorkspacesResponse:
     """A page of a company's workspaces, most recently used first (AIP-132)."""
     v = Violations()
@@ -104,8 +104,8 @@ async def list_workspaces(
         reuse_eligible=request.reuse_eligible,
     )
     after = (page.cursor_time("t"), page.cursor_uuid("i")) if page.cursor else None
-    async with deps.db.unit_of_work() as tx:
-        if not await store.company_exists(tx, company_id):
+    async with ctx.db.unit_of_work() as tx:
+        if not await foreign_reads.company_exists(tx, company_id):
             raise company_not_found(company_id)
         records = await store.list_workspaces(
             tx,

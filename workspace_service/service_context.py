@@ -1,5 +1,6 @@
-"""What the workspace service's functions work with: the database, the settings, the
-host they run on and the supervisor of this host's runtime service processes."""
+"""The context of the workspace service: what its functions work with (the database,
+the settings, the host they run on, the supervisor of this host's runtime service
+processes and the per-workspace locks)."""
 
 from __future__ import annotations
 
@@ -17,7 +18,9 @@ if TYPE_CHECKING:
 
 
 @dataclass(frozen=True)
-class WorkspaceDeps:
+class ServiceContext:
+    """What one workspace-service process works with; passed to its functions as ``ctx``."""
+
     db: Database
     settings: Settings
     runtime: RuntimeSupervisor
