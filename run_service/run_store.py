@@ -76,8 +76,6 @@ _INSERT_EVENTS = sql(
                                CAST(:messages AS text[]), CAST(:payloads AS jsonb[]))
     """
 )
-
-
 _RUN_STATUS = sql("SELECT company_id, status FROM runs.heartbeat_runs WHERE id = :id")
 _EVENTS_AFTER = sql(
     f"""
