@@ -1,9 +1,10 @@
 """The consumer of the issue service's outbox: issue events become wakes.
 
-``issues.issue_events`` is read in id order after the cursor ``runs.consumer_cursors``
-row ``run_service.wakes``; the batch's wakes and the cursor advance commit in one
-transaction. The cursor row is locked ``FOR UPDATE SKIP LOCKED``: one replica consumes at
-a time, the others skip the pass. ``consume_forever`` LISTENs on
+The events (the issue service's ``issue_events``, read through
+``run_service.foreign_reads``) are read in id order after the cursor
+``runs.consumer_cursors`` row ``run_service.wakes``; the batch's wakes and the cursor
+advance commit in one transaction. The cursor row is locked ``FOR UPDATE SKIP LOCKED``:
+one replica consumes at a time, the others skip the pass. ``consume_forever`` LISTENs on
 ``paperclip_issue_events`` and polls as a fallback (notifications can be lost).
 
 Mapping (source ``assignment``; the wake goes to ``target_agent_id``):
