@@ -64,7 +64,7 @@ from common.db import Database
 from common.sql import Query
 from paperclip.runs.v1 import run_messages_pb2, runs_pb2, runs_pb2_grpc
 from run_service import reconcile as reconcile_module
-from run_service import recovery
+from run_service import recovery, stranded_store
 from run_service.runner import Runner
 
 AGENT_SCRIPT = Path(__file__).resolve().parents[1] / "tests" / "agents" / "succeed.py"
@@ -620,7 +620,7 @@ async def _sweeps(
             ),
             "reconcile.candidates": await _explain(
                 conn,
-                reconcile_module._CANDIDATES,
+                stranded_store._CANDIDATES,
                 {"companies": None, "limit": reconcile_module.DEFAULT_LIMIT},
             ),
         }

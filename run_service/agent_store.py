@@ -106,14 +106,6 @@ def _record(row: Row) -> AgentRecord:
     )
 
 
-async def company_exists(tx: Tx, company_id: str) -> bool:
-    """Whether the company exists (read from the issue service's table)."""
-    found = await tx.fetchval(
-        sql("SELECT 1 FROM issues.companies WHERE id = :id"), {"id": company_id}
-    )
-    return found is not None
-
-
 async def insert_agent(tx: Tx, new: NewAgent) -> AgentRecord:
     """Insert ``new``; ``AlreadyExists`` if its name is taken in the company."""
     row = await tx.fetchrow(

@@ -19,7 +19,7 @@ from common.errors import NotFound, invalid
 from common.pagination import parse_page
 from common.validation import Violations
 from paperclip.runs.v1 import agents_pb2
-from run_service import agent_store
+from run_service import agent_store, foreign_reads
 from run_service.agent_config import (
     DEFAULT_RUNTIME,
     NewAgent,
@@ -72,7 +72,7 @@ async def create_agent(
     )
     v.raise_if_any()
     async with db.unit_of_work() as tx:
-        if not await agent_store.company_exists(tx, company_id):
+        if not await foreign_reads.company_exists(tx, company_id):
             raise company_not_found(company_id)
         record = await agent_store.insert_agent(tx, new)
         record_activity(
@@ -126,7 +126,7 @@ async def list_agents(
     page = parse_page(request.page_size, request.page_token, company_id=company_id, statuses=wanted)
     after = _cursor_position(page.cursor)
     async with db.unit_of_work() as tx:
-        if not await agent_store.company_exists(tx, company_id):
+        if not await foreign_reads.company_exists(tx, company_id):
             raise company_not_found(company_id)
         records = await agent_store.list_agents(
             tx, company_id=company_id, statuses=wanted, after=after, limit=page.fetch_limit

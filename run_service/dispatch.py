@@ -35,101 +35,14 @@ import logging
 from dataclasses import dataclass
 
 from common.db import Database
-from common.sql import Row, Tx, sql
-from run_service import run_store
+from common.sql import Row, Tx
+from run_service import dispatch_store, run_store
 from run_service.agent_config import AdapterSpec
 
 logger = logging.getLogger(__name__)
 
 #: Agents examined per pass (oldest queued run first); the next pass takes the rest.
 MAX_AGENTS_PER_PASS = 200
-
-_AGENTS_WITH_QUEUED = sql(
-    """
-    SELECT agent_id FROM runs.heartbeat_runs
-    WHERE status = 'queued'
-      AND (CAST(:companies AS uuid[]) IS NULL OR company_id = ANY(CAST(:companies AS uuid[])))
-    GROUP BY agent_id ORDER BY min(created_at) LIMIT :limit
-    """
-)
-_LOCK_AGENT = sql(
-    """
-    SELECT id, company_id, status, adapter_config, max_concurrent_runs, timeout_seconds,
-           idle_timeout_seconds, grace_seconds
-    FROM runs.agents WHERE id = :a FOR UPDATE
-    """
-)
-_RUNNING_COUNT = sql(
-    "SELECT count(*) FROM runs.heartbeat_runs WHERE agent_id = :a AND status = 'running'"
-)
-_PICK = sql(
-    """
-    SELECT r.id FROM runs.heartbeat_runs r
-    LEFT JOIN issues.issues i ON i.id = r.issue_id
-    WHERE r.agent_id = :a AND r.status = 'queued'
-      AND NOT EXISTS (
-          SELECT 1 FROM runs.heartbeat_runs h
-          WHERE h.id = i.execution_run_id AND h.id <> r.id
-            AND h.status IN ('queued', 'running'))
-    ORDER BY
-      CASE WHEN r.issue_id IS NULL THEN 2
-           WHEN i.status = 'in_progress' THEN 0
-           WHEN i.status = 'blocked' THEN 3
-           ELSE 1 END,
-      CASE i.priority WHEN 'critical' THEN 0 WHEN 'high' THEN 1 WHEN 'medium' THEN 2
-                      WHEN 'low' THEN 3 ELSE 2 END,
-      r.created_at, r.id
-    LIMIT :n
-    FOR UPDATE OF r SKIP LOCKED
-    """
-)
-_CLAIM = sql(
-    f"""
-    UPDATE runs.heartbeat_runs
-    SET status = 'running', started_at = now(), supervisor_node_id = :node,
-        last_activity_at = now(), updated_at = now()
-    WHERE id = ANY(CAST(:ids AS uuid[])) AND status = 'queued'
-    RETURNING {run_store.RUN_COLUMNS}
-    """
-)
-_CLAIM_WAKES = sql(
-    """
-    UPDATE runs.wakeup_requests SET status = 'claimed'
-    WHERE status = 'queued'
-      AND (run_id = ANY(CAST(:ids AS uuid[])) OR id = ANY(CAST(:wakes AS uuid[])))
-    """
-)
-_CANCEL_QUEUED = sql(
-    """
-    UPDATE runs.heartbeat_runs
-    SET status = 'cancelled', error_code = 'agent_not_found', error = 'agent terminated',
-        finished_at = now(), updated_at = now()
-    WHERE agent_id = :a AND status = 'queued'
-    RETURNING id, wakeup_request_id, issue_id
-    """
-)
-_CANCEL_WAKES = sql(
-    """
-    UPDATE runs.wakeup_requests SET status = 'cancelled', finished_at = now()
-    WHERE status IN ('queued', 'claimed')
-      AND (run_id = ANY(CAST(:ids AS uuid[])) OR id = ANY(CAST(:wakes AS uuid[])))
-    """
-)
-_REQUEUE = sql(
-    """
-    UPDATE runs.heartbeat_runs
-    SET status = 'queued', started_at = NULL, supervisor_node_id = NULL,
-        last_activity_at = NULL, updated_at = now()
-    WHERE id = :id AND status = 'running' AND process_pid IS NULL
-    RETURNING wakeup_request_id
-    """
-)
-_REQUEUE_WAKE = sql(
-    """
-    UPDATE runs.wakeup_requests SET status = 'queued'
-    WHERE status = 'claimed' AND (run_id = :id OR id = :wake)
-    """
-)
 
 
 @dataclass(frozen=True)
@@ -188,12 +101,9 @@ async def dispatch_pass(
     if capacity <= 0:
         return result
     async with db.unit_of_work() as tx:
-        agents = [
-            str(r["agent_id"])
-            for r in await tx.fetch(
-                _AGENTS_WITH_QUEUED, {"limit": MAX_AGENTS_PER_PASS, "companies": company_ids}
-            )
-        ]
+        agents = await dispatch_store.agents_with_queued(
+            tx, limit=MAX_AGENTS_PER_PASS, company_ids=company_ids
+        )
     for agent_id in agents:
         room = capacity - len(result.claims)
         if room <= 0:
@@ -206,7 +116,7 @@ async def dispatch_pass(
 async def _admit_agent(
     tx: Tx, agent_id: str, *, node_id: str, room: int, result: PassResult
 ) -> None:
-    agent = await tx.fetchrow(_LOCK_AGENT, {"a": agent_id})
+    agent = await dispatch_store.lock_agent(tx, agent_id)
     if agent is None:
         return
     if agent["status"] == "paused":
@@ -214,16 +124,16 @@ async def _admit_agent(
     if agent["status"] == "terminated":
         await _cancel_for_terminated(tx, agent_id, result)
         return
-    running = int(await tx.fetchval(_RUNNING_COUNT, {"a": agent_id}))
+    running = await dispatch_store.running_count(tx, agent_id)
     free = min(int(agent["max_concurrent_runs"]) - running, room)
     if free <= 0:
         return
-    ids = [str(r["id"]) for r in await tx.fetch(_PICK, {"a": agent_id, "n": free})]
+    ids = await dispatch_store.pick(tx, agent_id, free)
     if not ids:
         return
-    rows = await tx.fetch(_CLAIM, {"ids": ids, "node": node_id})
+    rows = await dispatch_store.claim(tx, ids, node_id)
     wakes = [str(r["wakeup_request_id"]) for r in rows if r["wakeup_request_id"] is not None]
-    await tx.execute(_CLAIM_WAKES, {"ids": [str(r["id"]) for r in rows], "wakes": wakes})
+    await dispatch_store.claim_wakes(tx, [str(r["id"]) for r in rows], wakes)
     snapshot = _agent_snapshot(agent)
     order = {run_id: index for index, run_id in enumerate(ids)}
     for row in sorted(rows, key=lambda r: order[str(r["id"])]):
@@ -231,12 +141,12 @@ async def _admit_agent(
 
 
 async def _cancel_for_terminated(tx: Tx, agent_id: str, result: PassResult) -> None:
-    rows = await tx.fetch(_CANCEL_QUEUED, {"a": agent_id})
+    rows = await dispatch_store.cancel_queued(tx, agent_id)
     if not rows:
         return
     ids = [str(r["id"]) for r in rows]
     wakes = [str(r["wakeup_request_id"]) for r in rows if r["wakeup_request_id"] is not None]
-    await tx.execute(_CANCEL_WAKES, {"ids": ids, "wakes": wakes})
+    await dispatch_store.cancel_wakes(tx, ids, wakes)
     for run_id in ids:
         await run_store.append_events(
             tx,
@@ -265,9 +175,8 @@ async def requeue(db: Database, run_id: str) -> bool:
     another live run): queued, no start time, no node. False if it was not ours to
     requeue any more (cancelled meanwhile)."""
     async with db.unit_of_work() as tx:
-        row = await tx.fetchrow(_REQUEUE, {"id": run_id})
+        row = await dispatch_store.requeue(tx, run_id)
         if row is None:
             return False
-        wake = row["wakeup_request_id"]
-        await tx.execute(_REQUEUE_WAKE, {"id": run_id, "wake": wake})
+        await dispatch_store.requeue_wake(tx, run_id, row["wakeup_request_id"])
     return True

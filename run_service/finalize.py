@@ -33,15 +33,22 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any
 
 from common import metrics
 from common.actor import service_actor
 from common.db import Database
 from common.errors import PaperclipError
-from common.sql import Row, Tx, sql
-from run_service import run_store, wakes
+from common.sql import Row, Tx
+from run_service import (
+    comment_policy_store,
+    foreign_reads,
+    run_store,
+    terminal_store,
+    wake_store,
+    wakes,
+)
 from run_service import wake_rules as rules
 from run_service.issue_client import IssueClient
 from run_service.supervisor import Outcome
@@ -63,65 +70,8 @@ RETRY_EXHAUSTED = "retry_exhausted"
 RETRY_SKIPPED = "retry_skipped"
 REOPEN_SOURCE = "deferred_comment"
 
-_TERMINAL_UPDATE = sql(
-    """
-    UPDATE runs.heartbeat_runs
-    SET status = :status, error_code = :error_code, error = :error,
-        exit_code = :exit_code, signal = :signal, finished_at = now(), updated_at = now(),
-        stdout_bytes = coalesce(:stdout_bytes, stdout_bytes),
-        stderr_bytes = coalesce(:stderr_bytes, stderr_bytes),
-        log_truncated = log_truncated OR coalesce(:truncated, false)
-    WHERE id = :id AND status = ANY(CAST(:from_statuses AS text[]))
-    RETURNING agent_id, issue_id, wakeup_request_id
-    """
-)
 #: The statuses a run may be finalized from.
 ACTIVE_STATUSES = ("queued", "running")
-_FINISH_WAKE = sql(
-    """
-    UPDATE runs.wakeup_requests SET status = :status, finished_at = now()
-    WHERE status IN ('queued', 'claimed') AND (run_id = :run OR id = :wake)
-    """
-)
-_POLICY_RUN = sql(
-    """
-    SELECT id, company_id, agent_id, issue_id, status, wake_reason, retry_reason, context
-    FROM runs.heartbeat_runs WHERE id = :id FOR UPDATE
-    """
-)
-_RUN_COMMENT = sql(
-    """
-    SELECT id FROM issues.issue_comments
-    WHERE issue_id = :issue AND created_by_run_id = :run
-    ORDER BY created_at, id LIMIT 1
-    """
-)
-_MARK_RETRY = sql(
-    """
-    UPDATE runs.heartbeat_runs
-    SET retry_of_run_id = :of, retry_reason = :why, updated_at = now()
-    WHERE id = :id AND retry_of_run_id IS NULL
-    """
-)
-_RECORD_POLICY = sql(
-    """
-    UPDATE runs.heartbeat_runs
-    SET context = context || jsonb_build_object('commentPolicy', CAST(:outcome AS jsonb)),
-        updated_at = now()
-    WHERE id = :id
-    """
-)
-_RUNTIME_STATE = sql(
-    """
-    INSERT INTO runs.agent_runtime_state
-        (agent_id, last_run_id, last_run_status, last_error, last_heartbeat_at, updated_at)
-    VALUES (:agent, :run, :status, :error, now(), now())
-    ON CONFLICT (agent_id) DO UPDATE
-    SET last_run_id = EXCLUDED.last_run_id, last_run_status = EXCLUDED.last_run_status,
-        last_error = EXCLUDED.last_error, last_heartbeat_at = EXCLUDED.last_heartbeat_at,
-        updated_at = EXCLUDED.updated_at
-    """
-)
 
 
 @dataclass(frozen=True)
@@ -174,21 +124,7 @@ async def finalize_run(
     """The terminal write (see the module docstring) while the run is in one of
     ``from_statuses``; True if this call made it."""
     async with db.unit_of_work() as tx:
-        row = await tx.fetchrow(
-            _TERMINAL_UPDATE,
-            {
-                "id": run_id,
-                "from_statuses": list(from_statuses),
-                "status": result.status,
-                "error_code": result.error_code,
-                "error": result.error,
-                "exit_code": result.exit_code,
-                "signal": result.signal,
-                "stdout_bytes": result.stdout_bytes,
-                "stderr_bytes": result.stderr_bytes,
-                "truncated": result.truncated,
-            },
-        )
+        row = await terminal_store.finish_run(tx, run_id, from_statuses, asdict(result))
         if row is None:
             return False
         payload: dict[str, Any] = {"terminal": True, "status": result.status}
@@ -197,22 +133,11 @@ async def finalize_run(
             if value is not None:
                 payload[name] = value
         await run_store.append_events(tx, run_id, [("lifecycle", f"run {result.status}", payload)])
-        await tx.execute(
-            _FINISH_WAKE,
-            {
-                "status": _WAKE_STATUS.get(result.status, "failed"),
-                "run": run_id,
-                "wake": row["wakeup_request_id"],
-            },
+        await terminal_store.finish_wake(
+            tx, run_id, row["wakeup_request_id"], _WAKE_STATUS.get(result.status, "failed")
         )
-        await tx.execute(
-            _RUNTIME_STATE,
-            {
-                "agent": row["agent_id"],
-                "run": run_id,
-                "status": result.status,
-                "error": result.error,
-            },
+        await terminal_store.record_runtime_state(
+            tx, row["agent_id"], run_id, result.status, result.error
         )
     logger.info(
         "run finished",
@@ -234,7 +159,7 @@ async def apply_comment_policy(db: Database, run_id: str) -> dict[str, Any] | No
     (not succeeded, no issue, another wake reason). Idempotent: an outcome already
     recorded is returned as it is."""
     async with db.unit_of_work() as tx:
-        run = await tx.fetchrow(_POLICY_RUN, {"id": run_id})
+        run = await comment_policy_store.lock_policy_run(tx, run_id)
         if run is None or run["status"] != "succeeded" or run["issue_id"] is None:
             return None
         context = rules.as_json(run["context"])
@@ -247,14 +172,14 @@ async def apply_comment_policy(db: Database, run_id: str) -> dict[str, Any] | No
         ):
             return None
         issue_id = str(run["issue_id"])
-        comment = await tx.fetchval(_RUN_COMMENT, {"issue": issue_id, "run": run_id})
+        comment = await foreign_reads.run_comment_id(tx, issue_id, run_id)
         if comment is not None:
             outcome: dict[str, Any] = {"outcome": SATISFIED, "commentId": str(comment)}
         elif is_retry:
             outcome = {"outcome": RETRY_EXHAUSTED}
         else:
             outcome = await _queue_comment_retry(tx, run)
-        await tx.execute(_RECORD_POLICY, {"id": run_id, "outcome": json.dumps(outcome)})
+        await comment_policy_store.record_outcome(tx, run_id, json.dumps(outcome))
     logger.info("comment policy", extra={"run_id": run_id, **outcome})
     return outcome
 
@@ -263,7 +188,7 @@ async def _queue_comment_retry(tx: Tx, run: Row) -> dict[str, Any]:
     """The one ``missing_issue_comment`` retry of ``run``, as a wake of its agent on its
     issue (it coalesces, defers or is skipped like any wake); the policy outcome."""
     run_id, issue_id = str(run["id"]), str(run["issue_id"])
-    agent = await tx.fetchrow(rules.AGENT, {"id": run["agent_id"]})
+    agent = await wake_store.agent_for_wake(tx, run["agent_id"])
     if agent is None:
         return {"outcome": RETRY_SKIPPED, "skipReason": "agent_not_found"}
     wake, retry = await wakes.enqueue_wake(
@@ -280,7 +205,7 @@ async def _queue_comment_retry(tx: Tx, run: Row) -> dict[str, Any]:
         return {"outcome": RETRY_SKIPPED, "skipReason": wake["skip_reason"]}
     outcome: dict[str, Any] = {"outcome": RETRY_QUEUED, "wakeupRequestId": str(wake["id"])}
     if retry is not None:
-        await tx.execute(_MARK_RETRY, {"id": retry["id"], "of": run_id, "why": MISSING_COMMENT})
+        await comment_policy_store.mark_retry(tx, retry["id"], run_id, MISSING_COMMENT)
         outcome["retryRunId"] = str(retry["id"])
     return outcome
 

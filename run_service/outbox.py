@@ -1,9 +1,10 @@
 """The consumer of the issue service's outbox: issue events become wakes.
 
-``issues.issue_events`` is read in id order after the cursor ``runs.consumer_cursors``
-row ``run_service.wakes``; the batch's wakes and the cursor advance commit in one
-transaction. The cursor row is locked ``FOR UPDATE SKIP LOCKED``: one replica consumes at
-a time, the others skip the pass. ``consume_forever`` LISTENs on
+The events (the issue service's ``issue_events``, read through
+``run_service.foreign_reads``) are read in id order after the cursor
+``runs.consumer_cursors`` row ``run_service.wakes``; the batch's wakes and the cursor
+advance commit in one transaction. The cursor row is locked ``FOR UPDATE SKIP LOCKED``:
+one replica consumes at a time, the others skip the pass. ``consume_forever`` LISTENs on
 ``paperclip_issue_events`` and polls as a fallback (notifications can be lost).
 
 Mapping (source ``assignment``; the wake goes to ``target_agent_id``):
@@ -45,7 +46,8 @@ from common.actor import Actor, ActorType, service_actor
 from common.db import Database, sqlstate
 from common.errors import PaperclipError
 from common.notify_loop import run_passes
-from common.sql import Row, Tx, sql
+from common.sql import Row, Tx
+from run_service import cursor_store, foreign_reads, wake_store
 from run_service import wake_rules as rules
 from run_service.wakes import enqueue_wake
 
@@ -63,46 +65,6 @@ WAKE_REASONS = {
     "issue.reopened": "issue_reopened_via_comment",
 }
 _RETRYABLE_STATES = frozenset({"40001", "40P01", "55P03"})
-_EVENT_COLUMNS = """
-    e.id, e.company_id, e.issue_id, e.type, e.actor_type, e.actor_id, e.actor_agent_id,
-    e.actor_run_id, e.target_agent_id, e.payload
-"""
-
-_ENSURE_CURSOR = sql(
-    "INSERT INTO runs.consumer_cursors (consumer) VALUES (:c) ON CONFLICT (consumer) DO NOTHING"
-)
-_LOCK_CURSOR = sql(
-    """
-    SELECT last_event_id FROM runs.consumer_cursors WHERE consumer = :c
-    FOR UPDATE SKIP LOCKED
-    """
-)
-_ADVANCE = sql(
-    """
-    UPDATE runs.consumer_cursors SET last_event_id = :id, updated_at = now()
-    WHERE consumer = :c
-    """
-)
-_NEW_EVENTS = sql(
-    f"SELECT {_EVENT_COLUMNS} FROM issues.issue_events e WHERE e.id > :after ORDER BY e.id"
-    " LIMIT :limit"
-)
-_MISSED_EVENTS = sql(
-    f"""
-    SELECT {_EVENT_COLUMNS} FROM issues.issue_events e
-    WHERE e.id > :low AND e.id <= :high
-      AND e.type = ANY(CAST(:types AS text[]))
-      AND e.target_agent_id IS NOT NULL
-      AND e.actor_agent_id IS DISTINCT FROM e.target_agent_id
-      AND EXISTS (SELECT 1 FROM runs.agents a WHERE a.id = e.target_agent_id)
-      AND NOT EXISTS (
-          SELECT 1 FROM runs.wakeup_requests w
-          WHERE w.agent_id = e.target_agent_id AND w.idempotency_key = 'event:' || e.id
-      )
-    ORDER BY e.id LIMIT :limit
-    """
-)
-_LOCK = sql("SELECT pg_advisory_xact_lock(hashtextextended(:key, 0))")
 
 
 def _wake_worthy(event: Row) -> bool:
@@ -131,7 +93,7 @@ async def _apply(tx: Tx, event: Row) -> bool:
     """Turn one event into a wake; whether a wake was recorded (or already was)."""
     if not _wake_worthy(event):
         return False
-    agent = await tx.fetchrow(rules.AGENT, {"id": event["target_agent_id"]})
+    agent = await wake_store.agent_for_wake(tx, event["target_agent_id"])
     if agent is None:
         return False
     payload: dict[str, Any] = rules.as_json(event["payload"])
@@ -171,7 +133,7 @@ async def _lock_all(tx: Tx, events: list[Row]) -> None:
     issues = sorted({f"wake-issue:{e['issue_id']}" for e in worthy})
     agents = sorted({f"wake-agent:{e['target_agent_id']}" for e in worthy})
     for key in [*issues, *agents]:
-        await tx.fetchval(_LOCK, {"key": key})
+        await wake_store.lock(tx, key)
 
 
 async def consume_once(db: Database, *, batch: int = BATCH) -> int:
@@ -179,25 +141,22 @@ async def consume_once(db: Database, *, batch: int = BATCH) -> int:
     just behind it become wakes; the cursor advances in the same transaction. The
     number of events read past the cursor (0 if another replica holds the cursor)."""
     async with db.unit_of_work() as tx:
-        await tx.execute(_ENSURE_CURSOR, {"c": CONSUMER})
-        cursor = await tx.fetchval(_LOCK_CURSOR, {"c": CONSUMER})
+        cursor = await cursor_store.lock_cursor(tx, CONSUMER)
         if cursor is None:
             return 0
-        events = await tx.fetch(_NEW_EVENTS, {"after": cursor, "limit": batch})
-        missed = await tx.fetch(
-            _MISSED_EVENTS,
-            {
-                "low": max(0, cursor - LOOKBACK_IDS),
-                "high": cursor,
-                "types": list(WAKE_REASONS),
-                "limit": batch,
-            },
+        events = await foreign_reads.issue_events_after(tx, cursor, batch)
+        missed = await foreign_reads.unwoken_issue_events(
+            tx,
+            low=max(0, cursor - LOOKBACK_IDS),
+            high=cursor,
+            types=list(WAKE_REASONS),
+            limit=batch,
         )
         await _lock_all(tx, [*missed, *events])
         for event in [*missed, *events]:
             await _apply_isolated(tx, event)
         if events:
-            await tx.execute(_ADVANCE, {"c": CONSUMER, "id": events[-1]["id"]})
+            await cursor_store.advance_cursor(tx, CONSUMER, events[-1]["id"])
         return len(events)
 
 

@@ -54,11 +54,10 @@ from common.channels import backend_channel
 from common.config import Settings
 from common.db import Database
 from common.errors import PaperclipError
-from common.sql import Row, Tx, sql
+from common.sql import Row, Tx
 from paperclip.issues.v1 import issue_locks_pb2, issue_locks_pb2_grpc
 from paperclip.runs.v1 import runs_pb2
-from run_service import issue_client
-from run_service import wake_rules as rules
+from run_service import issue_client, stranded_store, wake_store
 from run_service.runner import Runner
 from run_service.wakes import enqueue_wake
 
@@ -145,66 +144,6 @@ def escalation_body(action: Action, row: Row) -> str:
     return body
 
 
-# --- SQL ----------------------------------------------------------------------------
-
-_TRY_LOCK = sql("SELECT pg_try_advisory_xact_lock(hashtextextended(:key, 0))")
-_WAKE_LOCK = sql("SELECT pg_advisory_xact_lock(hashtextextended(:key, 0))")
-
-_SKIP_SQL = """
-    (c.status = 'todo' AND (l.id IS NULL OR l.status = 'succeeded'))
-    OR (c.status = 'in_progress' AND l.id IS NULL
-        AND c.checkout_run_id IS NULL AND c.execution_run_id IS NULL)
-"""
-
-
-def _candidates_sql(where: str, tail: str) -> str:
-    return f"""
-    WITH c AS (
-        SELECT i.id AS issue_id, i.company_id, i.status, i.checkout_run_id,
-               i.execution_run_id, a.id AS agent_id
-        FROM runs.agents a
-        JOIN issues.issues i
-          ON i.assignee_agent_id = a.id AND i.status IN ('todo', 'in_progress')
-        WHERE a.status = 'active' AND i.assignee_user_id IS NULL
-          AND i.company_id = a.company_id
-          AND {where}
-          AND NOT EXISTS (
-              SELECT 1 FROM runs.heartbeat_runs r
-              WHERE r.issue_id = i.id AND r.status IN ('queued', 'running'))
-          AND NOT EXISTS (
-              SELECT 1 FROM runs.wakeup_requests w
-              WHERE w.issue_id = i.id AND w.status = 'deferred')
-    )
-    SELECT c.*, l.id AS run_id, l.status AS run_status, l.retry_reason, l.error_code,
-           l.error
-    FROM c
-    LEFT JOIN LATERAL (
-        SELECT r.id, r.status, r.retry_reason, r.error_code, r.error
-        FROM runs.heartbeat_runs r
-        WHERE r.issue_id = c.issue_id AND r.agent_id = c.agent_id
-        ORDER BY r.created_at DESC, r.id DESC
-        LIMIT 1
-    ) l ON true
-    {tail}
-    """
-
-
-_CANDIDATES = sql(
-    _candidates_sql(
-        "(CAST(:companies AS uuid[]) IS NULL OR a.company_id = ANY(CAST(:companies AS uuid[])))",
-        f"ORDER BY (CASE WHEN {_SKIP_SQL} THEN 1 ELSE 0 END), c.issue_id LIMIT :limit",
-    )
-)
-_ONE_CANDIDATE = sql(_candidates_sql("i.id = :issue AND a.id = :agent", ""))
-_MARK_RETRY = sql(
-    """
-    UPDATE runs.heartbeat_runs
-    SET retry_of_run_id = CAST(:previous AS uuid), retry_reason = :retry, updated_at = now()
-    WHERE id = :run
-    """
-)
-
-
 # --- the pass -----------------------------------------------------------------------
 
 
@@ -241,16 +180,10 @@ async def reconcile_stranded_issues(
     escalator = _Escalator(runner.settings)
     try:
         async with db.unit_of_work() as guard:
-            if not await guard.fetchval(_TRY_LOCK, {"key": PASS_LOCK_KEY}):
+            if not await stranded_store.try_pass_lock(guard, PASS_LOCK_KEY):
                 logger.info("stranded-issue pass skipped: another replica holds it")
                 return counters.to_proto()
-            rows = await guard.fetch(
-                _CANDIDATES,
-                {
-                    "companies": None if company_ids is None else list(company_ids),
-                    "limit": limit,
-                },
-            )
+            rows = await stranded_store.candidates(guard, company_ids=company_ids, limit=limit)
             for row in rows:
                 await _handle(db, escalator, actor, row, counters)
     finally:
@@ -304,8 +237,8 @@ async def _requeue(db: Database, actor: Actor, row: Row) -> Action:
     issue's wake lock; the action taken (SKIP when nothing was queued)."""
     issue_id, agent_id = str(row["issue_id"]), str(row["agent_id"])
     async with db.unit_of_work() as tx:
-        await tx.fetchval(_WAKE_LOCK, {"key": f"wake-issue:{issue_id}"})
-        fresh = await tx.fetchrow(_ONE_CANDIDATE, {"issue": issue_id, "agent": agent_id})
+        await wake_store.lock(tx, f"wake-issue:{issue_id}")
+        fresh = await stranded_store.one_candidate(tx, issue_id, agent_id)
         if fresh is None:
             return Action.SKIP
         action = _decide_row(fresh)
@@ -319,7 +252,7 @@ async def _queue_recovery(tx: Tx, actor: Actor, row: Row, action: Action) -> Act
     reason = DISPATCH_REASON if dispatch else CONTINUATION_REASON
     retry = DISPATCH_RETRY if dispatch else CONTINUATION_RETRY
     previous = str(row["run_id"]) if row["run_id"] is not None else None
-    agent = await tx.fetchrow(rules.AGENT, {"id": row["agent_id"]})
+    agent = await wake_store.agent_for_wake(tx, row["agent_id"])
     if agent is None:
         return Action.SKIP
     payload: dict[str, object] = {
@@ -341,7 +274,7 @@ async def _queue_recovery(tx: Tx, actor: Actor, row: Row, action: Action) -> Act
     )
     if run is None or wake["status"] != "queued":
         return Action.SKIP
-    await tx.execute(_MARK_RETRY, {"previous": previous, "retry": retry, "run": run["id"]})
+    await stranded_store.mark_retry(tx, run["id"], previous, retry)
     return action
 
 

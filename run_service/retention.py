@@ -35,15 +35,15 @@ from common.config import Settings
 from common.db import Database
 from common.retention import Cursor, Policy, Step, counting, days, sweep_by_settings
 from common.sql import Tx, sql
+from run_service.foreign_reads import (
+    ACTIVE_LEASE_OF_RUN,
+    REFERENCED_BY_ISSUE,
+    RUN_ISSUE_OPEN,
+)
 
 LOCK_KEY = "run_service.retention"
 TERMINAL = "('succeeded', 'failed', 'cancelled', 'timed_out')"
 _START: tuple[Any, ...] = (datetime(1970, 1, 1, tzinfo=UTC), "00000000-0000-0000-0000-000000000000")
-
-_REFERENCED_BY_ISSUE = """
-    EXISTS (SELECT 1 FROM issues.issues i WHERE i.checkout_run_id = {run})
-    OR EXISTS (SELECT 1 FROM issues.issues i WHERE i.execution_run_id = {run})
-"""
 
 RUN_EVENTS = sql(
     f"""
@@ -56,7 +56,7 @@ RUN_EVENTS = sql(
     ),
     eligible AS (
         SELECT c.id FROM chunk c
-        WHERE NOT ({_REFERENCED_BY_ISSUE.format(run="c.id")})
+        WHERE NOT ({REFERENCED_BY_ISSUE.format(run="c.id")})
     ),
     gone AS (
         DELETE FROM runs.run_events
@@ -100,17 +100,13 @@ RUNS = sql(
     WITH victims AS (
         SELECT r.id FROM runs.heartbeat_runs r
         WHERE r.status IN {TERMINAL} AND r.finished_at < :cutoff
-          AND NOT ({_REFERENCED_BY_ISSUE.format(run="r.id")})
+          AND NOT ({REFERENCED_BY_ISSUE.format(run="r.id")})
           AND NOT EXISTS (SELECT 1 FROM runs.heartbeat_runs c WHERE c.retry_of_run_id = r.id)
           AND NOT EXISTS (SELECT 1 FROM runs.wakeup_requests w WHERE w.run_id = r.id)
-          AND NOT EXISTS (
-              SELECT 1 FROM workspaces.environment_leases l
-              WHERE l.run_id = r.id AND l.status = 'active')
+          AND NOT {ACTIVE_LEASE_OF_RUN}
           AND NOT (
               r.issue_id IS NOT NULL
-              AND EXISTS (
-                  SELECT 1 FROM issues.issues i
-                  WHERE i.id = r.issue_id AND i.status NOT IN ('done', 'cancelled'))
+              AND {RUN_ISSUE_OPEN}
               AND NOT EXISTS (
                   SELECT 1 FROM runs.heartbeat_runs n
                   WHERE n.issue_id = r.issue_id AND n.agent_id = r.agent_id

@@ -30,14 +30,14 @@ from common.audit import record_activity
 from common.authz import require_company_access
 from common.db import Database
 from common.errors import FailedPrecondition, PermissionDenied
-from common.sql import Row, Tx, sql
+from common.sql import Row, Tx
 from common.validation import require_text
 from paperclip.runs.v1 import run_messages_pb2 as pb
 from paperclip.runs.v1 import runs_pb2
-from run_service import finalize, run_store
+from run_service import finalize, run_store, terminal_store
 from run_service.issue_client import IssueClient
 from run_service.run_queries import check_run_id, run_not_found, shared_listener
-from run_service.run_store import RUN_COLUMNS, TERMINAL
+from run_service.run_store import TERMINAL
 from run_service.workspace_client import WorkspaceClient
 from supervision.process_tree import kill_tree
 
@@ -76,54 +76,6 @@ class RunControl(Protocol):
         ...
 
 
-_CANCEL = sql(
-    f"""
-    UPDATE runs.heartbeat_runs
-    SET status = 'cancelled', finished_at = now(), updated_at = now(),
-        error_code = 'cancelled', error = :error
-    WHERE id = :id AND status = :from_status
-    RETURNING {RUN_COLUMNS}
-    """
-)
-_CANCEL_WAKES = sql(
-    """
-    UPDATE runs.wakeup_requests SET status = 'cancelled', finished_at = now()
-    WHERE (id = :wake OR run_id = :run) AND status IN ('queued', 'claimed')
-    """
-)
-#: The agent's runtime state, as ``finalize`` records every terminal write.
-_RUNTIME_STATE = sql(
-    """
-    INSERT INTO runs.agent_runtime_state
-        (agent_id, last_run_id, last_run_status, last_error, last_heartbeat_at, updated_at)
-    VALUES (:agent, :run, 'cancelled', :error, now(), now())
-    ON CONFLICT (agent_id) DO UPDATE
-    SET last_run_id = EXCLUDED.last_run_id, last_run_status = EXCLUDED.last_run_status,
-        last_error = EXCLUDED.last_error, last_heartbeat_at = EXCLUDED.last_heartbeat_at,
-        updated_at = EXCLUDED.updated_at
-    """
-)
-_GRACE = sql(
-    """
-    SELECT COALESCE(r.grace_seconds, a.grace_seconds) AS grace, n.host
-    FROM runs.heartbeat_runs r
-    JOIN runs.agents a ON a.id = r.agent_id
-    LEFT JOIN runs.supervisor_nodes n ON n.id = r.supervisor_node_id
-    WHERE r.id = :id
-    """
-)
-_NOTIFY_CANCEL = sql("SELECT pg_notify(:channel, :run)")
-_TOUCH = sql(
-    f"""
-    UPDATE runs.heartbeat_runs
-    SET last_activity_at = now(), updated_at = now(),
-        error = CASE WHEN error_code = 'process_detached' THEN NULL ELSE error END,
-        error_code = CASE WHEN error_code = 'process_detached' THEN NULL ELSE error_code END
-    WHERE id = :id
-    RETURNING {RUN_COLUMNS}
-    """
-)
-
 #: After-cancel steps still running after their CancelRun returned (kept referenced).
 _BACKGROUND: set[asyncio.Task[str | None]] = set()
 
@@ -152,14 +104,14 @@ async def _write_cancelled(
     """The terminal write of a cancellation (guarded by ``from_status``): the run,
     its wake, the terminal event and the audit row. None when the status moved on."""
     run_id = str(run["id"])
-    updated = await tx.fetchrow(
-        _CANCEL, {"id": run_id, "error": reason or DEFAULT_REASON, "from_status": from_status}
+    updated = await terminal_store.cancel_run(
+        tx, run_id, reason or DEFAULT_REASON, from_status=from_status
     )
     if updated is None:
         return None
-    await tx.execute(_CANCEL_WAKES, {"wake": run["wakeup_request_id"], "run": run_id})
-    await tx.execute(
-        _RUNTIME_STATE, {"agent": run["agent_id"], "run": run_id, "error": reason or DEFAULT_REASON}
+    await terminal_store.cancel_wakes(tx, run_id, run["wakeup_request_id"])
+    await terminal_store.record_cancelled_state(
+        tx, run["agent_id"], run_id, reason or DEFAULT_REASON
     )
     await run_store.append_events(
         tx,
@@ -226,7 +178,7 @@ async def _cancel_unsupervised(
     this host, then end it as cancelled unless a finalize got there first."""
     run_id = str(run["id"])
     async with db.unit_of_work() as tx:
-        info = await tx.fetchrow(_GRACE, {"id": run_id})
+        info = await run_store.grace_and_host(tx, run_id)
     grace = _grace_of(info)
     host = info["host"] if info is not None else None
     local = host is not None and host == runner.hostname
@@ -248,7 +200,7 @@ async def _cancel_unsupervised(
         assert cancelled is not None
         # Delivered at commit: a live node still supervising the run (another host, or
         # another run-service process on this one) stops its execution too.
-        await tx.execute(_NOTIFY_CANCEL, {"channel": CANCEL_CHANNEL, "run": run_id})
+        await run_store.notify(tx, CANCEL_CHANNEL, run_id)
     await _after_cancel(db, runner, cancelled)
     return run_store.run_to_proto(cancelled)
 
@@ -261,7 +213,7 @@ def _grace_of(info: Row | None) -> int:
 
 async def _grace(db: Database, run_id: str) -> int:
     async with db.unit_of_work() as tx:
-        return _grace_of(await tx.fetchrow(_GRACE, {"id": run_id}))
+        return _grace_of(await run_store.grace_and_host(tx, run_id))
 
 
 async def _wait_terminal(db: Database, run_id: str, grace: int) -> pb.Run:
@@ -353,7 +305,7 @@ async def report_run_activity(
                 reason="RUN_NOT_RUNNING",
                 metadata={"run_id": run_id, "status": run["status"]},
             )
-        updated = await tx.fetchrow(_TOUCH, {"id": run_id})
+        updated = await run_store.touch(tx, run_id)
         assert updated is not None
         if run["error_code"] == "process_detached":
             await run_store.append_events(

@@ -33,9 +33,9 @@ from typing import Any
 from common.actor import service_actor
 from common.db import Database
 from common.errors import PaperclipError
-from common.sql import Row, sql
+from common.sql import Row
 from paperclip.runs.v1 import runs_pb2
-from run_service import run_control
+from run_service import cursor_store, foreign_reads, run_control, run_store
 from run_service import wake_rules as rules
 
 logger = logging.getLogger(__name__)
@@ -50,33 +50,6 @@ REASONS = {
     FORCE_RELEASED: "force-released by board",
     INTERRUPT_REQUESTED: "interrupted by board comment",
 }
-
-_ENSURE_CURSOR = sql(
-    "INSERT INTO runs.consumer_cursors (consumer) VALUES (:c) ON CONFLICT (consumer) DO NOTHING"
-)
-_LOCK_CURSOR = sql(
-    "SELECT last_event_id FROM runs.consumer_cursors WHERE consumer = :c FOR UPDATE SKIP LOCKED"
-)
-_ADVANCE = sql(
-    """
-    UPDATE runs.consumer_cursors SET last_event_id = :id, updated_at = now()
-    WHERE consumer = :c
-    """
-)
-_HIGH = sql("SELECT COALESCE(max(id), 0) FROM issues.issue_events")
-_EVENTS = sql(
-    """
-    SELECT id, type, issue_id, payload FROM issues.issue_events
-    WHERE id > :low AND id <= :high AND type = ANY(CAST(:types AS text[]))
-    ORDER BY id LIMIT :limit
-    """
-)
-_LIVE = sql(
-    """
-    SELECT id FROM runs.heartbeat_runs
-    WHERE id = ANY(CAST(:ids AS uuid[])) AND status IN ('queued', 'running')
-    """
-)
 
 
 def named_runs(event: Row) -> list[str]:
@@ -102,31 +75,29 @@ async def interrupt_once(
     just behind it cancel the live runs they name; then the cursor advances. The number
     of new events read (0 when another replica holds the cursor)."""
     async with db.unit_of_work() as guard:
-        await guard.execute(_ENSURE_CURSOR, {"c": CONSUMER})
-        cursor = await guard.fetchval(_LOCK_CURSOR, {"c": CONSUMER})
+        cursor = await cursor_store.lock_cursor(guard, CONSUMER)
         if cursor is None:
             return 0
-        high = int(await guard.fetchval(_HIGH, {}))
+        high = await foreign_reads.latest_issue_event_id(guard)
         types = list(REASONS)
-        new = await guard.fetch(
-            _EVENTS, {"low": cursor, "high": high, "types": types, "limit": batch}
+        new = await foreign_reads.issue_events_of_types(
+            guard, low=cursor, high=high, types=types, limit=batch
         )
-        missed = await guard.fetch(
-            _EVENTS,
-            {"low": max(0, cursor - LOOKBACK_IDS), "high": cursor, "types": types, "limit": batch},
+        missed = await foreign_reads.issue_events_of_types(
+            guard, low=max(0, cursor - LOOKBACK_IDS), high=cursor, types=types, limit=batch
         )
         targets: dict[str, str] = {}
         for event in [*missed, *new]:
             for run_id in named_runs(event):
                 targets.setdefault(run_id, REASONS[event["type"]])
         if targets:
-            live = await guard.fetch(_LIVE, {"ids": list(targets)})
+            live = await run_store.live_run_ids(guard, list(targets))
             await asyncio.gather(
                 *(_cancel(db, runner, str(row["id"]), targets[str(row["id"])]) for row in live)
             )
         next_cursor = int(new[-1]["id"]) if len(new) >= batch else high
         if next_cursor > cursor:
-            await guard.execute(_ADVANCE, {"c": CONSUMER, "id": next_cursor})
+            await cursor_store.advance_cursor(guard, CONSUMER, next_cursor)
         return len(new)
 
 

@@ -28,13 +28,13 @@ from common.database_url import asyncpg_dsn
 from common.db import Database
 from common.errors import NotFound, invalid
 from common.pagination import parse_page
-from common.sql import Row, Tx, sql
+from common.sql import Row, Tx
 from common.validation import Violations, collect_uuid
 from paperclip.runs.v1 import run_messages_pb2 as pb
 from paperclip.runs.v1 import runs_pb2
 from run_service import run_store
-from run_service.agent_store import company_exists
-from run_service.run_store import EVENT_COLUMNS, RUN_COLUMNS, TERMINAL
+from run_service.foreign_reads import company_exists
+from run_service.run_store import TERMINAL
 
 logger = logging.getLogger(__name__)
 
@@ -51,14 +51,6 @@ LISTENER_PING_TIMEOUT_S = 5.0
 #: Reconnect back-off of the shared listener.
 LISTENER_BACKOFF_S = (0.1, 5.0)
 LISTENER_APPLICATION_NAME = "paperclip_run_watch"
-
-_RUN_STATUS = sql("SELECT company_id, status FROM runs.heartbeat_runs WHERE id = :id")
-_EVENTS_AFTER = sql(
-    f"""
-    SELECT {EVENT_COLUMNS} FROM runs.run_events
-    WHERE run_id = :run AND seq > :after ORDER BY seq LIMIT :limit
-    """
-)
 
 
 def run_not_found(run_id: str) -> NotFound:
@@ -90,22 +82,6 @@ async def get_run(db: Database, actor: Actor, run_id: str) -> pb.Run:
 
 
 # --- ListRuns -------------------------------------------------------------------------
-
-
-def _list_runs_query(*, agent: bool, issue: bool, statuses: bool, after: bool) -> str:
-    where = ["company_id = :company"]
-    if agent:
-        where.append("agent_id = :agent")
-    if issue:
-        where.append("issue_id = :issue")
-    if statuses:
-        where.append("status = ANY(CAST(:statuses AS text[]))")
-    if after:
-        where.append("(created_at, id) < (:after_t, :after_id)")
-    return (
-        f"SELECT {RUN_COLUMNS} FROM runs.heartbeat_runs WHERE {' AND '.join(where)}"
-        " ORDER BY created_at DESC, id DESC LIMIT :limit"
-    )
 
 
 async def list_runs(
@@ -148,14 +124,6 @@ async def list_runs(
     if page.cursor is not None:
         params["after_t"] = page.cursor_time("t")
         params["after_id"] = page.cursor_uuid("i")
-    query = sql(
-        _list_runs_query(
-            agent=agent_id is not None,
-            issue=issue_id is not None,
-            statuses=bool(wanted),
-            after=page.cursor is not None,
-        )
-    )
     async with db.unit_of_work() as tx:
         if page.cursor is None and not await company_exists(tx, company_id):
             raise NotFound(
@@ -163,7 +131,7 @@ async def list_runs(
                 reason="COMPANY_NOT_FOUND",
                 metadata={"company_id": company_id},
             )
-        rows = await tx.fetch(query, params)
+        rows = await run_store.list_runs(tx, params)
     shown, token = page.finish(rows, _run_cursor)
     return runs_pb2.ListRunsResponse(
         runs=[run_store.run_to_proto(row) for row in shown], next_page_token=token
@@ -180,7 +148,7 @@ def _run_cursor(row: Row) -> dict[str, Any]:
 
 async def _authorized_run(tx: Tx, actor: Actor, run_id: str) -> Row:
     """(company_id, status) of a run the actor may read; NOT_FOUND when missing."""
-    row = await tx.fetchrow(_RUN_STATUS, {"id": run_id})
+    row = await run_store.run_status(tx, run_id)
     if row is None:
         raise run_not_found(run_id)
     require_company_access(actor, str(row["company_id"]), write=False)
@@ -209,9 +177,7 @@ async def list_run_events(
             raise invalid("page_token", "is not a token this service issued")
     async with db.unit_of_work() as tx:
         await _authorized_run(tx, actor, run_id)
-        rows = await tx.fetch(
-            _EVENTS_AFTER, {"run": run_id, "after": after, "limit": page.fetch_limit}
-        )
+        rows = await run_store.events_after(tx, run_id, after, page.fetch_limit)
     shown, token = page.finish(rows, lambda row: {"s": int(row["seq"])})
     return runs_pb2.ListRunEventsResponse(
         events=[run_store.event_to_proto(row) for row in shown], next_page_token=token
@@ -260,12 +226,10 @@ async def watch_run(
             async with db.unit_of_work() as tx:
                 # Status first, then events: a run seen terminal here has all of its
                 # events (written before or with the terminal status) in the read below.
-                state = await tx.fetchrow(_RUN_STATUS, {"id": run_id})
+                state = await run_store.run_status(tx, run_id)
                 if state is None:
                     return  # deleted while watched: nothing more will come
-                rows = await tx.fetch(
-                    _EVENTS_AFTER, {"run": run_id, "after": last, "limit": WATCH_BATCH}
-                )
+                rows = await run_store.events_after(tx, run_id, last, WATCH_BATCH)
             for row in rows:
                 last = int(row["seq"])
                 yield run_store.event_to_proto(row)

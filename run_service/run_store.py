@@ -1,4 +1,5 @@
-"""Runs, wakeup requests and run events: columns, proto mapping, shared statements."""
+"""Runs, wakeup requests and run events: columns, proto mapping, and the statements
+that read runs and their events or touch one run (its liveness, its cancel notice)."""
 
 from __future__ import annotations
 
@@ -73,6 +74,39 @@ _INSERT_EVENTS = sql(
     INSERT INTO runs.run_events (run_id, seq, type, message, payload)
     SELECT :run, * FROM unnest(CAST(:seqs AS bigint[]), CAST(:types AS text[]),
                                CAST(:messages AS text[]), CAST(:payloads AS jsonb[]))
+    """
+)
+_RUN_STATUS = sql("SELECT company_id, status FROM runs.heartbeat_runs WHERE id = :id")
+_EVENTS_AFTER = sql(
+    f"""
+    SELECT {EVENT_COLUMNS} FROM runs.run_events
+    WHERE run_id = :run AND seq > :after ORDER BY seq LIMIT :limit
+    """
+)
+_LIVE = sql(
+    """
+    SELECT id FROM runs.heartbeat_runs
+    WHERE id = ANY(CAST(:ids AS uuid[])) AND status IN ('queued', 'running')
+    """
+)
+_GRACE = sql(
+    """
+    SELECT COALESCE(r.grace_seconds, a.grace_seconds) AS grace, n.host
+    FROM runs.heartbeat_runs r
+    JOIN runs.agents a ON a.id = r.agent_id
+    LEFT JOIN runs.supervisor_nodes n ON n.id = r.supervisor_node_id
+    WHERE r.id = :id
+    """
+)
+_NOTIFY = sql("SELECT pg_notify(:channel, :run)")
+_TOUCH = sql(
+    f"""
+    UPDATE runs.heartbeat_runs
+    SET last_activity_at = now(), updated_at = now(),
+        error = CASE WHEN error_code = 'process_detached' THEN NULL ELSE error END,
+        error_code = CASE WHEN error_code = 'process_detached' THEN NULL ELSE error_code END
+    WHERE id = :id
+    RETURNING {RUN_COLUMNS}
     """
 )
 
@@ -168,3 +202,66 @@ async def append_events(
         },
     )
     return int(first)
+
+
+async def run_status(tx: Tx, run_id: str) -> Row | None:
+    """(company_id, status) of a run, or None."""
+    return await tx.fetchrow(_RUN_STATUS, {"id": run_id})
+
+
+async def events_after(tx: Tx, run_id: str, after: int, limit: int) -> list[Row]:
+    """Up to ``limit`` events of the run with ``seq > after``, in order."""
+    return await tx.fetch(_EVENTS_AFTER, {"run": run_id, "after": after, "limit": limit})
+
+
+def _list_runs_query(*, agent: bool, issue: bool, statuses: bool, after: bool) -> str:
+    where = ["company_id = :company"]
+    if agent:
+        where.append("agent_id = :agent")
+    if issue:
+        where.append("issue_id = :issue")
+    if statuses:
+        where.append("status = ANY(CAST(:statuses AS text[]))")
+    if after:
+        where.append("(created_at, id) < (:after_t, :after_id)")
+    return (
+        f"SELECT {RUN_COLUMNS} FROM runs.heartbeat_runs WHERE {' AND '.join(where)}"
+        " ORDER BY created_at DESC, id DESC LIMIT :limit"
+    )
+
+
+async def list_runs(tx: Tx, params: Mapping[str, Any]) -> list[Row]:
+    """A ``ListRuns`` page of runs, newest first: ``company`` and ``limit``, and each of
+    ``agent``, ``issue``, ``statuses`` and (``after_t``, ``after_id``) that is given
+    narrows it."""
+    query = sql(
+        _list_runs_query(
+            agent="agent" in params,
+            issue="issue" in params,
+            statuses="statuses" in params,
+            after="after_t" in params,
+        )
+    )
+    return await tx.fetch(query, params)
+
+
+async def live_run_ids(tx: Tx, run_ids: Sequence[str]) -> list[Row]:
+    """(id) of those of the runs that are queued or running."""
+    return await tx.fetch(_LIVE, {"ids": list(run_ids)})
+
+
+async def grace_and_host(tx: Tx, run_id: str) -> Row | None:
+    """(grace, host) of a run: its grace seconds (else its agent's) and the host of its
+    supervisor node (None when it has none); None when the run is gone."""
+    return await tx.fetchrow(_GRACE, {"id": run_id})
+
+
+async def notify(tx: Tx, channel: str, payload: str) -> None:
+    """``NOTIFY channel, payload``, sent when the transaction commits."""
+    await tx.execute(_NOTIFY, {"channel": channel, "run": payload})
+
+
+async def touch(tx: Tx, run_id: str) -> Row | None:
+    """Renew a run's activity time and clear its ``process_detached`` error; its row,
+    or None when it is gone."""
+    return await tx.fetchrow(_TOUCH, {"id": run_id})

@@ -32,7 +32,7 @@ from common import metrics
 from common.actor import service_actor
 from common.db import Database
 from common.sql import sql
-from run_service import wake_rules as rules
+from run_service import wake_store
 from run_service.wakes import enqueue_wake
 
 logger = logging.getLogger(__name__)
@@ -130,7 +130,7 @@ async def _wake(db: Database, agent_id: str, last: Any, base: Any) -> str | None
     """One agent's timer wake; the wake's status, None when another writer moved the
     agent's base first."""
     async with db.unit_of_work() as tx:
-        agent = await tx.fetchrow(rules.AGENT, {"id": agent_id})
+        agent = await wake_store.agent_for_wake(tx, agent_id)
         if agent is None:
             return None
         if await tx.fetchval(_CLAIM, {"agent": agent_id, "last": last}) is None:

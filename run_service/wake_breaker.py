@@ -40,7 +40,8 @@ from common.audit import record_activity
 from common.config import Settings
 from common.db import Database
 from common.errors import NotFound
-from common.sql import Tx, sql
+from common.sql import Tx
+from run_service import wake_breaker_store
 
 logger = logging.getLogger(__name__)
 
@@ -91,66 +92,6 @@ class Trip:
     new: bool
 
 
-#: The latest trip of the (agent, issue, reason), the issue's latest status change, and
-#: the first board action or status change after that trip (which clears it).
-_LOOP = sql(
-    """
-    WITH latest AS (
-        SELECT max(b.tripped_at) AS at FROM runs.wake_breakers b
-        WHERE b.agent_id = :agent AND b.kind = 'wake_loop' AND b.issue_id = :issue
-          AND b.reason = :reason
-    ),
-    issue_activity AS (
-        SELECT a.created_at, a.actor_type, a.action,
-               a.action = 'issue.updated' AND a.details ? 'status' AS status_change
-        FROM audit.activity_log a
-        WHERE a.company_id = :company AND a.entity_type = 'issue'
-          AND a.entity_id = CAST(:issue AS text)
-    ),
-    status_change AS (
-        SELECT max(created_at) AS at FROM issue_activity WHERE status_change
-    ),
-    cleared AS (
-        SELECT min(i.created_at) AS at FROM issue_activity i, latest
-        WHERE i.created_at > latest.at
-          AND (i.status_change
-               OR (i.actor_type = 'user'
-                   AND i.action IN ('issue.comment_added', 'issue.updated')))
-    )
-    SELECT latest.at IS NOT NULL AND cleared.at IS NULL AS standing,
-           (SELECT count(*) FROM runs.heartbeat_runs r
-            WHERE r.agent_id = :agent AND r.issue_id = :issue AND r.wake_reason = :reason
-              AND r.created_at > greatest(
-                  now() - make_interval(secs => :window),
-                  COALESCE(status_change.at, '-infinity'::timestamptz),
-                  COALESCE(cleared.at, '-infinity'::timestamptz)
-              )) AS runs
-    FROM latest, status_change, cleared
-    """
-)
-_BUDGET = sql(
-    """
-    SELECT a.daily_run_budget AS budget,
-           (SELECT count(*) FROM runs.heartbeat_runs r
-            WHERE r.agent_id = a.id
-              AND r.created_at > now() - make_interval(secs => :window)) AS runs,
-           (SELECT count(*) FROM runs.wake_breakers b
-            WHERE b.agent_id = a.id AND b.kind = 'daily_run_budget'
-              AND b.issue_id IS NOT DISTINCT FROM CAST(:issue AS uuid)
-              AND b.tripped_at > now() - make_interval(secs => :window)) AS trips
-    FROM runs.agents a WHERE a.id = :agent
-    """
-)
-_INSERT_TRIP = sql(
-    """
-    INSERT INTO runs.wake_breakers
-        (company_id, agent_id, issue_id, kind, reason, runs, window_seconds)
-    VALUES (:company, :agent, :issue, :kind, :reason, :runs, :window)
-    RETURNING id
-    """
-)
-
-
 async def check(tx: Tx, base: dict[str, Any]) -> Trip | None:
     """The trip that stops the wake ``base`` (``wakes.enqueue_wake``'s fields) from
     queueing a run, recording a new trip; None when it may queue one."""
@@ -164,17 +105,14 @@ async def _loop_trip(tx: Tx, base: dict[str, Any]) -> Trip | None:
     policy = _policy
     if base["issue"] is None or policy.loop_runs <= 0:
         return None
-    row = await tx.fetchrow(
-        _LOOP,
-        {
-            "company": base["company"],
-            "agent": base["agent"],
-            "issue": base["issue"],
-            "reason": base["reason"],
-            "window": policy.loop_window_seconds,
-        },
+    row = await wake_breaker_store.loop_state(
+        tx,
+        company_id=base["company"],
+        agent_id=base["agent"],
+        issue_id=base["issue"],
+        reason=base["reason"],
+        window=policy.loop_window_seconds,
     )
-    assert row is not None
     runs, standing = int(row["runs"]), bool(row["standing"])
     if not standing and runs < policy.loop_runs:
         return None
@@ -182,8 +120,8 @@ async def _loop_trip(tx: Tx, base: dict[str, Any]) -> Trip | None:
 
 
 async def _budget_trip(tx: Tx, base: dict[str, Any]) -> Trip | None:
-    row = await tx.fetchrow(
-        _BUDGET, {"agent": base["agent"], "issue": base["issue"], "window": BUDGET_WINDOW_SECONDS}
+    row = await wake_breaker_store.budget_state(
+        tx, agent_id=base["agent"], issue_id=base["issue"], window=BUDGET_WINDOW_SECONDS
     )
     if row is None or int(row["budget"]) == 0 or int(row["runs"]) < int(row["budget"]):
         return None
@@ -197,8 +135,8 @@ async def _budget_trip(tx: Tx, base: dict[str, Any]) -> Trip | None:
 
 
 async def _record(tx: Tx, base: dict[str, Any], trip: Trip) -> None:
-    trip_id = await tx.fetchval(
-        _INSERT_TRIP,
+    trip_id = await wake_breaker_store.insert_trip(
+        tx,
         {
             "company": base["company"],
             "agent": base["agent"],
@@ -239,18 +177,6 @@ async def _record(tx: Tx, base: dict[str, Any], trip: Trip) -> None:
 
 
 # -- notices ------------------------------------------------------------------------
-
-_PENDING = sql(
-    """
-    SELECT b.id, b.issue_id, b.kind, b.reason, b.runs, b.window_seconds, a.name AS agent_name
-    FROM runs.wake_breakers b JOIN runs.agents a ON a.id = b.agent_id
-    WHERE b.announced_at IS NULL AND b.issue_id IS NOT NULL
-    ORDER BY b.tripped_at
-    LIMIT :limit
-    FOR UPDATE OF b SKIP LOCKED
-    """
-)
-_ANNOUNCED = sql("UPDATE runs.wake_breakers SET announced_at = now() WHERE id = :id")
 
 
 async def announce_forever(db: Database, issues: Commenter, *, interval: float = 5.0) -> None:
@@ -295,7 +221,7 @@ async def announce_pending(db: Database, issues: Commenter, *, limit: int = 20) 
     whose issue is gone is marked announced with nothing posted."""
     posted = 0
     async with db.unit_of_work() as tx:
-        rows = await tx.fetch(_PENDING, {"limit": limit})
+        rows = await wake_breaker_store.pending_trips(tx, limit)
         for row in rows:
             body = notice(
                 row["kind"],
@@ -314,5 +240,5 @@ async def announce_pending(db: Database, issues: Commenter, *, limit: int = 20) 
                 posted += 1
             except NotFound:
                 logger.info("the issue of a wake breaker is gone", extra={"trip": str(row["id"])})
-            await tx.execute(_ANNOUNCED, {"id": row["id"]})
+            await wake_breaker_store.mark_announced(tx, row["id"])
     return posted

@@ -1,7 +1,7 @@
-"""Wake rules: request checks, pre-check skips, run context, merging,
-follow-ups, and the SQL statements of the wake flow.
+"""Wake rules: request checks, pre-check skips, run context, merging and follow-ups.
 
-No I/O here; ``run_service.wakes`` applies these inside the caller's transaction.
+No I/O here; ``run_service.wakes`` applies these inside the caller's transaction (its
+statements are in ``run_service.wake_store``).
 """
 
 from __future__ import annotations
@@ -14,10 +14,10 @@ from google.protobuf import json_format
 
 from common.actor import Actor
 from common.errors import invalid
-from common.sql import Row, sql
+from common.sql import Row
 from common.validation import parse_uuid, require_enum, require_text
 from paperclip.runs.v1 import runs_pb2
-from run_service.run_store import RUN_COLUMNS, SOURCE_FROM_PROTO, WAKEUP_COLUMNS
+from run_service.run_store import SOURCE_FROM_PROTO
 
 MAX_REASON = 200
 MAX_IDEMPOTENCY_KEY = 200
@@ -154,108 +154,3 @@ def validate_request(request: runs_pb2.WakeAgentRequest) -> dict[str, Any]:
         "payload": payload,
         "idempotency_key": key or None,
     }
-
-
-# Statements of the wake flow (``run_service.wakes``).
-LOCK = sql("SELECT pg_advisory_xact_lock(hashtextextended(:key, 0))")
-AGENT = sql(
-    """
-    SELECT id, company_id, status, heartbeat_interval_seconds, wake_on_demand
-    FROM runs.agents WHERE id = :id
-    """
-)
-ISSUE_IN_COMPANY = sql("SELECT 1 FROM issues.issues WHERE id = :issue AND company_id = :company")
-WAKE_BY_KEY = sql(
-    f"""
-    SELECT {WAKEUP_COLUMNS} FROM runs.wakeup_requests
-    WHERE agent_id = :agent AND idempotency_key = :key
-    """
-)
-INSERT_WAKE = sql(
-    f"""
-    INSERT INTO runs.wakeup_requests
-        (id, company_id, agent_id, source, reason, issue_id, payload, status, skip_reason,
-         run_id, idempotency_key, source_event_id, requested_by_actor_type,
-         requested_by_actor_id, requested_by_run_id, finished_at)
-    VALUES (:id, :company, :agent, :source, :reason, :issue, CAST(:payload AS jsonb), :status,
-            :skip_reason, :run, :key, :event, :actor_type, :actor_id, :actor_run,
-            CASE WHEN :status IN ('skipped', 'coalesced') THEN now() END)
-    ON CONFLICT (agent_id, idempotency_key) DO NOTHING
-    RETURNING {WAKEUP_COLUMNS}
-    """
-)
-ACTIVE_ISSUE_RUN = sql(
-    f"""
-    SELECT {RUN_COLUMNS} FROM runs.heartbeat_runs
-    WHERE issue_id = :issue AND status IN ('queued', 'running')
-    ORDER BY agent_id = :agent DESC, status = 'running' DESC, created_at
-    LIMIT 1
-    """
-)
-ISSUELESS_RUN = sql(
-    f"""
-    SELECT {RUN_COLUMNS} FROM runs.heartbeat_runs
-    WHERE agent_id = :agent AND issue_id IS NULL AND status = :status
-    ORDER BY created_at DESC LIMIT 1
-    """
-)
-LOCK_RUN_CONTEXT = sql("SELECT status, context FROM runs.heartbeat_runs WHERE id = :id FOR UPDATE")
-SET_RUN_CONTEXT = sql(
-    """
-    UPDATE runs.heartbeat_runs SET context = CAST(:context AS jsonb), updated_at = now()
-    WHERE id = :id
-    """
-)
-INSERT_RUN = sql(
-    f"""
-    INSERT INTO runs.heartbeat_runs
-        (company_id, agent_id, issue_id, status, invocation_source, wake_reason,
-         wakeup_request_id, context)
-    VALUES (:company, :agent, :issue, 'queued', :source, :reason, :wake,
-            CAST(:context AS jsonb))
-    RETURNING {RUN_COLUMNS}
-    """
-)
-RUN_BY_ID = sql(f"SELECT {RUN_COLUMNS} FROM runs.heartbeat_runs WHERE id = :id")
-DEFERRED_FOR = sql(
-    f"""
-    SELECT {WAKEUP_COLUMNS} FROM runs.wakeup_requests
-    WHERE agent_id = :agent AND issue_id = :issue AND status = 'deferred'
-    FOR UPDATE
-    """
-)
-MERGE_DEFERRED = sql(
-    """
-    UPDATE runs.wakeup_requests
-    SET payload = CAST(:payload AS jsonb), reason = :reason,
-        coalesced_count = coalesced_count + 1
-    WHERE id = :id
-    """
-)
-ANY_ACTIVE_ISSUE_RUN = sql(
-    "SELECT 1 FROM runs.heartbeat_runs WHERE issue_id = :issue AND status IN ('queued', 'running')"
-)
-OLDEST_DEFERRED = sql(
-    f"""
-    SELECT {WAKEUP_COLUMNS} FROM runs.wakeup_requests
-    WHERE issue_id = :issue AND status = 'deferred'
-    ORDER BY requested_at, id
-    LIMIT 1 FOR UPDATE SKIP LOCKED
-    """
-)
-FAIL_DEFERRED = sql(
-    """
-    UPDATE runs.wakeup_requests SET status = 'failed', skip_reason = :why, finished_at = now()
-    WHERE id = :id
-    """
-)
-SKIP_DEFERRED = sql(
-    """
-    UPDATE runs.wakeup_requests
-    SET status = 'skipped', skip_reason = :why, finished_at = now()
-    WHERE id = :id
-    """
-)
-PROMOTE_DEFERRED = sql(
-    "UPDATE runs.wakeup_requests SET status = 'queued', run_id = :run WHERE id = :id"
-)

@@ -31,11 +31,11 @@ from common.actor import Actor
 from common.authz import require_company_access
 from common.db import Database
 from common.errors import Aborted, NotFound, PermissionDenied
-from common.sql import Row, Tx, sql
+from common.sql import Row, Tx
 from paperclip.runs.v1 import runs_pb2
-from run_service import wake_breaker
+from run_service import foreign_reads, run_store, wake_breaker, wake_store
 from run_service import wake_rules as rules
-from run_service.run_store import WAKEUP_COLUMNS, run_to_proto, wakeup_to_proto
+from run_service.run_store import run_to_proto, wakeup_to_proto
 
 ONE_ACTIVE_RUN_INDEX = "heartbeat_runs_one_active_per_agent_issue"
 _ATTEMPTS = 5
@@ -43,28 +43,6 @@ _ATTEMPTS = 5
 REOPENED_VIA_COMMENT = "issue_reopened_via_comment"
 #: Issue statuses a promoted comment wake may reopen.
 CLOSED_STATUSES = frozenset({"done", "cancelled"})
-
-_NEXT_DEFERRED = sql(
-    f"""
-    SELECT {WAKEUP_COLUMNS} FROM runs.wakeup_requests w
-    WHERE w.issue_id = :issue AND w.status = 'deferred'
-      AND NOT EXISTS (SELECT 1 FROM runs.heartbeat_runs r
-                      WHERE r.issue_id = :issue AND r.status IN ('queued', 'running'))
-    ORDER BY w.requested_at, w.id
-    LIMIT 1
-    """
-)
-_ISSUE_STATUS = sql("SELECT status FROM issues.issues WHERE id = :issue")
-_COMMENT_AUTHORS = sql(
-    """
-    SELECT author_type, created_by_run_id FROM issues.issue_comments
-    WHERE issue_id = :issue AND id = ANY(CAST(:ids AS uuid[]))
-    """
-)
-
-
-async def _lock(tx: Tx, key: str) -> None:
-    await tx.fetchval(rules.LOCK, {"key": key})
 
 
 def _uuid_or_none(value: str | None) -> str | None:
@@ -91,13 +69,13 @@ async def enqueue_wake(
     row (and its queued run) and writes nothing."""
     agent_id = str(agent["id"])
     if issue_id is not None:
-        await _lock(tx, f"wake-issue:{issue_id}")
-    await _lock(tx, f"wake-agent:{agent_id}")
+        await wake_store.lock(tx, f"wake-issue:{issue_id}")
+    await wake_store.lock(tx, f"wake-agent:{agent_id}")
     if idempotency_key is not None:
-        first = await tx.fetchrow(rules.WAKE_BY_KEY, {"agent": agent_id, "key": idempotency_key})
+        first = await wake_store.wake_by_key(tx, agent_id, idempotency_key)
         if first is not None:
             return first, await queued_run_of(tx, first)
-    current = await tx.fetchrow(rules.AGENT, {"id": agent_id})
+    current = await wake_store.agent_for_wake(tx, agent_id)
     if current is None:
         raise NotFound("agent not found", reason="AGENT_NOT_FOUND", metadata={"id": agent_id})
     actor_type, actor_id, _, actor_run = requested_by.audit_identity()
@@ -118,9 +96,7 @@ async def enqueue_wake(
     }
     skip = rules.precheck_skip(current, source=source, requested_by=requested_by)
     if skip is None and issue_id is not None:
-        found = await tx.fetchval(
-            rules.ISSUE_IN_COMPANY, {"issue": issue_id, "company": current["company_id"]}
-        )
+        found = await foreign_reads.issue_in_company(tx, issue_id, current["company_id"])
         skip = None if found else rules.ISSUE_NOT_FOUND
     if skip is not None:
         return await _insert_wake(tx, base, status="skipped", skip_reason=skip), None
@@ -139,9 +115,7 @@ async def _wake_for_issue(
     tx: Tx, base: dict[str, Any], context: dict[str, Any]
 ) -> tuple[Row, Row | None] | None:
     """One decision for a wake with an issue; None when a race changed the state."""
-    active = await tx.fetchrow(
-        rules.ACTIVE_ISSUE_RUN, {"issue": base["issue"], "agent": base["agent"]}
-    )
+    active = await wake_store.active_issue_run(tx, base["issue"], base["agent"])
     if active is None:
         return await _queue_run(tx, base, context)
     same_agent = str(active["agent_id"]) == base["agent"]
@@ -158,11 +132,9 @@ async def _wake_without_issue(
 ) -> tuple[Row, Row | None] | None:
     """Coalesce into the agent's queued issue-less run, else its running one (unless a
     follow-up is needed), else queue a new run."""
-    target = await tx.fetchrow(rules.ISSUELESS_RUN, {"agent": base["agent"], "status": "queued"})
+    target = await wake_store.issueless_run(tx, base["agent"], "queued")
     if target is None and not rules.needs_follow_up(base["payload"], base["reason"]):
-        target = await tx.fetchrow(
-            rules.ISSUELESS_RUN, {"agent": base["agent"], "status": "running"}
-        )
+        target = await wake_store.issueless_run(tx, base["agent"], "running")
     if target is None:
         return await _queue_run(tx, base, context)
     return await _coalesce(tx, base, context, target)
@@ -172,28 +144,23 @@ async def _coalesce(
     tx: Tx, base: dict[str, Any], context: dict[str, Any], run: Row
 ) -> tuple[Row, Row | None] | None:
     """Merge ``context`` into the run's; None if the run ended meanwhile."""
-    locked = await tx.fetchrow(rules.LOCK_RUN_CONTEXT, {"id": run["id"]})
+    locked = await wake_store.lock_run_context(tx, run["id"])
     if locked is None or locked["status"] not in ("queued", "running"):
         return None
     merged = rules.merge_context(rules.as_json(locked["context"]), context)
-    await tx.execute(rules.SET_RUN_CONTEXT, {"id": run["id"], "context": json.dumps(merged)})
+    await wake_store.set_run_context(tx, run["id"], json.dumps(merged))
     wake = await _insert_wake(tx, base, status="coalesced", run=str(run["id"]))
     return wake, None
 
 
 async def _defer(tx: Tx, base: dict[str, Any], context: dict[str, Any]) -> tuple[Row, Row | None]:
     """Merge into the (agent, issue) deferred wake, or become it."""
-    deferred = await tx.fetchrow(
-        rules.DEFERRED_FOR, {"agent": base["agent"], "issue": base["issue"]}
-    )
+    deferred = await wake_store.deferred_for(tx, base["agent"], base["issue"])
     if deferred is None:
         wake = await _insert_wake(tx, {**base, "payload": context}, status="deferred")
         return wake, None
     merged = rules.merge_context(rules.as_json(deferred["payload"]), context)
-    await tx.execute(
-        rules.MERGE_DEFERRED,
-        {"id": deferred["id"], "payload": json.dumps(merged), "reason": base["reason"]},
-    )
+    await wake_store.merge_deferred(tx, deferred["id"], json.dumps(merged), base["reason"])
     return await _insert_wake(tx, base, status="coalesced"), None
 
 
@@ -246,7 +213,7 @@ async def insert_queued_run(
     }
     try:
         async with tx.conn.transaction():
-            return await tx.fetchrow(rules.INSERT_RUN, params)
+            return await wake_store.insert_run(tx, params)
     except asyncpg.UniqueViolationError as exc:
         if exc.constraint_name != ONE_ACTIVE_RUN_INDEX:
             raise
@@ -269,7 +236,7 @@ async def _insert_wake(
         "skip_reason": skip_reason,
         "run": run,
     }
-    row = await tx.fetchrow(rules.INSERT_WAKE, params)
+    row = await wake_store.insert_wake(tx, params)
     if row is None:
         # Only possible if a writer bypassed the agent's advisory lock.
         raise Aborted("a wake with this idempotency key is being written", reason="WAKE_RACE")
@@ -280,7 +247,7 @@ async def queued_run_of(tx: Tx, wake: Row) -> Row | None:
     """The run queued for ``wake`` (none for coalesced, deferred or skipped wakes)."""
     if wake["run_id"] is None or wake["status"] == "coalesced":
         return None
-    return await tx.fetchrow(rules.RUN_BY_ID, {"id": wake["run_id"]})
+    return await run_store.get_run(tx, wake["run_id"])
 
 
 async def wake_agent(
@@ -292,7 +259,7 @@ async def wake_agent(
         raise PermissionDenied("board access required", reason="BOARD_REQUIRED")
     fields = rules.validate_request(request)
     async with db.unit_of_work() as tx:
-        agent = await tx.fetchrow(rules.AGENT, {"id": fields["agent_id"]})
+        agent = await wake_store.agent_for_wake(tx, fields["agent_id"])
         if agent is None:
             raise NotFound(
                 "agent not found", reason="AGENT_NOT_FOUND", metadata={"id": fields["agent_id"]}
@@ -321,18 +288,16 @@ async def promote_deferred(db: Database, issue_id: str) -> str | None:
     promoted per call; None when none is left or the issue already has an active run."""
     async with db.unit_of_work() as tx:
         # The same issue lock a wake takes: no wake of this issue decides meanwhile.
-        await _lock(tx, f"wake-issue:{issue_id}")
-        if await tx.fetchval(rules.ANY_ACTIVE_ISSUE_RUN, {"issue": issue_id}) is not None:
+        await wake_store.lock(tx, f"wake-issue:{issue_id}")
+        if await wake_store.any_active_issue_run(tx, issue_id):
             return None
         while True:
-            wake = await tx.fetchrow(rules.OLDEST_DEFERRED, {"issue": issue_id})
+            wake = await wake_store.oldest_deferred(tx, issue_id)
             if wake is None:
                 return None
-            agent = await tx.fetchrow(rules.AGENT, {"id": wake["agent_id"]})
+            agent = await wake_store.agent_for_wake(tx, wake["agent_id"])
             if agent is None or agent["status"] != "active":
-                await tx.execute(
-                    rules.FAIL_DEFERRED, {"id": wake["id"], "why": rules.NOT_INVOKABLE}
-                )
+                await wake_store.fail_deferred(tx, wake["id"], rules.NOT_INVOKABLE)
                 continue
             trip = await wake_breaker.check(
                 tx,
@@ -344,7 +309,7 @@ async def promote_deferred(db: Database, issue_id: str) -> str | None:
                 },
             )
             if trip is not None:
-                await tx.execute(rules.SKIP_DEFERRED, {"id": wake["id"], "why": trip.skip_reason})
+                await wake_store.skip_deferred(tx, wake["id"], trip.skip_reason)
                 continue
             run = await insert_queued_run(
                 tx,
@@ -358,7 +323,7 @@ async def promote_deferred(db: Database, issue_id: str) -> str | None:
             )
             if run is None:
                 return None
-            await tx.execute(rules.PROMOTE_DEFERRED, {"id": wake["id"], "run": run["id"]})
+            await wake_store.promote_deferred(tx, wake["id"], run["id"])
             return str(run["id"])
 
 
@@ -366,7 +331,7 @@ async def next_deferred(db: Database, issue_id: str) -> Row | None:
     """The deferred wake :func:`promote_deferred` would promote next (the oldest), or
     None when there is none or the issue has an active run. A read, no locks."""
     async with db.unit_of_work() as tx:
-        return await tx.fetchrow(_NEXT_DEFERRED, {"issue": issue_id})
+        return await wake_store.next_deferred(tx, issue_id)
 
 
 async def reopen_wanted(db: Database, wake: Row | Mapping[str, Any], finishing_run_id: str) -> bool:
@@ -383,10 +348,10 @@ async def reopen_wanted(db: Database, wake: Row | Mapping[str, Any], finishing_r
         return False
     issue_id = str(wake["issue_id"])
     async with db.unit_of_work() as tx:
-        status = await tx.fetchval(_ISSUE_STATUS, {"issue": issue_id})
+        status = await foreign_reads.issue_status(tx, issue_id)
         if status not in CLOSED_STATUSES:
             return False
-        authors = await tx.fetch(_COMMENT_AUTHORS, {"issue": issue_id, "ids": ids})
+        authors = await foreign_reads.comment_authors(tx, issue_id, ids)
     if authors and all(str(a["created_by_run_id"]) == finishing_run_id for a in authors):
         return False
     explicit = REOPENED_VIA_COMMENT in (wake["reason"], context.get("wakeReason"))

@@ -20,7 +20,7 @@ from common.db import Database
 from common.errors import InvalidArgument, NotFound, PermissionDenied
 from paperclip.runs.v1 import run_messages_pb2 as pb
 from paperclip.runs.v1 import runs_pb2
-from run_service import wake_rules
+from run_service import wake_store
 from run_service.wakes import enqueue_wake, promote_deferred, wake_agent
 from tests.harness import (
     Suite,
@@ -412,7 +412,7 @@ async def test_own_write_never_wakes_the_writer(db: Database) -> None:
     issue = await seed_issue(db, company)
     run = await insert_run(db, company_id=company, agent_id=a, status="succeeded")
     async with db.unit_of_work() as tx:
-        agent_row = await tx.fetchrow(wake_rules.AGENT, {"id": a})
+        agent_row = await wake_store.agent_for_wake(tx, a)
         assert agent_row is not None
         wake_row, queued = await enqueue_wake(
             tx,
