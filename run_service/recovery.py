@@ -21,7 +21,8 @@ supervisor_node_id = :dead AND status = 'running'``: two nodes never handle the 
 server already listens; dispatch is not held back), then every ``INTERVAL_SECONDS``.
 Periodic and RPC passes take a transaction-level advisory lock so one replica sweeps at a
 time (the periodic pass skips when another holds it; the RPC waits up to
-``RPC_LOCK_WAIT_SECONDS``); each pass handles at most ``MAX_RUNS_PER_PASS`` runs.
+``recovery_store.RPC_LOCK_WAIT_SECONDS``); each pass handles at most
+``MAX_RUNS_PER_PASS`` runs.
 """
 
 from __future__ import annotations
@@ -48,8 +49,6 @@ logger = logging.getLogger(__name__)
 INTERVAL_SECONDS = 10.0
 #: Runs handled per pass at most (the next pass takes the rest).
 MAX_RUNS_PER_PASS = 200
-#: How long ReapOrphanedRuns waits for a pass of another replica to finish.
-RPC_LOCK_WAIT_SECONDS = recovery_store.RPC_LOCK_WAIT_SECONDS
 #: How long a pass waits for the issue-service steps of one run before leaving them to
 #: the background (ReleaseRunLocks retries while the issue service is down).
 AFTER_STEPS_WAIT_SECONDS = 5.0
