@@ -63,8 +63,8 @@ from common.database_url import asyncpg_dsn
 from common.db import Database
 from common.sql import Query
 from paperclip.runs.v1 import run_messages_pb2, runs_pb2, runs_pb2_grpc
+from run_service import node_store, recovery, recovery_store, stranded_store
 from run_service import reconcile as reconcile_module
-from run_service import recovery, stranded_store
 from run_service.runner import Runner
 
 AGENT_SCRIPT = Path(__file__).resolve().parents[1] / "tests" / "agents" / "succeed.py"
@@ -606,11 +606,11 @@ async def _sweeps(
         me = runner.node_id
         plans = {
             "reap.dead_node_candidates": await _explain(
-                conn, recovery._DEAD_NODE_CANDIDATES, {"me": me}
+                conn, node_store.DEAD_NODE_CANDIDATES, {"me": me}
             ),
             "reap.orphan_runs": await _explain(
                 conn,
-                recovery._ORPHAN_RUNS,
+                recovery_store.ORPHAN_RUNS,
                 {
                     "nodes": [],
                     "nodeless": True,
@@ -620,7 +620,7 @@ async def _sweeps(
             ),
             "reconcile.candidates": await _explain(
                 conn,
-                stranded_store._CANDIDATES,
+                stranded_store.CANDIDATES,
                 {"companies": None, "limit": reconcile_module.DEFAULT_LIMIT},
             ),
         }

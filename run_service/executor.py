@@ -34,7 +34,7 @@ import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypeAlias
 
 from common import tracing
 from common.config import Settings
@@ -42,9 +42,8 @@ from common.db import Database
 from common.errors import FailedPrecondition, NotFound, PaperclipError, Unavailable
 from common.protoconv import text_or_none
 from common.run_tokens import mint_run_token
-from common.sql import sql
 from paperclip.issues.v1 import issues_pb2
-from run_service import dispatch, finalize, run_store
+from run_service import dispatch, execution_store, finalize, run_store
 from run_service.dispatch import Claim
 from run_service.issue_client import IssueClient
 from run_service.supervisor import (
@@ -74,25 +73,8 @@ CHECKOUT_STATUSES = frozenset(
 )
 NO_CHECKOUT_REASON_PREFIXES = ("issue_comment_mentioned", "execution_")
 
-_MARK_STARTED = sql(
-    """
-    UPDATE runs.heartbeat_runs
-    SET process_pid = :pid, process_group_id = :pgid, process_started_at = :created,
-        supervisor_node_id = :node, last_activity_at = now(), updated_at = now(),
-        timeout_seconds = :timeout, idle_timeout_seconds = :idle, grace_seconds = :grace
-    WHERE id = :id AND status = 'running'
-    RETURNING id
-    """
-)
-_LOCK_RUN_STATUS = sql("SELECT status FROM runs.heartbeat_runs WHERE id = :id FOR UPDATE")
-_OUTPUT_PROGRESS = sql(
-    """
-    UPDATE runs.heartbeat_runs
-    SET stdout_bytes = :out, stderr_bytes = :err, log_truncated = log_truncated OR :cut,
-        last_output_at = now(), last_activity_at = now(), updated_at = now()
-    WHERE id = :id
-    """
-)
+#: A run event to append: (type, message, payload).
+_Event: TypeAlias = tuple[str, str, Mapping[str, Any] | None]
 
 
 class Execution:
@@ -166,7 +148,7 @@ class OutputWriter:
     def __init__(self, db: Database, run_id: str) -> None:
         self._db = db
         self._run_id = run_id
-        self._pending: list[tuple[str, str, Mapping[str, Any] | None]] = []
+        self._pending: list[_Event] = []
         self._pending_bytes = 0
         self._decoders = {
             "stdout": codecs.getincrementaldecoder("utf-8")(errors="replace"),
@@ -227,18 +209,16 @@ class OutputWriter:
             self._pending, self._pending_bytes, self._dirty = [], 0, False
             try:
                 async with self._db.unit_of_work() as tx:
-                    status = await tx.fetchval(_LOCK_RUN_STATUS, {"id": self._run_id})
+                    status = await execution_store.lock_run_status(tx, self._run_id)
                     if status not in run_store.ACTIVE:
                         return
                     await run_store.append_events(tx, self._run_id, events)
-                    await tx.execute(
-                        _OUTPUT_PROGRESS,
-                        {
-                            "id": self._run_id,
-                            "out": self._stored["stdout"],
-                            "err": self._stored["stderr"],
-                            "cut": self._truncated,
-                        },
+                    await execution_store.record_output_progress(
+                        tx,
+                        self._run_id,
+                        stdout_bytes=self._stored["stdout"],
+                        stderr_bytes=self._stored["stderr"],
+                        truncated=self._truncated,
                     )
             except BaseException:
                 # Not written (the database is away, say): kept for the next flush.
@@ -323,18 +303,45 @@ async def _finish(ctx: ExecutorContext, execution: Execution, result: finalize.R
 
 async def _execute(ctx: ExecutorContext, execution: Execution) -> bool:
     """The steps; True once the run is terminal (False: requeued, not started)."""
-    claim = execution.claim
-    run = claim.run
-    agent = claim.agent
-    run_id = execution.run_id
-    issue_id = text_or_none(run["issue_id"])
-    wake_reason = run["wake_reason"] or ""
-    pre_events: list[tuple[str, str, Mapping[str, Any] | None]] = []
+    pre_events: list[_Event] = []
+    step = await _before_spawn(ctx, execution, pre_events)
+    if step is not None:
+        return step
+    agent = execution.claim.agent
+    limits = ProcessLimits(
+        timeout_seconds=float(agent.timeout_seconds),
+        idle_timeout_seconds=float(agent.idle_timeout_seconds),
+        grace_seconds=float(max(1, agent.grace_seconds)),
+    )
+    writer = OutputWriter(ctx.db, execution.run_id)
+    process = await _spawn(ctx, execution, limits, writer)
+    if process is None:
+        return True
+    if not await _start(
+        ctx, execution, process, limits=limits, writer=writer, pre_events=pre_events
+    ):
+        return True
+    outcome = await process.wait()
+    await writer.close()
+    await _finish(
+        ctx, execution, finalize.result_of(outcome, cancel_reason=execution.cancel_reason)
+    )
+    return True
 
+
+async def _before_spawn(
+    ctx: ExecutorContext, execution: Execution, pre_events: list[_Event]
+) -> bool | None:
+    """Everything up to the spawn: a stopping node requeues the run, the issue steps
+    (:func:`_take_issue`), a cancellation ends it. None: go on and spawn; False:
+    requeued; True: the run ended."""
+    run_id = execution.run_id
+    issue_id = text_or_none(execution.claim.run["issue_id"])
     if execution.stopping:  # claimed by the last pass of a stopping node
         await _requeue(ctx, run_id, "run service stopping")
         return False
     if issue_id is not None:
+        wake_reason = execution.claim.run["wake_reason"] or ""
         with tracing.run_span("run.take_issue", run_id):
             step = await _take_issue(ctx, execution, issue_id, wake_reason, pre_events)
         if step is not None:
@@ -344,21 +351,27 @@ async def _execute(ctx: ExecutorContext, execution: Execution) -> bool:
     if execution.stopping:  # graceful stop before the spawn: back to the queue
         await _requeue(ctx, run_id, "run service stopping")
         return False
-
     if execution.cancel_reason is not None:
         await _finish(
             ctx, execution, finalize.RunResult("cancelled", "cancelled", execution.cancel_reason)
         )
         return True
+    return None
 
-    adapter = agent.adapter
-    limits = ProcessLimits(
-        timeout_seconds=float(agent.timeout_seconds),
-        idle_timeout_seconds=float(agent.idle_timeout_seconds),
-        grace_seconds=float(max(1, agent.grace_seconds)),
+
+async def _spawn(
+    ctx: ExecutorContext, execution: Execution, limits: ProcessLimits, writer: OutputWriter
+) -> SupervisedProcess | None:
+    """Start the agent's process (its output goes to ``writer``); None when it cannot
+    be started (the run has then ended ``failed`` / ``adapter_failed``)."""
+    claim = execution.claim
+    adapter = claim.agent.adapter
+    env = _agent_env(
+        ctx,
+        claim,
+        issue_id=text_or_none(claim.run["issue_id"]),
+        wake_reason=claim.run["wake_reason"] or "",
     )
-    env = _agent_env(ctx, claim, issue_id=issue_id, wake_reason=wake_reason)
-    writer = OutputWriter(ctx.db, run_id)
     try:
         spec = ProcessSpec(
             argv=list(adapter.command), env=env, cwd=adapter.cwd or None, limits=limits
@@ -366,25 +379,32 @@ async def _execute(ctx: ExecutorContext, execution: Execution) -> bool:
         process = await spawn(spec, on_output=writer.on_output)
     except (SpawnError, ValueError, TypeError) as exc:
         await _finish(ctx, execution, finalize.RunResult("failed", "adapter_failed", str(exc)))
-        return True
+        return None
     execution.process = process
+    return process
 
-    with tracing.run_span("run.mark_started", run_id):
-        started = await _mark_started(ctx, claim, process, limits, pre_events)
+
+async def _start(
+    ctx: ExecutorContext,
+    execution: Execution,
+    process: SupervisedProcess,
+    *,
+    limits: ProcessLimits,
+    writer: OutputWriter,
+    pre_events: list[_Event],
+) -> bool:
+    """Record the spawned process (:func:`_mark_started`) and let its output be
+    written; False (the process terminated) when the run ended elsewhere meanwhile."""
+    with tracing.run_span("run.mark_started", execution.run_id):
+        started = await _mark_started(ctx, execution.claim, process, limits, pre_events)
     if not started:
         # Ended elsewhere (cancelled) between claim and spawn: stop what we started.
         await process.terminate("run is no longer running")
         await writer.close()
-        return True
+        return False
     writer.enable()
     if execution.cancel_reason is not None:
         execution.cancel(execution.cancel_reason)
-
-    outcome = await process.wait()
-    await writer.close()
-    await _finish(
-        ctx, execution, finalize.result_of(outcome, cancel_reason=execution.cancel_reason)
-    )
     return True
 
 
@@ -415,7 +435,7 @@ async def _take_issue(
     execution: Execution,
     issue_id: str,
     wake_reason: str,
-    pre_events: list[tuple[str, str, Mapping[str, Any] | None]],
+    pre_events: list[_Event],
 ) -> bool | None:
     """The issue steps: execution lock, then harness checkout. None: go on and spawn;
     False: requeued (the issue is locked by another live run); True: the run ended."""
@@ -454,9 +474,7 @@ async def _take_issue(
     return None
 
 
-async def _harness_checkout(
-    ctx: ExecutorContext, claim: Claim, issue_id: str
-) -> tuple[str, str, Mapping[str, Any] | None]:
+async def _harness_checkout(ctx: ExecutorContext, claim: Claim, issue_id: str) -> _Event:
     """Check the issue out for the run (as the agent); the event that records it."""
     try:
         await ctx.issues.checkout_issue(
@@ -487,28 +505,26 @@ async def _mark_started(
     claim: Claim,
     process: SupervisedProcess,
     limits: ProcessLimits,
-    pre_events: list[tuple[str, str, Mapping[str, Any] | None]],
+    pre_events: list[_Event],
 ) -> bool:
     """Persist the process identity and the ``run started`` event; False if the run is
     no longer ``running`` (ended by someone else meanwhile)."""
     agent = claim.agent
     async with ctx.db.unit_of_work() as tx:
-        row = await tx.fetchval(
-            _MARK_STARTED,
-            {
-                "id": claim.run_id,
-                "pid": process.pid,
-                "pgid": process.pgid,
-                "created": datetime.fromtimestamp(process.create_time, UTC),
-                "node": ctx.node_id,
-                "timeout": agent.timeout_seconds,
-                "idle": agent.idle_timeout_seconds,
-                "grace": int(limits.grace_seconds),
-            },
+        marked = await execution_store.mark_started(
+            tx,
+            claim.run_id,
+            pid=process.pid,
+            pgid=process.pgid,
+            created=datetime.fromtimestamp(process.create_time, UTC),
+            node_id=ctx.node_id,
+            timeout_seconds=agent.timeout_seconds,
+            idle_timeout_seconds=agent.idle_timeout_seconds,
+            grace_seconds=int(limits.grace_seconds),
         )
-        if row is None:
+        if not marked:
             return False
-        started: tuple[str, str, Mapping[str, Any] | None] = (
+        started: _Event = (
             "lifecycle",
             "run started",
             {

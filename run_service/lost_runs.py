@@ -1,10 +1,20 @@
-"""A run whose process is gone: its terminal write (``failed`` ``process_lost``) and, in
-the same transaction, its one automatic retry (a new queued run with its wakeup row,
-``retry_of_run_id`` the lost run), refused by the one-active-run index when the agent
-already has another active run on the issue."""
+"""Reaping a run whose process is gone, once recovery (:mod:`run_service.recovery`) has
+claimed it from its dead node.
+
+Left-over members of its process group are killed first (TERM, grace, KILL, create-time
+checked); a run with no recorded pid was claimed but never spawned (reference B21). Then
+its terminal write (``failed`` ``process_lost``) and, in the same transaction, **exactly
+one** automatic retry when ``process_loss_retry_count < 1``: a new queued run with its
+wakeup row (``retry_of_run_id`` the lost run, count + 1, retry reason ``process_lost``,
+wake reason ``process_lost_retry``), refused by the one-active-run index when the agent
+already has another active run on the issue. After commit ``TransferExecutionLock``
+moves the issue's lock to the retry (only if the old run still holds it). Without a retry
+(or if the retry cannot be inserted), ``ReleaseRunLocks`` + promotion of a deferred wake,
+as for any ended run. A second retry never happens."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import uuid
@@ -14,8 +24,14 @@ import asyncpg
 
 from common import metrics
 from common.db import Database
-from common.sql import Row, Tx, sql
-from run_service import run_store, wakes
+from common.errors import FailedPrecondition, PaperclipError
+from common.protoconv import text_or_none
+from common.sql import Row, Tx
+from run_service import finalize, recovery_store, run_store, wakes
+from run_service.adopted_runs import grace_of
+from run_service.issue_client import IssueClient
+from run_service.workspace_client import WorkspaceClient
+from supervision.process_tree import group_members, kill_tree
 
 logger = logging.getLogger("run_service.recovery")
 
@@ -24,52 +40,65 @@ RETRY_REASON = "process_lost"
 RETRY_WAKE_REASON = "process_lost_retry"
 RETRY_EVENT = "Queued automatic retry after orphaned child process was confirmed dead"
 
-_LOST = sql(
-    """
-    UPDATE runs.heartbeat_runs
-    SET status = 'failed', error_code = 'process_lost', error = :error,
-        finished_at = now(), updated_at = now()
-    WHERE id = :id AND status = 'running' AND supervisor_node_id = :me
-    RETURNING id
-    """
-)
-_FAIL_WAKE = sql(
-    """
-    UPDATE runs.wakeup_requests SET status = 'failed', finished_at = now()
-    WHERE status IN ('queued', 'claimed') AND (run_id = :run OR id = :wake)
-    """
-)
-_RUNTIME_STATE = sql(
-    """
-    INSERT INTO runs.agent_runtime_state
-        (agent_id, last_run_id, last_run_status, last_error, last_heartbeat_at, updated_at)
-    VALUES (:agent, :run, 'failed', :error, now(), now())
-    ON CONFLICT (agent_id) DO UPDATE
-    SET last_run_id = EXCLUDED.last_run_id, last_run_status = EXCLUDED.last_run_status,
-        last_error = EXCLUDED.last_error, last_heartbeat_at = EXCLUDED.last_heartbeat_at,
-        updated_at = EXCLUDED.updated_at
-    """
-)
-_INSERT_RETRY = sql(
-    """
-    INSERT INTO runs.heartbeat_runs
-        (company_id, agent_id, issue_id, status, invocation_source, wake_reason,
-         trigger_detail, wakeup_request_id, retry_of_run_id, retry_reason,
-         process_loss_retry_count, context)
-    VALUES (:company, :agent, :issue, 'queued', :source, :reason, :detail, :wake, :old,
-            :retry_reason, :count, CAST(:context AS jsonb))
-    RETURNING id
-    """
-)
-_INSERT_RETRY_WAKE = sql(
-    """
-    INSERT INTO runs.wakeup_requests
-        (id, company_id, agent_id, source, reason, issue_id, payload, status, run_id,
-         requested_by_actor_type, requested_by_actor_id)
-    VALUES (:id, :company, :agent, :source, :reason, :issue, CAST(:payload AS jsonb),
-            'queued', :run, 'system', 'run_service')
-    """
-)
+
+async def reap(
+    db: Database, node_id: str, run: Row, *, local: bool, node_host: str | None
+) -> str | None:
+    """Reap a run claimed by ``node_id`` whose process is gone: kill what is left of its
+    process group (``local``: it ran on this host), then :func:`write_lost`; the retry's
+    id (None: no retry). ``node_host``: the host of its dead node (None: no node)."""
+    pid = run["process_pid"]
+    started = run["process_started_at"]
+    create_time = started.timestamp() if started is not None else 0.0
+    pgid = int(run["process_group_id"] or 0)
+    descendants_killed = False
+    if local and pid and started is not None and pgid and group_members(pgid, create_time):
+        descendants_killed = True
+        await kill_tree(int(pid), pgid, create_time, grace_of(run))
+    message, extra = lost_message(run, local, node_host, descendants_killed)
+    return await write_lost(db, node_id, run, message, extra)
+
+
+async def after_lost(
+    db: Database,
+    issues: IssueClient,
+    workspaces: WorkspaceClient,
+    run: Row,
+    retry_id: str | None,
+) -> None:
+    """The issue-service steps after a lost run's terminal write: the lock moves to the
+    retry, or (no retry) the run's locks are released as for any ended run."""
+    run_id = str(run["id"])
+    issue_id = text_or_none(run["issue_id"])
+    if retry_id is None:
+        await finalize.after_terminal(db, issues, run_id, issue_id, workspaces=workspaces)
+        return
+    if issue_id is not None:
+        await _transfer_lock(issues, issue_id, run_id, retry_id)
+    # Whatever the old run still holds (nothing after a transfer) is released; its
+    # environment leases end with it (the retry acquires its own).
+    await asyncio.gather(
+        issues.release_run_locks(run_id),
+        finalize.release_run_leases(db, workspaces, run_id),
+    )
+
+
+async def _transfer_lock(issues: IssueClient, issue_id: str, run_id: str, retry_id: str) -> None:
+    """``TransferExecutionLock`` from the lost run to its retry; a refusal is logged."""
+    try:
+        await issues.transfer_execution_lock(
+            issue_id=issue_id, from_run_id=run_id, to_run_id=retry_id
+        )
+    except FailedPrecondition as exc:
+        logger.info(
+            "lock not transferred to the retry",
+            extra={"run_id": run_id, "issue_id": issue_id, "reason": exc.reason},
+        )
+    except PaperclipError as exc:
+        logger.warning(
+            "TransferExecutionLock failed; the retry acquires the lock itself",
+            extra={"run_id": run_id, "issue_id": issue_id, "reason": exc.reason},
+        )
 
 
 async def write_lost(
@@ -81,8 +110,7 @@ async def write_lost(
     retry = int(run["process_loss_retry_count"]) < 1
     async with db.unit_of_work() as tx:
         error = message + ("; retrying once" if retry else "")
-        done = await tx.fetchval(_LOST, {"id": run_id, "me": node_id, "error": error})
-        if done is None:
+        if not await recovery_store.mark_lost(tx, run_id, me=node_id, error=error):
             return None  # cancelled meanwhile: that outcome stands
         payload: dict[str, Any] = {
             "terminal": True,
@@ -99,8 +127,10 @@ async def write_lost(
                 ("lifecycle", "run failed", payload),
             ],
         )
-        await tx.execute(_FAIL_WAKE, {"run": run_id, "wake": run["wakeup_request_id"]})
-        await tx.execute(_RUNTIME_STATE, {"agent": run["agent_id"], "run": run_id, "error": error})
+        await recovery_store.fail_wakes(tx, run_id=run_id, wake_id=run["wakeup_request_id"])
+        await recovery_store.record_failed_run(
+            tx, agent_id=run["agent_id"], run_id=run_id, error=error
+        )
         retry_id = await insert_retry(tx, run) if retry else None
     metrics.count_outcome("failed", LOST_CODE)
     logger.warning(
@@ -132,13 +162,13 @@ async def insert_retry(tx: Tx, run: Row) -> str | None:
     }
     try:
         async with tx.conn.transaction():
-            retry_id = await tx.fetchval(_INSERT_RETRY, params)
+            retry_id = await recovery_store.insert_retry_run(tx, params)
     except asyncpg.UniqueViolationError as exc:
         if exc.constraint_name != wakes.ONE_ACTIVE_RUN_INDEX:
             raise
         return None
-    await tx.execute(
-        _INSERT_RETRY_WAKE,
+    await recovery_store.insert_retry_wake(
+        tx,
         {
             "id": wake_id,
             "company": run["company_id"],
@@ -151,9 +181,9 @@ async def insert_retry(tx: Tx, run: Row) -> str | None:
         },
     )
     await run_store.append_events(
-        tx, str(retry_id), [("lifecycle", RETRY_EVENT, {"retryOfRunId": str(run["id"])})]
+        tx, retry_id, [("lifecycle", RETRY_EVENT, {"retryOfRunId": str(run["id"])})]
     )
-    return str(retry_id)
+    return retry_id
 
 
 def lost_message(
@@ -181,13 +211,6 @@ def lost_message(
             {"pid": pid, "process_group_id": pgid, "descendantOnly": True},
         )
     return f"Process lost -- child pid {pid} is no longer running", {"pid": pid}
-
-
-def _json(value: object) -> dict[str, Any]:
-    if isinstance(value, str):
-        loaded = json.loads(value)
-        return dict(loaded) if isinstance(loaded, dict) else {}
-    return dict(value) if isinstance(value, dict) else {}
 
 
 def _json_object(value: object) -> dict[str, Any]:

@@ -21,8 +21,7 @@ from typing import Protocol
 
 from common import metrics
 from common.db import Database
-from common.sql import sql
-from run_service import finalize
+from run_service import finalize, queue_age_store
 from run_service.issue_client import IssueClient
 from run_service.workspace_client import WorkspaceClient
 
@@ -34,16 +33,6 @@ INTERVAL_SECONDS = 60.0
 #: Runs ended per pass at most (the next pass takes the rest).
 LIMIT = 500
 _LOCK_KEY = "run_service.queue_age"
-
-_TRY_LOCK = sql("SELECT pg_try_advisory_xact_lock(hashtextextended(:lock, 0))")
-_EXPIRED = sql(
-    """
-    SELECT id, issue_id FROM runs.heartbeat_runs
-    WHERE status = 'queued' AND created_at < now() - make_interval(secs => :max)
-    ORDER BY created_at
-    LIMIT :limit
-    """
-)
 
 
 class Host(Protocol):
@@ -58,9 +47,11 @@ async def expire_queued(db: Database, host: Host, max_queued_seconds: int) -> li
     if max_queued_seconds <= 0:
         return []
     async with db.unit_of_work() as tx:
-        if not await tx.fetchval(_TRY_LOCK, {"lock": _LOCK_KEY}):
+        if not await queue_age_store.try_pass_lock(tx, _LOCK_KEY):
             return []  # another replica's pass is running
-        rows = await tx.fetch(_EXPIRED, {"max": max_queued_seconds, "limit": LIMIT})
+        rows = await queue_age_store.expired_queued_runs(
+            tx, max_queued_seconds=max_queued_seconds, limit=LIMIT
+        )
     ended: list[str] = []
     for row in rows:
         run_id = str(row["id"])

@@ -7,8 +7,7 @@ started once the server listens, ``stop()`` is called on shutdown.
 ``run()``:
 
 1. registers a ``runs.supervisor_nodes`` row (host, boot id, pid, process start time,
-   ``max_processes``, a lease of ``LEASE_SECONDS``) and renews it every
-   ``RENEW_SECONDS``;
+   ``max_processes``) and renews its lease (:mod:`run_service.node_leases`);
 2. dispatches until cancelled: a pass of :func:`run_service.dispatch.dispatch_pass`
    whenever a ``paperclip_runs_queued`` notification arrives (LISTEN on a dedicated
    asyncpg connection, reconnected when lost), a local run ends, or every
@@ -46,30 +45,23 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 from collections.abc import Awaitable, Callable, Coroutine
-from datetime import UTC, datetime
 from typing import Any
 
 import asyncpg
-import psutil
 
 from common import metrics, outage
 from common.config import Settings
 from common.database_url import asyncpg_dsn
 from common.db import Database
-from common.sql import sql
-from run_service import dispatch, finalize
+from run_service import dispatch, execution_store, finalize, node_leases, node_store
 from run_service.executor import Execution, ExecutorContext, execute
 from run_service.issue_client import IssueClient
 from run_service.recovery import NodeRecovery
 from run_service.workspace_client import WorkspaceClient
-from supervision.process_tree import boot_id
 
 logger = logging.getLogger(__name__)
 
-LEASE_SECONDS = 15
-RENEW_SECONDS = 5.0
 QUEUED_CHANNEL = "paperclip_runs_queued"
 #: CancelRun served by another replica names a run here (payload: the run id).
 CANCEL_CHANNEL = "paperclip_run_cancel"
@@ -81,36 +73,6 @@ STOP_REASON = "run service stopped"
 STOP_TIMEOUT_SECONDS = 30.0
 #: How long stop() waits for a dispatch pass in flight before cancelling it.
 DISPATCH_STOP_SECONDS = 10.0
-
-_REGISTER = sql(
-    f"""
-    INSERT INTO runs.supervisor_nodes
-        (host, boot_id, pid, process_started_at, max_processes, lease_expires_at)
-    VALUES (:host, :boot, :pid, :started, :max,
-            now() + make_interval(secs => {LEASE_SECONDS}))
-    RETURNING id
-    """
-)
-_RENEW = sql(
-    f"""
-    UPDATE runs.supervisor_nodes
-    SET renewed_at = now(), lease_expires_at = now() + make_interval(secs => {LEASE_SECONDS})
-    WHERE id = :id AND stopped_at IS NULL
-    """
-)
-#: This node's claimed runs that never recorded a process (requeued on a graceful stop).
-_UNSPAWNED = sql(
-    """
-    SELECT id FROM runs.heartbeat_runs
-    WHERE supervisor_node_id = :id AND status = 'running' AND process_pid IS NULL
-    """
-)
-_STOPPED = sql(
-    """
-    UPDATE runs.supervisor_nodes SET stopped_at = now(), lease_expires_at = now()
-    WHERE id = :id
-    """
-)
 
 
 class Runner:
@@ -154,7 +116,9 @@ class Runner:
         """Register the node, then renew its lease and dispatch until cancelled."""
         await self._register()
         tasks = [
-            asyncio.create_task(self._renew_loop(), name="runner-lease"),
+            asyncio.create_task(
+                node_leases.renew_forever(self.db, self.node_id), name="runner-lease"
+            ),
             asyncio.create_task(self._listen_loop(), name="runner-listen"),
             asyncio.create_task(self.recovery.run_forever(), name="runner-recovery"),
         ]
@@ -227,11 +191,7 @@ class Runner:
         self.issues.closing()
         self.workspaces.closing()
         if self.node_id:
-            try:
-                async with self.db.unit_of_work() as tx:
-                    await tx.execute(_STOPPED, {"id": self.node_id})
-            except Exception:
-                logger.exception("marking the node stopped failed")
+            await node_leases.mark_stopped(self.db, self.node_id)
         await self._close_listener()
         await self.issues.close()
         await self.workspaces.close()
@@ -254,9 +214,8 @@ class Runner:
             return
         try:
             async with self.db.unit_of_work() as tx:
-                rows = await tx.fetch(_UNSPAWNED, {"id": self.node_id})
-            for row in rows:
-                run_id = str(row["id"])
+                run_ids = await execution_store.unspawned_runs(tx, self.node_id)
+            for run_id in run_ids:
                 if await dispatch.requeue(self.db, run_id):
                     logger.info("claimed run requeued on stop", extra={"run_id": run_id})
         except Exception:
@@ -265,30 +224,11 @@ class Runner:
     # -- node lease -----------------------------------------------------------------
 
     async def _register(self) -> None:
-        me = psutil.Process()
-        async with self.db.unit_of_work() as tx:
-            node = await tx.fetchval(
-                _REGISTER,
-                {
-                    "host": self.hostname,
-                    "boot": boot_id(),
-                    "pid": os.getpid(),
-                    "started": datetime.fromtimestamp(me.create_time(), UTC),
-                    "max": self.settings.max_processes,
-                },
-            )
-        self.node_id = str(node)
+        self.node_id = await node_leases.register(
+            self.db, hostname=self.hostname, max_processes=self.settings.max_processes
+        )
         self._registered.set()
         logger.info("supervisor node registered", extra={"node_id": self.node_id})
-
-    async def _renew_loop(self) -> None:
-        while True:
-            await asyncio.sleep(RENEW_SECONDS)
-            try:
-                async with self.db.unit_of_work() as tx:
-                    await tx.execute(_RENEW, {"id": self.node_id})
-            except Exception:
-                logger.exception("renewing the node lease failed")
 
     # -- dispatch -------------------------------------------------------------------
 
@@ -328,7 +268,7 @@ class Runner:
                 await asyncio.wait_for(lost.wait(), timeout=LISTEN_PROBE_SECONDS)
             if not lost.is_set():
                 try:
-                    await conn.fetchval("SELECT 1", timeout=5)
+                    await node_store.probe(conn, within=5)
                 except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError):
                     return
 

@@ -54,7 +54,7 @@ def _candidates_sql(where: str, tail: str) -> str:
     """
 
 
-_CANDIDATES = sql(
+CANDIDATES = sql(
     _candidates_sql(
         "(CAST(:companies AS uuid[]) IS NULL OR a.company_id = ANY(CAST(:companies AS uuid[])))",
         f"ORDER BY (CASE WHEN {_SKIP_SQL} THEN 1 ELSE 0 END), c.issue_id LIMIT :limit",
@@ -80,7 +80,7 @@ async def candidates(tx: Tx, *, company_ids: Collection[str] | None, limit: int)
     actionable ones first, each with its latest run (run_id, run_status, retry_reason,
     error_code, error; null without one)."""
     return await tx.fetch(
-        _CANDIDATES,
+        CANDIDATES,
         {"companies": None if company_ids is None else list(company_ids), "limit": limit},
     )
 

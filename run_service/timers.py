@@ -31,8 +31,7 @@ from typing import Any
 from common import metrics
 from common.actor import service_actor
 from common.db import Database
-from common.sql import sql
-from run_service import wake_store
+from run_service import timer_store, wake_store
 from run_service.wakes import enqueue_wake
 
 logger = logging.getLogger(__name__)
@@ -46,46 +45,12 @@ DEFAULT_LIMIT = 200
 TICK_SECONDS = 5.0
 PASS_LOCK_KEY = "run_service.timer_tick"
 
-#: The SQL twin of :func:`jitter_seconds`.
-_JITTER_SQL = (
-    "(('x' || substr(md5(a.id::text), 1, 8))::bit(32)::bigint"
-    " % GREATEST(1, a.heartbeat_interval_seconds / 10))"
-)
-
 
 def jitter_seconds(agent_id: str, interval: int) -> int:
-    """The agent's fixed offset within its interval, in whole seconds."""
+    """The agent's fixed offset within its interval, in whole seconds (its SQL twin is
+    in :mod:`run_service.timer_store`)."""
     digest = int(hashlib.md5(agent_id.encode()).hexdigest()[:8], 16)
     return digest % max(1, interval // 10)
-
-
-_TRY_LOCK = sql("SELECT pg_try_advisory_xact_lock(hashtextextended(:key, 0))")
-_DUE = sql(
-    f"""
-    SELECT a.id, s.last_heartbeat_at AS last,
-           COALESCE(s.last_heartbeat_at, a.created_at) AS base
-    FROM runs.agents a
-    LEFT JOIN runs.agent_runtime_state s ON s.agent_id = a.id
-    WHERE a.status = 'active' AND a.heartbeat_interval_seconds > 0
-      AND (CAST(:companies AS uuid[]) IS NULL OR a.company_id = ANY(CAST(:companies AS uuid[])))
-      AND COALESCE(s.last_heartbeat_at, a.created_at)
-          + make_interval(secs => a.heartbeat_interval_seconds + {_JITTER_SQL}) <= now()
-    ORDER BY COALESCE(s.last_heartbeat_at, a.created_at)
-          + make_interval(secs => a.heartbeat_interval_seconds + {_JITTER_SQL})
-    LIMIT :limit
-    """
-)
-#: Moves the agent's base to now iff it is still the value the tick read.
-_CLAIM = sql(
-    """
-    INSERT INTO runs.agent_runtime_state AS s (agent_id, last_heartbeat_at, updated_at)
-    VALUES (:agent, now(), now())
-    ON CONFLICT (agent_id) DO UPDATE
-    SET last_heartbeat_at = now(), updated_at = now()
-    WHERE s.last_heartbeat_at IS NOT DISTINCT FROM CAST(:last AS timestamptz)
-    RETURNING 1
-    """
-)
 
 
 @dataclass
@@ -108,12 +73,10 @@ async def tick_timers(
     companies (tests share one database); None covers every company."""
     result = TimerTick()
     async with db.unit_of_work() as guard:
-        if not await guard.fetchval(_TRY_LOCK, {"key": PASS_LOCK_KEY}):
+        if not await timer_store.try_tick_lock(guard, PASS_LOCK_KEY):
             return result
-        due = await guard.fetch(
-            _DUE,
-            {"companies": None if company_ids is None else list(company_ids), "limit": limit},
-        )
+        companies = None if company_ids is None else list(company_ids)
+        due = await timer_store.due_agents(guard, companies=companies, limit=limit)
         for row in due:
             result.checked += 1
             status = await _wake(db, str(row["id"]), row["last"], row["base"])
@@ -133,7 +96,7 @@ async def _wake(db: Database, agent_id: str, last: Any, base: Any) -> str | None
         agent = await wake_store.agent_for_wake(tx, agent_id)
         if agent is None:
             return None
-        if await tx.fetchval(_CLAIM, {"agent": agent_id, "last": last}) is None:
+        if not await timer_store.claim_timer_slot(tx, agent_id, last):
             return None
         wake, _ = await enqueue_wake(
             tx,

@@ -27,7 +27,7 @@ from common.sql import Row, sql
 from paperclip.issues.v1 import issue_locks_pb2, issues_pb2
 from paperclip.runs.v1 import run_messages_pb2 as pb
 from paperclip.runs.v1 import runs_pb2
-from run_service import recovery
+from run_service import adopted_runs
 from run_service.runner import Runner
 from supervision.process_tree import boot_id
 from tests.harness import Clients, Suite, admin, board, new_company, service
@@ -310,7 +310,7 @@ async def test_adopted_run_that_exits_is_finalized_by_the_pid_poller(
     assert (row["status"], row["error_code"], row["error"]) == (
         "failed",
         "adapter_failed",
-        recovery.ADOPTED_EXIT_ERROR,
+        adopted_runs.ADOPTED_EXIT_ERROR,
     )
     # The run leaves the runner's live set once its after-run steps are done.
     await wait_until(lambda: run_id not in runner.live_runs, within=5, what="the run to leave")
