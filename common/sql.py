@@ -68,6 +68,12 @@ class Batch:
         return f"INSERT INTO {self.table} ({names}) SELECT * FROM unnest({arrays})"
 
 
+async def probe(conn: asyncpg.Connection, *, within: float) -> None:
+    """One round trip on ``conn`` (a dedicated connection, outside any unit of work), of at
+    most ``within`` seconds: raises when the connection is gone."""
+    await conn.fetchval("SELECT 1", timeout=within)
+
+
 @dataclass
 class Tx:
     """The connection of one unit of work, inside its transaction."""

@@ -6,8 +6,6 @@ from __future__ import annotations
 
 from datetime import datetime
 
-import asyncpg
-
 from common.sql import Row, Tx, sql
 
 #: How long a node's lease lasts from its registration or last renewal.
@@ -55,7 +53,6 @@ _LIVE_HOSTS = sql(
     """
 )
 #: A round trip on a LISTEN connection, to find out that it is still alive.
-_PROBE = "SELECT 1"
 
 
 async def register_node(
@@ -94,9 +91,3 @@ async def dead_node_candidates(tx: Tx, me: str) -> list[Row]:
 async def live_hosts(tx: Tx) -> set[str]:
     """The hosts with at least one node neither stopped nor past its lease."""
     return {row["host"] for row in await tx.fetch(_LIVE_HOSTS)}
-
-
-async def probe(conn: asyncpg.Connection, *, within: float) -> None:
-    """One round trip on ``conn``, of at most ``within`` seconds (raises when the
-    connection is gone)."""
-    await conn.fetchval(_PROBE, timeout=within)

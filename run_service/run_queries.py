@@ -28,7 +28,7 @@ from common.database_url import asyncpg_dsn
 from common.db import Database
 from common.errors import NotFound, invalid
 from common.pagination import parse_page
-from common.sql import Row, Tx
+from common.sql import Row, Tx, probe
 from common.validation import Violations, collect_uuid
 from paperclip.runs.v1 import run_messages_pb2 as pb
 from paperclip.runs.v1 import runs_pb2
@@ -394,7 +394,7 @@ class RunEventListener:
                     return True
             if not done:
                 # Quiet for a while: a silently dead socket is only noticed by using it.
-                await asyncio.wait_for(conn.fetchval("SELECT 1"), LISTENER_PING_TIMEOUT_S)
+                await probe(conn, within=LISTENER_PING_TIMEOUT_S)
 
 
 def _setter(event: asyncio.Event) -> Callable[[object], None]:

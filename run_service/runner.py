@@ -54,7 +54,8 @@ from common import metrics, outage
 from common.config import Settings
 from common.database_url import asyncpg_dsn
 from common.db import Database
-from run_service import dispatch, execution_store, finalize, node_leases, node_store
+from common.sql import probe
+from run_service import dispatch, execution_store, finalize, node_leases
 from run_service.executor import Execution, ExecutorContext, execute
 from run_service.issue_client import IssueClient
 from run_service.recovery import NodeRecovery
@@ -268,7 +269,7 @@ class Runner:
                 await asyncio.wait_for(lost.wait(), timeout=LISTEN_PROBE_SECONDS)
             if not lost.is_set():
                 try:
-                    await node_store.probe(conn, within=5)
+                    await probe(conn, within=5)
                 except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError):
                     return
 
