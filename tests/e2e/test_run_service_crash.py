@@ -176,16 +176,23 @@ async def _after_restart(
     restarted: float,
 ) -> None:
     async def recovered() -> bool:
+        # A lost run is claimed (moved off the old node) before its process_lost write
+        # and retry commit: recovered means both, no run left on the old node and one
+        # retry of each lost run.
         found = await rows(
             db,
-            "SELECT count(*) AS n FROM runs.heartbeat_runs WHERE company_id = :c"
-            " AND id = ANY(CAST(:ids AS uuid[])) AND status = 'running'"
-            " AND supervisor_node_id = CAST(:old AS uuid)",
+            "SELECT"
+            " (SELECT count(*) FROM runs.heartbeat_runs WHERE company_id = :c"
+            "  AND id = ANY(CAST(:ids AS uuid[])) AND status = 'running'"
+            "  AND supervisor_node_id = CAST(:old AS uuid)) AS on_old_node,"
+            " (SELECT count(*) FROM runs.heartbeat_runs WHERE company_id = :c"
+            "  AND retry_of_run_id = ANY(CAST(:killed AS uuid[]))) AS retried",
             c=company,
             ids=list(before),
             old=old_node,
+            killed=killed,
         )
-        return int(found[0]["n"]) == 0
+        return int(found[0]["on_old_node"]) == 0 and int(found[0]["retried"]) >= KILLED
 
     await wait_until(recovered, within=20, what="the restarted node recovered every run")
     # The boot pass does not wait for the dead node's lease (15 s) to expire.
