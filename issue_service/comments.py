@@ -28,7 +28,7 @@ from issue_service.events import EventType, emit
 from issue_service.locks import lock_and_clear_terminal
 from issue_service.mentions import resolve_mentions
 from issue_service.model import Status
-from issue_service.ownership import enforce_agent_write
+from issue_service.ownership_gate import enforce_agent_write
 from issue_service.status_moves import move_status
 from paperclip.issues.v1 import issues_pb2
 

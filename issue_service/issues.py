@@ -28,7 +28,7 @@ from issue_service.checkout import open_blocker_ids
 from issue_service.events import EventType, emit
 from issue_service.locks import lock_and_clear_terminal
 from issue_service.model import PRIORITY_PROTO_VALUES, STATUS_PROTO_VALUES, Priority, Status
-from issue_service.ownership import enforce_agent_write
+from issue_service.ownership_gate import enforce_agent_write
 from issue_service.status_rules import LOCK_COLUMNS_CLEARED, is_documented_transition, status_stamps
 from paperclip.issues.v1 import issues_pb2
 
