@@ -1,6 +1,6 @@
 """Checkout, release and board force-release of an issue.
 
-Checkout and release first try the fused statement of ``checkout_statements``, which
+Checkout and release first try the fused statement of ``checkout_store``, which
 locks the row and, on the common path, makes the change in the same round trip. When
 it does not, the slow path clears a terminal execution lock on the locked row, reads
 the statuses of the runs still holding it, and applies what ``ownership.decide``
@@ -28,11 +28,7 @@ from common.protoconv import text_or_none
 from common.sql import Row, Tx
 from common.validation import parse_uuid, require_enum
 from issue_service import store
-from issue_service.checkout_statements import (
-    CHECKOUT_UPDATE,
-    lock_and_check_out,
-    lock_and_release,
-)
+from issue_service.checkout_store import check_out, lock_and_check_out, lock_and_release
 from issue_service.events import EventType, emit
 from issue_service.locks import clear_if_terminal
 from issue_service.model import STATUS_PROTO_VALUES, Status
@@ -100,16 +96,6 @@ class _Attempt:
     run_id: str | None
     expected: list[str]
 
-    def params(self, issue_id: str, name_key: str | None) -> dict[str, object]:
-        """The parameters of ``CHECKOUT_UPDATE``."""
-        return {
-            "id": issue_id,
-            "agent": self.agent_id,
-            "run": self.run_id,
-            "name_key": name_key,
-            "expected": self.expected,
-        }
-
 
 async def _check_out_slowly(tx: Tx, attempt: _Attempt, row: Row) -> tuple[Row, bool]:
     """The checkout the fast path left: the terminal check on the locked row, then what
@@ -142,7 +128,14 @@ async def _check_out_slowly(tx: Tx, attempt: _Attempt, row: Row) -> tuple[Row, b
         if facts.status == Status.IN_PROGRESS:
             return row, True
     name_key = info.name_key if info is not None else None
-    updated = await tx.fetchrow(CHECKOUT_UPDATE, attempt.params(facts.id, name_key))
+    updated = await check_out(
+        tx,
+        issue_id=facts.id,
+        agent_id=attempt.agent_id,
+        run_id=attempt.run_id,
+        name_key=name_key,
+        expected=attempt.expected,
+    )
     if updated is None:
         raise checkout_conflict(facts, locks, attempt.expected).exception()
     return updated, True

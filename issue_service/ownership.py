@@ -15,7 +15,7 @@ the statuses of the runs holding the remaining locks, ask ``decide`` and apply i
 - CLEAR_AND_TAKE: clear a stale checkout of an issue not held in progress, then TAKE;
 - CONFLICT: refuse, with the error (``Refusal``) to raise.
 
-The fast paths of ``checkout_statements`` are this rule written as SQL for the common case.
+The fast paths of ``checkout_store`` are this rule written as SQL for the common case.
 
 - The fast checkout statement applies its UPDATE exactly when the locked row's
   execution run, if any, is live and ``decide(Action.CHECK_OUT, ...)`` on that row

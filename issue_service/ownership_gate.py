@@ -15,7 +15,7 @@ from common.audit import record_activity
 from common.authz import require_agent_run
 from common.protoconv import text_or_none
 from common.sql import Row, Tx
-from issue_service import store
+from issue_service import foreign_reads, store
 from issue_service.ownership import Action, Holders, IssueFacts, RunFacts, Verdict, decide
 
 
@@ -51,14 +51,14 @@ async def holders(tx: Tx, row: Row) -> Holders:
         return Holders(None, execution_status)
     if checkout == execution:
         return Holders(execution_status, execution_status)
-    return Holders(await store.run_status(tx, checkout), execution_status)
+    return Holders(await foreign_reads.run_status(tx, checkout), execution_status)
 
 
 async def adopt_lock(tx: Tx, actor: Actor, row: Row, run_id: str, *, stale_from: str | None) -> Row:
     """Make ``run_id`` (a run of the acting agent) the checkout and execution run of a
     locked issue row, stamping the execution lock with the agent's name key."""
     already = text_or_none(row["execution_run_id"]) == run_id
-    info = await store.agent_info(tx, actor.agent_id) if actor.agent_id else None
+    info = await foreign_reads.agent_info(tx, actor.agent_id) if actor.agent_id else None
     updated = await store.update_issue_row(
         tx,
         str(row["id"]),

@@ -19,7 +19,7 @@ from dataclasses import dataclass, replace
 
 from common.sql import Tx
 from issue_service import store
-from issue_service.checkout_statements import lock_and_check_out, lock_and_release
+from issue_service.checkout_store import lock_and_check_out, lock_and_release
 from issue_service.model import run_is_stale
 from issue_service.ownership import Action, AgentFacts, RunFacts, Verdict, decide
 from issue_service.ownership_gate import holders, issue_facts
