@@ -1,5 +1,5 @@
 """SQL for the issue service's issue rows, their blockers and the outbox, and the
-message of an issue; reads of other services' rows come from ``foreign_reads``."""
+``Issue`` message of a row; reads of other services' rows come from ``foreign_reads``."""
 
 from __future__ import annotations
 
