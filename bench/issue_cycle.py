@@ -25,7 +25,7 @@ from bench.stats import Operation
 from common.actor import Actor, ActorType, sign_actor
 from common.audit import record_activity
 from common.sql import Tx
-from issue_service.checkout_statements import lock_and_check_out, lock_and_release
+from issue_service.checkout_store import lock_and_check_out, lock_and_release
 from issue_service.events import EventType, emit
 from paperclip.issues.v1 import issues_pb2, issues_pb2_grpc
 

@@ -9,8 +9,9 @@ from common.errors import invalid
 from common.pagination import parse_page
 from common.protoconv import struct, timestamp
 from common.protoconv import text as opt
-from common.sql import Row, sql
+from common.sql import Row
 from common.validation import parse_uuid, require_text
+from issue_service import activity_store
 from paperclip.issues.v1 import issues_pb2
 
 
@@ -55,21 +56,8 @@ async def list_activity(
     require_company_access(actor, company, write=False)
     before = page.cursor_int("id") if page.cursor else None
     async with db.unit_of_work() as tx:
-        rows = await tx.fetch(
-            sql(
-                """
-            SELECT id, company_id, actor_type, actor_id, agent_id, run_id, action,
-                   entity_type, entity_id, details, created_at
-            FROM audit.activity_log
-            WHERE company_id = :company
-              AND (:entity_type = '' OR entity_type = :entity_type)
-              AND (:entity_id = '' OR entity_id = :entity_id)
-              AND (:action = '' OR action = :action)
-              AND (CAST(:before AS bigint) IS NULL OR id < CAST(:before AS bigint))
-            ORDER BY id DESC LIMIT :limit
-            """
-            ),
-            {"company": company, **filters, "before": before, "limit": page.fetch_limit},
+        rows = await activity_store.activity_page(
+            tx, company, **filters, before=before, limit=page.fetch_limit
         )
     shown, token = page.finish(rows, lambda row: {"id": row["id"]})
     return [entry_to_proto(r) for r in shown], token

@@ -1,15 +1,18 @@
 """Checkout, release and board force-release of an issue.
 
-Checkout is one conditional UPDATE ... RETURNING on the row the terminal-run check
-has locked; when it matches nothing, the same locked row tells whether the caller may
-adopt an unowned or stale lock, already owns it (idempotent), or lost to a live holder.
-On the common path of checkout and release the statement that locks the row also
-makes the change (``checkout_statements``); the rules run on the locked row either way.
+Checkout and release first try the fused statement of ``checkout_store``, which
+locks the row and, on the common path, makes the change in the same round trip. When
+it does not, the slow path clears a terminal execution lock on the locked row, reads
+the statuses of the runs still holding it, and applies what ``ownership.decide``
+answers: take the issue with the conditional checkout UPDATE, adopt an unowned or stale
+lock, repeat idempotently, or refuse. A release asks ``decide`` on the locked row either
+way; its refusals roll a fast release back.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 from common.actor import Actor
 from common.audit import record_activity
@@ -20,20 +23,30 @@ from common.authz import (
     require_company_access,
 )
 from common.db import Database
-from common.errors import FailedPrecondition, NotFound, invalid
+from common.errors import NotFound, invalid
 from common.protoconv import text_or_none
 from common.sql import Row, Tx
 from common.validation import parse_uuid, require_enum
 from issue_service import store
-from issue_service.checkout_statements import (
-    CHECKOUT_UPDATE,
-    lock_and_check_out,
-    lock_and_release,
-)
+from issue_service.checkout_store import check_out, lock_and_check_out, lock_and_release
 from issue_service.events import EventType, emit
 from issue_service.locks import clear_if_terminal
-from issue_service.model import STATUS_PROTO_VALUES, Status, run_is_stale
-from issue_service.ownership import adopt_lock, conflict_metadata, enforce_agent_write
+from issue_service.model import STATUS_PROTO_VALUES, Status
+from issue_service.ownership import (
+    Action,
+    AgentFacts,
+    RunFacts,
+    Verdict,
+    checkout_conflict,
+    decide,
+)
+from issue_service.ownership_gate import (
+    adopt_lock,
+    enforce_agent_write,
+    holders,
+    issue_facts,
+    run_facts,
+)
 from issue_service.status_rules import LOCK_COLUMNS_CLEARED
 from paperclip.issues.v1 import issues_pb2
 
@@ -42,97 +55,9 @@ def _not_found() -> NotFound:
     return NotFound("issue not found", reason="ISSUE_NOT_FOUND")
 
 
-def _check_assignable(row: Row, agent_id: str, info: store.AgentInfo | None) -> str:
-    if info is None:
-        raise NotFound("agent not found", reason="AGENT_NOT_FOUND", metadata={"agent_id": agent_id})
-    if info.company_id != str(row["company_id"]):
-        raise invalid("agent_id", "the agent must belong to the issue's company")
-    if info.status == "terminated":
-        raise FailedPrecondition(
-            "cannot assign work to a terminated agent",
-            reason="AGENT_NOT_INVOKABLE",
-            metadata={"agent_id": agent_id, "agent_status": info.status},
-        )
-    return info.name_key
-
-
-def _refuse_if_blocked(issue_id: str, blockers: Sequence[str]) -> None:
-    if blockers:
-        raise FailedPrecondition(
-            "issue is blocked by unresolved blockers",
-            reason="ISSUE_BLOCKED",
-            metadata={"issue_id": issue_id, "unresolved_blocker_issue_ids": ",".join(blockers)},
-        )
-
-
 async def open_blocker_ids(tx: Tx, issue_id: str) -> list[str]:
     """The unresolved blockers of an issue."""
     return await store.open_blockers(tx, issue_id)
-
-
-async def _conflict(tx: Tx, row: Row, expected: Sequence[str]) -> FailedPrecondition:
-    holder = text_or_none(row["checkout_run_id"]) or text_or_none(row["execution_run_id"])
-    holder_live = holder is not None and not run_is_stale(await store.run_status(tx, holder))
-    wrong_status = row["status"] not in expected
-    return FailedPrecondition(
-        "issue checkout conflict",
-        reason="ISSUE_CHECKOUT_CONFLICT",
-        metadata=conflict_metadata(
-            row,
-            holder_run_id=holder or "",
-            holder_live="true" if holder_live else "false",
-            conflict="status" if wrong_status else ("live_holder" if holder_live else "assignee"),
-            retryable="false",
-        ),
-    )
-
-
-def _owned_by(row: Row, agent_id: str, run_id: str) -> bool:
-    """Whether ``run_id`` of ``agent_id`` already holds the in_progress issue."""
-    return (
-        row["status"] == Status.IN_PROGRESS
-        and text_or_none(row["assignee_agent_id"]) == agent_id
-        and text_or_none(row["checkout_run_id"]) == run_id
-        and text_or_none(row["execution_run_id"]) in (None, run_id)
-    )
-
-
-async def _adopt_or_conflict(
-    tx: Tx,
-    actor: Actor,
-    row: Row,
-    *,
-    agent_id: str,
-    run_id: str | None,
-    expected: Sequence[str],
-) -> tuple[Row, bool]:
-    """(row, changed) after adoption or idempotent success; raises the conflict."""
-    mine = text_or_none(row["assignee_agent_id"]) == agent_id
-    checkout = text_or_none(row["checkout_run_id"])
-    execution = text_or_none(row["execution_run_id"])
-    if run_id is not None and mine and row["status"] == Status.IN_PROGRESS:
-        if checkout == run_id and execution in (None, run_id):
-            return row, False
-        if checkout is None and execution in (None, run_id):
-            return await adopt_lock(tx, actor, row, run_id, stale_from=None), True
-        if (
-            checkout is not None
-            and execution in (None, run_id, checkout)
-            and run_is_stale(await store.run_status(tx, checkout))
-        ):
-            return await adopt_lock(tx, actor, row, run_id, stale_from=checkout), True
-    if (
-        run_id is not None
-        and row["status"] in expected
-        and (mine or row["assignee_agent_id"] is None)
-        and checkout is not None
-        and execution in (None, run_id, checkout)
-        and run_is_stale(await store.run_status(tx, checkout))
-    ):
-        # A stale checkout on an issue not in progress: take it like a fresh checkout.
-        await store.update_issue_row(tx, str(row["id"]), dict(LOCK_COLUMNS_CLEARED))
-        return row, True
-    raise await _conflict(tx, row, expected)
 
 
 async def checkout_issue(
@@ -151,42 +76,69 @@ async def checkout_issue(
         )
         if locked is None:
             raise _not_found()
-        row = locked.row
-        info = store.agent_of_checkout_row(row, agent)
-        blockers = [str(b) for b in row["open_blockers"]]
-        require_company_access(actor, str(row["company_id"]), write=True)
-        if locked.changed is None:
-            row = (await clear_if_terminal(tx, row)).row
-        name_key = _check_assignable(row, agent, info)
-        _refuse_if_blocked(issue, blockers)
-        params = {
-            "id": issue,
-            "agent": agent,
-            "run": run_id,
-            "name_key": name_key,
-            "expected": expected,
-        }
-        if run_id is not None and _owned_by(row, agent, run_id):
-            # A repeat by the owning run: no new lock time, no second audit row.
-            return store.issue_to_proto(row)
-        updated = locked.changed
-        if updated is None:
-            updated = await tx.fetchrow(CHECKOUT_UPDATE, params)
-        changed = updated is not None
-        if updated is None:
-            row, changed = await _adopt_or_conflict(
-                tx, actor, row, agent_id=agent, run_id=run_id, expected=expected
-            )
-            if changed and row["status"] != Status.IN_PROGRESS:
-                updated = await tx.fetchrow(CHECKOUT_UPDATE, params)
-                if updated is None:
-                    raise await _conflict(tx, row, expected)
-                row = updated
+        require_company_access(actor, str(locked.row["company_id"]), write=True)
+        if locked.changed is not None:
+            row, changed = locked.changed, True
         else:
-            row = updated
+            attempt = _Attempt(actor, agent, run_id, expected)
+            row, changed = await _check_out_slowly(tx, attempt, locked.row)
         if changed:
             _record_checkout(tx, actor, row, agent_id=agent, run_id=run_id)
         return store.issue_to_proto(row)
+
+
+@dataclass(frozen=True)
+class _Attempt:
+    """A checkout request: who asks, for which agent and run, from which statuses."""
+
+    actor: Actor
+    agent_id: str
+    run_id: str | None
+    expected: list[str]
+
+
+async def _check_out_slowly(tx: Tx, attempt: _Attempt, row: Row) -> tuple[Row, bool]:
+    """The checkout the fast path left: the terminal check on the locked row, then what
+    ``decide`` answers. (row, changed); raises the refusal."""
+    info = store.agent_of_checkout_row(row, attempt.agent_id)
+    blockers = [str(b) for b in row["open_blockers"]]
+    row = (await clear_if_terminal(tx, row)).row
+    facts = issue_facts(row, open_blockers=blockers)
+    agent = AgentFacts(
+        attempt.agent_id,
+        info.company_id if info is not None else None,
+        info.status if info is not None else None,
+    )
+    locks = await holders(tx, row)
+    run = RunFacts(attempt.actor.agent_id, attempt.run_id) if attempt.run_id else None
+    decision = decide(Action.CHECK_OUT, facts, agent, run, locks, expected=attempt.expected)
+    if decision.refusal is not None:
+        raise decision.refusal.exception()
+    if decision.verdict is Verdict.KEEP:
+        return row, False
+    if decision.verdict is Verdict.TAKE_OVER:
+        assert attempt.run_id is not None
+        adopted = await adopt_lock(
+            tx, attempt.actor, row, attempt.run_id, stale_from=decision.stale_from
+        )
+        return adopted, True
+    if decision.verdict is Verdict.CLEAR_AND_TAKE:
+        # A stale checkout on an issue not in progress: take it like a fresh checkout.
+        await store.update_issue_row(tx, facts.id, dict(LOCK_COLUMNS_CLEARED))
+        if facts.status == Status.IN_PROGRESS:
+            return row, True
+    name_key = info.name_key if info is not None else None
+    updated = await check_out(
+        tx,
+        issue_id=facts.id,
+        agent_id=attempt.agent_id,
+        run_id=attempt.run_id,
+        name_key=name_key,
+        expected=attempt.expected,
+    )
+    if updated is None:
+        raise checkout_conflict(facts, locks, attempt.expected).exception()
+    return updated, True
 
 
 def _expected_statuses(expected_statuses: Sequence[int]) -> list[str]:
@@ -247,25 +199,10 @@ async def release_issue(db: Database, actor: Actor, *, issue_id: str) -> issues_
         if locked.changed is None:
             row = (await clear_if_terminal(tx, row)).row
         require_company_access(actor, str(row["company_id"]), write=True)
-        if actor.is_agent:
-            run_id = require_agent_run(actor)
-            if text_or_none(row["assignee_agent_id"]) != actor.agent_id:
-                raise FailedPrecondition(
-                    "only the assignee can release the issue",
-                    reason="ISSUE_OWNERSHIP_CONFLICT",
-                    metadata=conflict_metadata(row, actor_agent_id=actor.agent_id or ""),
-                )
-            checkout = text_or_none(row["checkout_run_id"])
-            if (
-                row["status"] == Status.IN_PROGRESS
-                and checkout not in (None, run_id)
-                and not run_is_stale(await store.run_status(tx, checkout or ""))
-            ):
-                raise FailedPrecondition(
-                    "only the checkout run can release the issue",
-                    reason="ISSUE_OWNERSHIP_CONFLICT",
-                    metadata=conflict_metadata(row, actor_run_id=run_id, holder_live="true"),
-                )
+        run = run_facts(actor)
+        decision = decide(Action.RELEASE, issue_facts(row), None, run, await holders(tx, row))
+        if decision.refusal is not None:
+            raise decision.refusal.exception()
         updated = locked.changed
         if updated is None:
             updated = await _release_row(tx, row)

@@ -20,33 +20,19 @@ from common.errors import FailedPrecondition, NotFound, PermissionDenied
 from common.pagination import created_cursor, parse_page
 from common.protoconv import text as opt
 from common.protoconv import text_or_none, timestamp
-from common.sql import Row, Tx, sql
+from common.sql import Row, Tx
 from common.validation import MAX_BODY, parse_uuid, require_text
-from issue_service import store
+from issue_service import comment_store, store
 from issue_service.checkout import open_blocker_ids
 from issue_service.events import EventType, emit
 from issue_service.locks import lock_and_clear_terminal
 from issue_service.mentions import resolve_mentions
 from issue_service.model import Status
-from issue_service.ownership import enforce_agent_write
+from issue_service.ownership_gate import enforce_agent_write
 from issue_service.status_moves import move_status
 from paperclip.issues.v1 import issues_pb2
 
 SNIPPET = 120
-COMMENT_COLUMNS = (
-    "id, company_id, issue_id, body, author_type, author_agent_id, author_user_id, "
-    "created_by_run_id, created_at"
-)
-_INSERT = sql(
-    f"""
-    INSERT INTO issues.issue_comments
-        (company_id, issue_id, body, author_type, author_agent_id, author_user_id,
-         created_by_run_id, idempotency_key)
-    VALUES (:company, :issue, :body, :author_type, :agent, :user, :run, :key)
-    ON CONFLICT (issue_id, idempotency_key) DO NOTHING
-    RETURNING {COMMENT_COLUMNS}
-    """
-)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -75,8 +61,8 @@ async def insert_comment(
 ) -> Row | None:
     """Insert a comment by ``actor`` (None when ``key`` was used before); touches the issue."""
     author_type = {"agent": "agent", "user": "user"}.get(actor.audit_identity()[0], "system")
-    inserted = await tx.fetchrow(
-        _INSERT,
+    return await comment_store.insert_comment(
+        tx,
         {
             "company": row["company_id"],
             "issue": row["id"],
@@ -88,11 +74,6 @@ async def insert_comment(
             "key": key,
         },
     )
-    if inserted is not None:
-        await tx.execute(
-            sql("UPDATE issues.issues SET updated_at = now() WHERE id = :id"), {"id": row["id"]}
-        )
-    return inserted
 
 
 async def _reopen_target(tx: Tx, actor: Actor, row: Row, flags: CommentFlags) -> Status | None:
@@ -227,6 +208,37 @@ async def _emit_wakes(
     woken: set[str] = set()
     if actor.is_agent and actor.agent_id:
         woken.add(actor.agent_id)
+    woken |= _wake_assignee(
+        tx, actor, row, comment_id, woken, reopened_from=reopened_from, flags=flags
+    )
+    for agent_id in await resolve_mentions(tx, company, comment["body"]):
+        if agent_id in woken:
+            continue
+        woken.add(agent_id)
+        emit(
+            tx,
+            actor=actor,
+            company_id=company,
+            issue_id=issue,
+            type=EventType.MENTIONED,
+            target_agent_id=agent_id,
+            payload={"issueId": issue, "commentId": comment_id},
+        )
+
+
+def _wake_assignee(
+    tx: Tx,
+    actor: Actor,
+    row: Row,
+    comment_id: str,
+    woken: set[str],
+    *,
+    reopened_from: Status | None,
+    flags: CommentFlags,
+) -> set[str]:
+    """The reopen event for the assignee, or the comment event while the issue is open
+    (unless ``woken`` has it already); the assignee woken, if any."""
+    company, issue = str(row["company_id"]), str(row["id"])
     assignee = text_or_none(row["assignee_agent_id"])
     if reopened_from is not None and assignee:
         emit(
@@ -244,10 +256,8 @@ async def _emit_wakes(
                 "resumeIntent": flags.resume and actor.is_agent,
             },
         )
-        woken.add(assignee)
-    elif (
-        assignee and assignee not in woken and row["status"] not in (Status.DONE, Status.CANCELLED)
-    ):
+        return {assignee}
+    if assignee and assignee not in woken and row["status"] not in (Status.DONE, Status.CANCELLED):
         emit(
             tx,
             actor=actor,
@@ -257,20 +267,8 @@ async def _emit_wakes(
             target_agent_id=assignee,
             payload={"issueId": issue, "commentId": comment_id},
         )
-        woken.add(assignee)
-    for agent_id in await resolve_mentions(tx, company, comment["body"]):
-        if agent_id in woken:
-            continue
-        woken.add(agent_id)
-        emit(
-            tx,
-            actor=actor,
-            company_id=company,
-            issue_id=issue,
-            type=EventType.MENTIONED,
-            target_agent_id=agent_id,
-            payload={"issueId": issue, "commentId": comment_id},
-        )
+        return {assignee}
+    return set()
 
 
 def _request_interrupt(tx: Tx, actor: Actor, row: Row, comment_id: str) -> None:
@@ -308,22 +306,8 @@ async def list_comments(
         require_company_access(actor, str(row["company_id"]), write=False)
         after_ts = page.cursor_time("t") if page.cursor else None
         after_id = page.cursor_uuid("i") if page.cursor else None
-        rows = await tx.fetch(
-            sql(
-                f"""
-            SELECT {COMMENT_COLUMNS} FROM issues.issue_comments
-            WHERE issue_id = :issue
-              AND (CAST(:after_ts AS timestamptz) IS NULL
-                   OR (created_at, id) > (CAST(:after_ts AS timestamptz), CAST(:after_id AS uuid)))
-            ORDER BY created_at, id LIMIT :limit
-            """
-            ),
-            {
-                "issue": issue,
-                "after_ts": after_ts,
-                "after_id": after_id,
-                "limit": page.fetch_limit,
-            },
+        rows = await comment_store.comments_page(
+            tx, issue, after_ts=after_ts, after_id=after_id, limit=page.fetch_limit
         )
     shown, token = page.finish(rows, created_cursor)
     return [comment_to_proto(r) for r in shown], token

@@ -11,12 +11,12 @@ from common.db import Database
 from common.errors import AlreadyExists, NotFound, invalid
 from common.pagination import created_cursor, parse_page
 from common.protoconv import timestamp
-from common.sql import Row, sql
+from common.sql import Row
 from common.validation import MAX_NAME, parse_uuid, require_text
+from issue_service import company_store
 from paperclip.issues.v1 import issues_pb2
 
 PREFIX_RE = re.compile(r"^[A-Z]{2,10}$")
-COLUMNS = "id, name, issue_prefix, status, created_at, updated_at"
 _STATUS = {
     "active": issues_pb2.COMPANY_STATUS_ACTIVE,
     "paused": issues_pb2.COMPANY_STATUS_PAUSED,
@@ -51,13 +51,7 @@ async def create_company(
     if not PREFIX_RE.match(prefix):
         raise invalid("issue_prefix", "must be 2 to 10 letters")
     async with db.unit_of_work() as tx:
-        row = await tx.fetchrow(
-            sql(
-                "INSERT INTO issues.companies (name, issue_prefix) "
-                f"VALUES (:name, :prefix) ON CONFLICT (issue_prefix) DO NOTHING RETURNING {COLUMNS}"
-            ),
-            {"name": clean_name, "prefix": prefix},
-        )
+        row = await company_store.insert_company(tx, clean_name, prefix)
         if row is None:
             raise AlreadyExists(
                 f"issue prefix {prefix} is taken",
@@ -81,9 +75,7 @@ async def get_company(db: Database, actor: Actor, *, company_id: str) -> issues_
     assert company
     require_company_access(actor, company, write=False)
     async with db.unit_of_work() as tx:
-        row = await tx.fetchrow(
-            sql(f"SELECT {COLUMNS} FROM issues.companies WHERE id = :id"), {"id": company}
-        )
+        row = await company_store.company_by_id(tx, company)
     if row is None:
         raise NotFound("company not found", reason="COMPANY_NOT_FOUND")
     return company_to_proto(row)
@@ -104,22 +96,8 @@ async def list_companies(
     after_ts = page.cursor_time("t") if page.cursor else None
     after_id = page.cursor_uuid("i") if page.cursor else None
     async with db.unit_of_work() as tx:
-        rows = await tx.fetch(
-            sql(
-                f"""
-            SELECT {COLUMNS} FROM issues.companies
-            WHERE (CAST(:visible AS uuid[]) IS NULL OR id = ANY(CAST(:visible AS uuid[])))
-              AND (CAST(:after_id AS uuid) IS NULL
-                   OR (created_at, id) > (CAST(:after_ts AS timestamptz), CAST(:after_id AS uuid)))
-            ORDER BY created_at, id LIMIT :limit
-            """
-            ),
-            {
-                "visible": visible,
-                "after_id": after_id,
-                "after_ts": after_ts,
-                "limit": page.fetch_limit,
-            },
+        rows = await company_store.companies_page(
+            tx, visible=visible, after_ts=after_ts, after_id=after_id, limit=page.fetch_limit
         )
     shown, token = page.finish(rows, created_cursor)
     return [company_to_proto(r) for r in shown], token

@@ -14,7 +14,8 @@ from enum import StrEnum
 from typing import Any
 
 from common.actor import Actor
-from common.sql import Batch, Tx
+from common.sql import Tx
+from issue_service.store import ISSUE_EVENTS
 
 
 class EventType(StrEnum):
@@ -28,22 +29,6 @@ class EventType(StrEnum):
     RELEASED = "issue.released"
     FORCE_RELEASED = "issue.force_released"
     INTERRUPT_REQUESTED = "issue.interrupt_requested"
-
-
-ISSUE_EVENTS = Batch(
-    "issues.issue_events",
-    (
-        ("company_id", "uuid"),
-        ("issue_id", "uuid"),
-        ("type", "text"),
-        ("actor_type", "text"),
-        ("actor_id", "text"),
-        ("actor_agent_id", "uuid"),
-        ("actor_run_id", "uuid"),
-        ("target_agent_id", "uuid"),
-        ("payload", "jsonb"),
-    ),
-)
 
 
 def emit(

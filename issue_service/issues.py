@@ -14,7 +14,7 @@ from common.db import Database
 from common.errors import Aborted, FailedPrecondition, NotFound, PaperclipError, invalid
 from common.pagination import parse_page
 from common.protoconv import text_or_none
-from common.sql import Row, Tx, sql
+from common.sql import Row, Tx
 from common.validation import (
     MAX_BODY,
     MAX_TITLE,
@@ -23,12 +23,12 @@ from common.validation import (
     require_enum,
     require_text,
 )
-from issue_service import store
+from issue_service import company_store, foreign_reads, store
 from issue_service.checkout import open_blocker_ids
 from issue_service.events import EventType, emit
 from issue_service.locks import lock_and_clear_terminal
 from issue_service.model import PRIORITY_PROTO_VALUES, STATUS_PROTO_VALUES, Priority, Status
-from issue_service.ownership import enforce_agent_write
+from issue_service.ownership_gate import enforce_agent_write
 from issue_service.status_rules import LOCK_COLUMNS_CLEARED, is_documented_transition, status_stamps
 from paperclip.issues.v1 import issues_pb2
 
@@ -67,7 +67,7 @@ def _user_id(value: str, field: str = "assignee_user_id") -> str | None:
 
 
 async def _check_assignee_agent(tx: Tx, company_id: str, agent_id: str) -> None:
-    info = await store.agent_info(tx, agent_id)
+    info = await foreign_reads.agent_info(tx, agent_id)
     if info is None:
         raise NotFound("agent not found", reason="AGENT_NOT_FOUND", metadata={"agent_id": agent_id})
     if info.company_id != company_id:
@@ -96,30 +96,6 @@ async def _check_references(
         missing = await store.missing_or_foreign_issues(tx, company_id, fields.blocked_by)
         if missing:
             raise invalid("blocked_by_issue_ids", f"no such issues in this company: {missing}")
-
-
-_CREATE = sql(
-    f"""
-    WITH counter AS (
-        UPDATE issues.companies SET issue_counter = issue_counter + 1, updated_at = now()
-        WHERE id = :company RETURNING issue_counter, issue_prefix
-    )
-    INSERT INTO issues.issues AS issues
-        (company_id, issue_number, identifier, title, description, status, priority,
-         assignee_agent_id, assignee_user_id, parent_issue_id, created_by_agent_id,
-         created_by_user_id, create_request_id, started_at, completed_at, cancelled_at)
-    SELECT :company, counter.issue_counter, counter.issue_prefix || '-' || counter.issue_counter,
-           :title, :description, :status, :priority, :assignee_agent, :assignee_user, :parent,
-           :by_agent, :by_user, :request_id, :started_at, :completed_at, :cancelled_at
-    FROM counter
-    ON CONFLICT (company_id, create_request_id) DO NOTHING
-    RETURNING {store.ISSUE_COLUMNS}
-    """
-)
-_BY_REQUEST = sql(
-    f"SELECT {store.ISSUE_COLUMNS} FROM issues.issues "
-    "WHERE company_id = :company AND create_request_id = :request_id"
-)
 
 
 def create_fields(request: issues_pb2.CreateIssueRequest) -> IssueFields:
@@ -162,7 +138,7 @@ async def create_issue(
         )
     async with db.unit_of_work() as tx:
         if request is not None:
-            existing = await tx.fetchrow(_BY_REQUEST, {"company": company, "request_id": request})
+            existing = await store.issue_by_request(tx, company, request)
             if existing is not None:
                 return store.issue_to_proto(existing)
         await _check_references(tx, company, None, fields)
@@ -191,8 +167,8 @@ async def _insert_issue(
     """The new issue's row (with its blockers), numbered next in its company."""
     stamps = status_stamps(status, started_at=None, now=datetime.now(UTC))
     _, _, by_agent, _ = actor.audit_identity()
-    row = await tx.fetchrow(
-        _CREATE,
+    row = await store.insert_issue(
+        tx,
         {
             "company": company,
             "title": fields.title,
@@ -211,7 +187,7 @@ async def _insert_issue(
         },
     )
     if row is None:
-        if not await _company_exists(tx, company):
+        if not await company_store.company_exists(tx, company):
             raise NotFound("company not found", reason="COMPANY_NOT_FOUND")
         raise _RetryCreate("request id raced")
     if fields.blocked_by:
@@ -259,17 +235,10 @@ async def create_issue_idempotent(
         )
     except _RetryCreate:
         async with db.unit_of_work() as tx:
-            row = await tx.fetchrow(_BY_REQUEST, {"company": company_id, "request_id": request_id})
+            row = await store.issue_by_request(tx, company_id, request_id)
         if row is None:
             raise Aborted("a concurrent request with the same request id failed") from None
         return store.issue_to_proto(row)
-
-
-async def _company_exists(tx: Tx, company_id: str) -> bool:
-    found = await tx.fetchval(
-        sql("SELECT 1 FROM issues.companies WHERE id = :id"), {"id": company_id}
-    )
-    return found is not None
 
 
 async def get_issue(db: Database, actor: Actor, *, issue: str) -> issues_pb2.Issue:
@@ -304,25 +273,14 @@ async def list_issues(
     )
     require_company_access(actor, company, write=False)
     after = page.cursor_int("n") if page.cursor else 0
-    query = sql(
-        f"""
-        SELECT {store.ISSUE_COLUMNS} FROM issues.issues
-        WHERE company_id = :company AND issue_number > :after
-          AND (CAST(:statuses AS text[]) IS NULL OR status = ANY(CAST(:statuses AS text[])))
-          AND (CAST(:assignee AS uuid) IS NULL OR assignee_agent_id = CAST(:assignee AS uuid))
-        ORDER BY issue_number LIMIT :limit
-        """
-    )
     async with db.unit_of_work() as tx:
-        rows = await tx.fetch(
-            query,
-            {
-                "company": company,
-                "after": after,
-                "statuses": wanted or None,
-                "assignee": assignee,
-                "limit": page.fetch_limit,
-            },
+        rows = await store.issues_page(
+            tx,
+            company_id=company,
+            after=after,
+            statuses=wanted or None,
+            assignee_agent_id=assignee,
+            limit=page.fetch_limit,
         )
     shown, token = page.finish(rows, lambda row: {"n": row["issue_number"]})
     return [store.issue_to_proto(r) for r in shown], token

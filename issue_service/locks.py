@@ -15,24 +15,12 @@ from common.authz import require_service
 from common.db import Database
 from common.errors import FailedPrecondition, NotFound
 from common.protoconv import text_or_none
-from common.sql import Row, Tx, sql
+from common.sql import Row, Tx
 from common.validation import parse_uuid
-from issue_service import store
+from issue_service import foreign_reads, lock_store, store
 from issue_service.model import TERMINAL_RUN_STATUSES, run_is_stale
 from issue_service.status_rules import LOCK_COLUMNS_CLEARED
 from paperclip.issues.v1 import issues_pb2
-
-_CLEAR_EXECUTION = sql(
-    f"""
-    UPDATE issues.issues
-    SET execution_run_id = NULL, execution_agent_name_key = NULL,
-        execution_locked_at = NULL, updated_at = now(),
-        checkout_run_id = CASE WHEN :with_checkout AND checkout_run_id = :run THEN NULL
-                               ELSE checkout_run_id END
-    WHERE id = :id AND execution_run_id = :run
-    RETURNING {store.ISSUE_COLUMNS}
-    """
-)
 
 
 @dataclass(frozen=True)
@@ -68,12 +56,11 @@ async def clear_if_terminal(tx: Tx, row: Row, *, clear_checkout: bool = False) -
     run_id = row["execution_run_id"]
     if run_id is None or not run_is_stale(row["execution_run_status"]):
         return LockedIssue(row, None)
-    status = await store.run_status(tx, str(run_id), lock=True)
+    status = await foreign_reads.run_status(tx, str(run_id), lock=True)
     if not run_is_stale(status):
         return LockedIssue(row, None)
-    updated = await tx.fetchrow(
-        _CLEAR_EXECUTION,
-        {"id": issue_id, "run": run_id, "with_checkout": clear_checkout},
+    updated = await lock_store.clear_execution(
+        tx, str(issue_id), str(run_id), with_checkout=clear_checkout
     )
     if updated is None:
         return LockedIssue(row, None)
@@ -110,7 +97,7 @@ async def acquire_execution_lock(
         locked = await lock_and_clear_terminal(tx, issue)
         if locked is None:
             raise _issue_missing()
-        status = await store.run_status(tx, run, lock=True)
+        status = await foreign_reads.run_status(tx, run, lock=True)
         if status is None:
             raise NotFound("run not found", reason="RUN_NOT_FOUND", metadata={"run_id": run})
         if status in TERMINAL_RUN_STATUSES:
@@ -129,21 +116,10 @@ async def acquire_execution_lock(
             )
         if holder is not None:
             return store.issue_to_proto(row), locked.cleared_run_id
-        info = await store.agent_info(tx, agent)
+        info = await foreign_reads.agent_info(tx, agent)
         if info is None or info.company_id != str(row["company_id"]):
             raise NotFound("agent not found", reason="AGENT_NOT_FOUND")
-        new_row = await tx.fetchrow(
-            sql(
-                f"""
-                UPDATE issues.issues SET execution_run_id = :run,
-                    execution_agent_name_key = :name, execution_locked_at = now(),
-                    updated_at = now()
-                WHERE id = :id AND execution_run_id IS NULL
-                RETURNING {store.ISSUE_COLUMNS}
-                """
-            ),
-            {"id": issue, "run": run, "name": info.name_key},
-        )
+        new_row = await lock_store.take_execution(tx, issue, run, info.name_key)
         assert new_row is not None
         record_activity(
             tx,
@@ -210,15 +186,8 @@ async def release_run_locks(db: Database, actor: Actor, *, run_id: str) -> list[
     run = parse_uuid("run_id", run_id)
     assert run
     async with db.unit_of_work() as tx:
-        rows = await tx.fetch(
-            sql(
-                "SELECT id, company_id, checkout_run_id, execution_run_id "
-                "FROM issues.issues WHERE execution_run_id = :r OR checkout_run_id = :r "
-                "ORDER BY id FOR UPDATE"
-            ),
-            {"r": run},
-        )
-        status = await store.run_status(tx, run, lock=True)
+        rows = await lock_store.lock_issues_held_by(tx, run)
+        status = await foreign_reads.run_status(tx, run, lock=True)
         if not run_is_stale(status):
             raise FailedPrecondition(
                 "the run is still live",

@@ -5,7 +5,8 @@ from __future__ import annotations
 import re
 import uuid
 
-from common.sql import Tx, sql
+from common.sql import Tx
+from issue_service import foreign_reads
 
 _NAME = re.compile(r"(?<![\w@])@([A-Za-z0-9][A-Za-z0-9_.-]{0,99})")
 _LINK = re.compile(r"agent://([0-9a-fA-F-]{36})")
@@ -29,15 +30,6 @@ async def resolve_mentions(tx: Tx, company_id: str, body: str) -> list[str]:
     names, ids = mention_tokens(body)
     if not names and not ids:
         return []
-    rows = await tx.fetch(
-        sql(
-            """
-            SELECT id FROM runs.agents
-            WHERE company_id = :company AND status <> 'terminated'
-              AND (name_key = ANY(CAST(:names AS text[])) OR id = ANY(CAST(:ids AS uuid[])))
-            ORDER BY name_key LIMIT :limit
-            """
-        ),
-        {"company": company_id, "names": sorted(names), "ids": sorted(ids), "limit": MAX_MENTIONS},
+    return await foreign_reads.mentioned_agents(
+        tx, company_id, names=names, ids=ids, limit=MAX_MENTIONS
     )
-    return [str(r[0]) for r in rows]

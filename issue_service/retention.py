@@ -24,6 +24,12 @@ from common.config import Settings
 from common.db import Database
 from common.retention import Cursor, Policy, Step, counting, days, sweep_by_settings
 from common.sql import Tx, sql
+from issue_service.foreign_reads import (
+    OUTBOX_HORIZON,
+    lease_exists,
+    run_exists,
+    workspace_exists,
+)
 
 LOCK_KEY = "issue_service.retention"
 #: The readers of ``issues.issue_events`` (``run_service.outbox.CONSUMER`` and
@@ -31,11 +37,9 @@ LOCK_KEY = "issue_service.retention"
 CONSUMERS = ("run_service.wakes", "run_service.interrupts")
 
 ISSUE_EVENTS = sql(
-    """
+    f"""
     WITH horizon AS (
-        SELECT CASE WHEN count(*) = cardinality(:consumers::text[])
-                    THEN min(last_event_id) ELSE 0 END AS id
-        FROM runs.consumer_cursors WHERE consumer = ANY(:consumers::text[])
+        {OUTBOX_HORIZON}
     ),
     gone AS (
         DELETE FROM issues.issue_events
@@ -75,11 +79,11 @@ ACTIVITY = sql(
           AND NOT EXISTS (SELECT 1 FROM issues.issues i WHERE i.id = {_ISSUE_IN_DETAILS})
           AND NOT CASE s.entity_type
               WHEN 'issue' THEN EXISTS (SELECT 1 FROM issues.issues i WHERE i.id = {_ENTITY})
-              WHEN 'run' THEN EXISTS (SELECT 1 FROM runs.heartbeat_runs r WHERE r.id = {_ENTITY})
+              WHEN 'run' THEN EXISTS ({run_exists(_ENTITY)})
               WHEN 'environment_lease' THEN EXISTS (
-                  SELECT 1 FROM workspaces.environment_leases l WHERE l.id = {_ENTITY})
+                  {lease_exists(_ENTITY)})
               ELSE EXISTS (
-                  SELECT 1 FROM workspaces.execution_workspaces w WHERE w.id = {_ENTITY})
+                  {workspace_exists(_ENTITY)})
           END
     ),
     gone AS (

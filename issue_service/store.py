@@ -1,11 +1,11 @@
-"""SQL for the issue service's own rows and its reads of other services' rows."""
+"""SQL for the issue service's issue rows, their blockers and the outbox, and the
+``Issue`` message of a row; reads of other services' rows come from ``foreign_reads``."""
 
 from __future__ import annotations
 
 import re
 import uuid
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -13,7 +13,13 @@ from google.protobuf import timestamp_pb2
 
 from common.errors import NotFound, invalid
 from common.protoconv import text as opt
-from common.sql import Row, Tx, sql
+from common.sql import Batch, Row, Tx, sql
+from issue_service.foreign_reads import (
+    CHECKOUT_AGENT_COLUMNS,
+    CHECKOUT_AGENT_JOIN,
+    EXECUTION_RUN_STATUS,
+    AgentInfo,
+)
 from issue_service.model import Priority, Status
 from paperclip.issues.v1 import issues_pb2
 
@@ -31,11 +37,6 @@ ISSUE_COLUMNS = """
 IDENTIFIER_RE = re.compile(r"^([A-Za-z]{2,10})-(\d{1,18})$")
 
 _SELECT_BY_ID = sql(f"SELECT {ISSUE_COLUMNS} FROM issues.issues WHERE id = :id")
-#: The status of the run holding the execution lock, read (not locked) with the issue.
-EXECUTION_RUN_STATUS = """
-    (SELECT r.status FROM runs.heartbeat_runs r WHERE r.id = issues.execution_run_id)
-        AS execution_run_status
-"""
 #: ``lock_issue``'s statement, as text for statements that start with it.
 LOCK_BY_ID = (
     f"SELECT {ISSUE_COLUMNS}, {EXECUTION_RUN_STATUS} FROM issues.issues "
@@ -49,19 +50,15 @@ _SELECT_BY_IDENTIFIER = sql(
 #: (``agent_*``, NULL when there is no such agent) and its unresolved blockers.
 LOCK_FOR_CHECKOUT = f"""
     SELECT {ISSUE_COLUMNS}, {EXECUTION_RUN_STATUS},
-        agent.company_id AS agent_company_id, agent.status AS agent_status,
-        agent.name_key AS agent_name_key,
+        {CHECKOUT_AGENT_COLUMNS}
         ARRAY(SELECT b.blocker_issue_id FROM issues.issue_blockers b
               JOIN issues.issues blocker ON blocker.id = b.blocker_issue_id
               WHERE b.issue_id = issues.id AND blocker.status <> 'done'
               ORDER BY b.blocker_issue_id) AS open_blockers
-    FROM issues.issues LEFT JOIN runs.agents agent ON agent.id = :agent
+    FROM issues.issues {CHECKOUT_AGENT_JOIN}
     WHERE issues.id = :id
     FOR UPDATE OF issues
 """
-_RUN_STATUS = sql("SELECT status FROM runs.heartbeat_runs WHERE id = :id")
-_RUN_STATUS_SHARE = sql("SELECT status FROM runs.heartbeat_runs WHERE id = :id FOR SHARE")
-_AGENT = sql("SELECT id, company_id, status, name_key FROM runs.agents WHERE id = :id")
 _OPEN_BLOCKERS = sql(
     """
     SELECT b.blocker_issue_id FROM issues.issue_blockers b
@@ -72,6 +69,37 @@ _OPEN_BLOCKERS = sql(
 )
 
 
+_CREATE = sql(
+    f"""
+    WITH counter AS (
+        UPDATE issues.companies SET issue_counter = issue_counter + 1, updated_at = now()
+        WHERE id = :company RETURNING issue_counter, issue_prefix
+    )
+    INSERT INTO issues.issues AS issues
+        (company_id, issue_number, identifier, title, description, status, priority,
+         assignee_agent_id, assignee_user_id, parent_issue_id, created_by_agent_id,
+         created_by_user_id, create_request_id, started_at, completed_at, cancelled_at)
+    SELECT :company, counter.issue_counter, counter.issue_prefix || '-' || counter.issue_counter,
+           :title, :description, :status, :priority, :assignee_agent, :assignee_user, :parent,
+           :by_agent, :by_user, :request_id, :started_at, :completed_at, :cancelled_at
+    FROM counter
+    ON CONFLICT (company_id, create_request_id) DO NOTHING
+    RETURNING {ISSUE_COLUMNS}
+    """
+)
+_BY_REQUEST = sql(
+    f"SELECT {ISSUE_COLUMNS} FROM issues.issues "
+    "WHERE company_id = :company AND create_request_id = :request_id"
+)
+_PAGE = sql(
+    f"""
+        SELECT {ISSUE_COLUMNS} FROM issues.issues
+        WHERE company_id = :company AND issue_number > :after
+          AND (CAST(:statuses AS text[]) IS NULL OR status = ANY(CAST(:statuses AS text[])))
+          AND (CAST(:assignee AS uuid) IS NULL OR assignee_agent_id = CAST(:assignee AS uuid))
+        ORDER BY issue_number LIMIT :limit
+        """
+)
 _DELETE_BLOCKERS = sql(
     "DELETE FROM issues.issue_blockers WHERE issue_id = :id "
     "AND NOT (blocker_issue_id = ANY(CAST(:keep AS uuid[])))"
@@ -85,15 +113,21 @@ _EXISTING_IN_COMPANY = sql(
 )
 
 
-@dataclass(frozen=True)
-class AgentInfo:
-    """What the issue service needs to know of an agent (read from the run service)."""
-
-    id: str
-    company_id: str
-    status: str
-    name_key: str
-
+#: The outbox: rows deferred by ``events.emit``, inserted at the end of the unit of work.
+ISSUE_EVENTS = Batch(
+    "issues.issue_events",
+    (
+        ("company_id", "uuid"),
+        ("issue_id", "uuid"),
+        ("type", "text"),
+        ("actor_type", "text"),
+        ("actor_id", "text"),
+        ("actor_agent_id", "uuid"),
+        ("actor_run_id", "uuid"),
+        ("target_agent_id", "uuid"),
+        ("payload", "jsonb"),
+    ),
+)
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
@@ -166,6 +200,43 @@ async def find_issue(tx: Tx, ref: tuple[str, str]) -> Row:
     return row
 
 
+async def insert_issue(tx: Tx, values: Mapping[str, Any]) -> Row | None:
+    """Insert an issue numbered next in its company: ``values`` are the parameters of
+    ``_CREATE`` (``company``, ``title``, ``description``, ``status``, ``priority``,
+    ``assignee_agent``, ``assignee_user``, ``parent``, ``by_agent``, ``by_user``,
+    ``request_id`` and the ``*_at`` stamps). None: no such company, or the company's
+    issue with this request id exists."""
+    return await tx.fetchrow(_CREATE, values)
+
+
+async def issue_by_request(tx: Tx, company_id: str, request_id: str) -> Row | None:
+    """The company's issue created with ``request_id``, if any."""
+    return await tx.fetchrow(_BY_REQUEST, {"company": company_id, "request_id": request_id})
+
+
+async def issues_page(
+    tx: Tx,
+    *,
+    company_id: str,
+    after: int,
+    statuses: Sequence[str] | None,
+    assignee_agent_id: str | None,
+    limit: int,
+) -> list[Row]:
+    """Up to ``limit`` of the company's issues numbered after ``after``, in number order,
+    optionally only in ``statuses`` and assigned to ``assignee_agent_id``."""
+    return await tx.fetch(
+        _PAGE,
+        {
+            "company": company_id,
+            "after": after,
+            "statuses": statuses,
+            "assignee": assignee_agent_id,
+            "limit": limit,
+        },
+    )
+
+
 async def lock_issue(tx: Tx, issue_id: str) -> Row | None:
     """The issue row, locked FOR UPDATE until the transaction ends (None if missing),
     with the status of its execution run as ``execution_run_status``."""
@@ -179,20 +250,6 @@ def agent_of_checkout_row(row: Row, agent_id: str) -> AgentInfo | None:
     return AgentInfo(
         agent_id, str(row["agent_company_id"]), row["agent_status"], row["agent_name_key"]
     )
-
-
-async def run_status(tx: Tx, run_id: str, *, lock: bool = False) -> str | None:
-    """A run's status (None when the row is missing); ``lock`` takes a share lock."""
-    value = await tx.fetchval(_RUN_STATUS_SHARE if lock else _RUN_STATUS, {"id": run_id})
-    return None if value is None else str(value)
-
-
-async def agent_info(tx: Tx, agent_id: str) -> AgentInfo | None:
-    """The agent's company, status and name key (None when it does not exist)."""
-    row = await tx.fetchrow(_AGENT, {"id": agent_id})
-    if row is None:
-        return None
-    return AgentInfo(str(row["id"]), str(row["company_id"]), row["status"], row["name_key"])
 
 
 async def open_blockers(tx: Tx, issue_id: str) -> list[str]:

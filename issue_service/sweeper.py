@@ -16,36 +16,13 @@ from common.actor import SYSTEM_ACTOR
 from common.audit import record_activity
 from common.db import Database
 from common.protoconv import text_or_none
-from common.sql import sql
+from issue_service import lock_store
 
 log = logging.getLogger("paperclip.issue_service.sweeper")
 
 SWEEP_LOCK_KEY = 0x50415045_01
 DEFAULT_INTERVAL_SECONDS = 30.0
 DEFAULT_BATCH = 200
-
-_SWEEP = sql(
-    """
-    WITH stale AS (
-        SELECT i.id, i.company_id, i.checkout_run_id, i.execution_run_id
-        FROM issues.issues i
-        WHERE (i.execution_run_id IS NOT NULL OR i.checkout_run_id IS NOT NULL)
-          AND NOT EXISTS (
-              SELECT 1 FROM runs.heartbeat_runs r
-              WHERE r.id IN (i.execution_run_id, i.checkout_run_id)
-                AND r.status IN ('queued', 'running'))
-        ORDER BY i.id
-        LIMIT :batch
-        FOR UPDATE OF i SKIP LOCKED
-    )
-    UPDATE issues.issues AS issues
-    SET checkout_run_id = NULL, execution_run_id = NULL, execution_agent_name_key = NULL,
-        execution_locked_at = NULL, updated_at = now()
-    FROM stale
-    WHERE issues.id = stale.id
-    RETURNING stale.id, stale.company_id, stale.checkout_run_id, stale.execution_run_id
-    """
-)
 
 
 async def sweep_once(db: Database, *, batch: int = DEFAULT_BATCH) -> list[str]:
@@ -54,10 +31,9 @@ async def sweep_once(db: Database, *, batch: int = DEFAULT_BATCH) -> list[str]:
     Returns nothing when another replica is sweeping at the same moment.
     """
     async with db.unit_of_work() as tx:
-        got = await tx.fetchval(sql("SELECT pg_try_advisory_xact_lock(:k)"), {"k": SWEEP_LOCK_KEY})
-        if not got:
+        if not await lock_store.try_sweep_lock(tx, SWEEP_LOCK_KEY):
             return []
-        rows = await tx.fetch(_SWEEP, {"batch": batch})
+        rows = await lock_store.sweep_stale_locks(tx, batch)
         for row in rows:
             record_activity(
                 tx,

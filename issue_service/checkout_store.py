@@ -1,15 +1,14 @@
-"""The statements of checkout and release, and their one-round-trip fast paths.
+"""SQL of checkout and release: the conditional checkout UPDATE and the one-round-trip
+fast paths.
 
-Checkout and release start by locking the issue row. On the common path the rules that
-``checkout.py`` then applies to the locked row let the change through untouched: no
-terminal execution run to clear, no adoption, no idempotent repeat, no live holder to
-ask about. For that path the first statement also makes the change: a ``locked`` CTE
-takes the row lock, and an UPDATE applies only when the locked row satisfies those
-preconditions. The statement answers the locked row (``image`` 0, as before the change)
-and, when the UPDATE applied, the changed row (``image`` 1). The rules still run on the
-locked row; one that refuses raises, and the unit of work rolls the change back. When
-the UPDATE did not apply, the rules take the path they always took, statement by
-statement.
+Checkout and release start by locking the issue row. On the common path the rule
+(``ownership.decide``) lets the change through untouched: no terminal execution run to
+clear, no adoption, no idempotent repeat, no live holder to ask about. For that path
+the first statement also makes the change: a ``locked`` CTE takes the row lock, and an
+UPDATE applies only when the locked row satisfies those preconditions (``ownership``
+says how each WHERE relates to ``decide``). The statement answers the locked row
+(``image`` 0, as before the change) and, when the UPDATE applied, the changed row
+(``image`` 1). When the UPDATE did not apply, the slow path works on the locked row.
 """
 
 from __future__ import annotations
@@ -149,3 +148,26 @@ async def lock_and_release(tx: Tx, *, issue_id: str, actor_run_id: str | None) -
         {"id": issue_id, "actor_run": actor_run_id, "terminal": sorted(TERMINAL_RUN_STATUSES)},
     )
     return _images(rows)
+
+
+async def check_out(
+    tx: Tx,
+    *,
+    issue_id: str,
+    agent_id: str,
+    run_id: str | None,
+    name_key: str | None,
+    expected: list[str],
+) -> Row | None:
+    """``CHECKOUT_UPDATE`` on the locked issue: the row after, or None when the issue
+    is not free for ``agent_id`` in ``run_id`` from one of the ``expected`` statuses."""
+    return await tx.fetchrow(
+        CHECKOUT_UPDATE,
+        {
+            "id": issue_id,
+            "agent": agent_id,
+            "run": run_id,
+            "name_key": name_key,
+            "expected": expected,
+        },
+    )
