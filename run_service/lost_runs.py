@@ -27,7 +27,7 @@ from common.db import Database
 from common.errors import FailedPrecondition, PaperclipError
 from common.protoconv import text_or_none
 from common.sql import Row, Tx
-from run_service import finalize, recovery_store, run_store, wakes
+from run_service import finalize, recovery_store, run_store, terminal_store, wakes
 from run_service.adopted_runs import grace_of
 from run_service.issue_client import IssueClient
 from run_service.workspace_client import WorkspaceClient
@@ -127,10 +127,8 @@ async def write_lost(
                 ("lifecycle", "run failed", payload),
             ],
         )
-        await recovery_store.fail_wakes(tx, run_id=run_id, wake_id=run["wakeup_request_id"])
-        await recovery_store.record_failed_run(
-            tx, agent_id=run["agent_id"], run_id=run_id, error=error
-        )
+        await terminal_store.finish_wake(tx, run_id, run["wakeup_request_id"], "failed")
+        await terminal_store.record_runtime_state(tx, run["agent_id"], run_id, "failed", error)
         retry_id = await insert_retry(tx, run) if retry else None
     metrics.count_outcome("failed", LOST_CODE)
     logger.warning(

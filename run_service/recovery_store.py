@@ -63,23 +63,6 @@ _LOST = sql(
     RETURNING id
     """
 )
-_FAIL_WAKE = sql(
-    """
-    UPDATE runs.wakeup_requests SET status = 'failed', finished_at = now()
-    WHERE status IN ('queued', 'claimed') AND (run_id = :run OR id = :wake)
-    """
-)
-_RUNTIME_STATE = sql(
-    """
-    INSERT INTO runs.agent_runtime_state
-        (agent_id, last_run_id, last_run_status, last_error, last_heartbeat_at, updated_at)
-    VALUES (:agent, :run, 'failed', :error, now(), now())
-    ON CONFLICT (agent_id) DO UPDATE
-    SET last_run_id = EXCLUDED.last_run_id, last_run_status = EXCLUDED.last_run_status,
-        last_error = EXCLUDED.last_error, last_heartbeat_at = EXCLUDED.last_heartbeat_at,
-        updated_at = EXCLUDED.updated_at
-    """
-)
 _INSERT_RETRY = sql(
     """
     INSERT INTO runs.heartbeat_runs
@@ -166,16 +149,6 @@ async def mark_lost(tx: Tx, run_id: str, *, me: str, error: str) -> bool:
     """End a ``running`` run of ``me`` ``failed`` / ``process_lost``; False when it is no
     longer running on ``me``."""
     return await tx.fetchval(_LOST, {"id": run_id, "me": me, "error": error}) is not None
-
-
-async def fail_wakes(tx: Tx, *, run_id: str, wake_id: object) -> None:
-    """End ``failed`` the queued or claimed wakes of the run (and its own wake)."""
-    await tx.execute(_FAIL_WAKE, {"run": run_id, "wake": wake_id})
-
-
-async def record_failed_run(tx: Tx, *, agent_id: object, run_id: str, error: str) -> None:
-    """The agent's runtime state: its last run failed with ``error``, heartbeat now."""
-    await tx.execute(_RUNTIME_STATE, {"agent": agent_id, "run": run_id, "error": error})
 
 
 async def insert_retry_run(tx: Tx, params: dict[str, Any]) -> str:

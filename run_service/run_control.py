@@ -109,9 +109,9 @@ async def _write_cancelled(
     )
     if updated is None:
         return None
-    await terminal_store.cancel_wakes(tx, run_id, run["wakeup_request_id"])
-    await terminal_store.record_cancelled_state(
-        tx, run["agent_id"], run_id, reason or DEFAULT_REASON
+    await terminal_store.finish_wake(tx, run_id, run["wakeup_request_id"], "cancelled")
+    await terminal_store.record_runtime_state(
+        tx, run["agent_id"], run_id, "cancelled", reason or DEFAULT_REASON
     )
     await run_store.append_events(
         tx,

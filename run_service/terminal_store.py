@@ -1,6 +1,6 @@
 """SQL of a run's terminal write: the run row, its wakeup request and the agent's
-runtime state, for a run that ended (``run_service.finalize``) or was cancelled
-(``run_service.run_control``).
+runtime state, for a run that ended (``run_service.finalize``), was cancelled
+(``run_service.run_control``) or lost its process (``run_service.lost_runs``).
 
 Every function takes the connection of the caller's unit of work; none commits.
 """
@@ -51,24 +51,6 @@ _CANCEL = sql(
     RETURNING {RUN_COLUMNS}
     """
 )
-_CANCEL_WAKES = sql(
-    """
-    UPDATE runs.wakeup_requests SET status = 'cancelled', finished_at = now()
-    WHERE (id = :wake OR run_id = :run) AND status IN ('queued', 'claimed')
-    """
-)
-#: The agent's runtime state after a cancel, as :func:`record_runtime_state` records it.
-_CANCELLED_RUNTIME_STATE = sql(
-    """
-    INSERT INTO runs.agent_runtime_state
-        (agent_id, last_run_id, last_run_status, last_error, last_heartbeat_at, updated_at)
-    VALUES (:agent, :run, 'cancelled', :error, now(), now())
-    ON CONFLICT (agent_id) DO UPDATE
-    SET last_run_id = EXCLUDED.last_run_id, last_run_status = EXCLUDED.last_run_status,
-        last_error = EXCLUDED.last_error, last_heartbeat_at = EXCLUDED.last_heartbeat_at,
-        updated_at = EXCLUDED.updated_at
-    """
-)
 
 
 async def finish_run(
@@ -99,13 +81,3 @@ async def record_runtime_state(
 async def cancel_run(tx: Tx, run_id: str, error: str, *, from_status: str) -> Row | None:
     """Cancel the run while it is in ``from_status``; its row, None when it was not."""
     return await tx.fetchrow(_CANCEL, {"id": run_id, "error": error, "from_status": from_status})
-
-
-async def cancel_wakes(tx: Tx, run_id: str, wake_id: object) -> None:
-    """Cancel the cancelled run's queued or claimed wake."""
-    await tx.execute(_CANCEL_WAKES, {"wake": wake_id, "run": run_id})
-
-
-async def record_cancelled_state(tx: Tx, agent_id: object, run_id: str, error: str) -> None:
-    """Record the cancelled run as the agent's last run (race-free upsert)."""
-    await tx.execute(_CANCELLED_RUNTIME_STATE, {"agent": agent_id, "run": run_id, "error": error})
