@@ -95,31 +95,12 @@ async def _all_runs(
 
 
 async def _company_figures(client: PaperclipClient, company: issues_pb2.Company) -> CompanyFigures:
-
     figures = CompanyFigures(company.id, company.issue_prefix)
-
-    async def agent_page(size: int, token: str) -> tuple[list[agents_pb2.Agent], str]:
-        reply = await client.runs.ListAgents(
-            agents_pb2.ListAgentsRequest(company_id=company.id, page_size=size, page_token=token)
-        )
-        return list(reply.agents), reply.next_page_token
-
-    async def issue_page(size: int, token: str) -> tuple[list[issues_pb2.Issue], str]:
-        reply = await client.issues.ListIssues(
-            issues_pb2.ListIssuesRequest(
-                company_id=company.id,
-                statuses=[issues_pb2.ISSUE_STATUS_TODO, issues_pb2.ISSUE_STATUS_IN_PROGRESS],
-                page_size=size,
-                page_token=token,
-            )
-        )
-        return list(reply.issues), reply.next_page_token
-
     queued, running, agents, open_issues = await asyncio.gather(
         _all_runs(client, company.id, run_messages_pb2.RUN_STATUS_QUEUED),
         _all_runs(client, company.id, run_messages_pb2.RUN_STATUS_RUNNING),
-        collect(agent_page, 0),
-        collect(issue_page, 0),
+        _all_agents(client, company.id),
+        _open_issues(client, company.id),
     )
     figures.queued = len(queued)
     figures.running_by_agent = dict(Counter(r.agent_id for r in running))
@@ -133,33 +114,64 @@ async def _company_figures(client: PaperclipClient, company: issues_pb2.Company)
         and not i.assignee_user_id
         and i.id not in busy_issues
     ]
+    latest = await asyncio.gather(*(_latest_run(client, company.id, i) for i in candidates))
+    for issue, run in zip(candidates, latest, strict=True):
+        if _stranded(issue, run):
+            figures.stranded.append(_stranded_row(issue, run))
+    return figures
 
-    async def latest(issue: issues_pb2.Issue) -> run_messages_pb2.Run | None:
-        reply = await client.runs.ListRuns(
-            runs_pb2.ListRunsRequest(
-                company_id=company.id,
-                agent_id=issue.assignee_agent_id,
-                issue_id=issue.id,
-                page_size=1,
+
+async def _all_agents(client: PaperclipClient, company_id: str) -> list[agents_pb2.Agent]:
+    async def page(size: int, token: str) -> tuple[list[agents_pb2.Agent], str]:
+        reply = await client.runs.ListAgents(
+            agents_pb2.ListAgentsRequest(company_id=company_id, page_size=size, page_token=token)
+        )
+        return list(reply.agents), reply.next_page_token
+
+    return await collect(page, 0)
+
+
+async def _open_issues(client: PaperclipClient, company_id: str) -> list[issues_pb2.Issue]:
+    """The company's ``todo`` and ``in_progress`` issues."""
+
+    async def page(size: int, token: str) -> tuple[list[issues_pb2.Issue], str]:
+        reply = await client.issues.ListIssues(
+            issues_pb2.ListIssuesRequest(
+                company_id=company_id,
+                statuses=[issues_pb2.ISSUE_STATUS_TODO, issues_pb2.ISSUE_STATUS_IN_PROGRESS],
+                page_size=size,
+                page_token=token,
             )
         )
-        return reply.runs[0] if reply.runs else None
+        return list(reply.issues), reply.next_page_token
 
-    for issue, run in zip(
-        candidates, await asyncio.gather(*(latest(i) for i in candidates)), strict=True
-    ):
-        if _stranded(issue, run):
-            figures.stranded.append(
-                {
-                    "issue_id": issue.id,
-                    "identifier": issue.identifier,
-                    "status": issues_pb2.IssueStatus.Name(issue.status),
-                    "agent_id": issue.assignee_agent_id,
-                    "latest_run_id": run.id if run else "",
-                    "latest_run_status": run_messages_pb2.RunStatus.Name(run.status) if run else "",
-                }
-            )
-    return figures
+    return await collect(page, 0)
+
+
+async def _latest_run(
+    client: PaperclipClient, company_id: str, issue: issues_pb2.Issue
+) -> run_messages_pb2.Run | None:
+    """The latest run of the issue's assignee on the issue, if any."""
+    reply = await client.runs.ListRuns(
+        runs_pb2.ListRunsRequest(
+            company_id=company_id,
+            agent_id=issue.assignee_agent_id,
+            issue_id=issue.id,
+            page_size=1,
+        )
+    )
+    return reply.runs[0] if reply.runs else None
+
+
+def _stranded_row(issue: issues_pb2.Issue, run: run_messages_pb2.Run | None) -> dict[str, str]:
+    return {
+        "issue_id": issue.id,
+        "identifier": issue.identifier,
+        "status": issues_pb2.IssueStatus.Name(issue.status),
+        "agent_id": issue.assignee_agent_id,
+        "latest_run_id": run.id if run else "",
+        "latest_run_status": run_messages_pb2.RunStatus.Name(run.status) if run else "",
+    }
 
 
 def _stranded(issue: issues_pb2.Issue, latest: run_messages_pb2.Run | None) -> bool:

@@ -146,10 +146,7 @@ class RuntimeSupervisor:
     ) -> RuntimeServiceRecord:
         """Spawn the reserved row's process, record it, wait for readiness."""
         values = template_values(workspace, port=row.port)
-        env = sanitized_env()
-        env.update({key: render(value, values) for key, value in command.env.items()})
-        if row.port is not None:
-            env[command.port_env] = str(row.port)
+        env = _service_env(command, row, values)
         log_path = log_path_for(self._settings.home, row.id)
         try:
             proc = await spawn_service(command=row.command, cwd=row.cwd, env=env, log_path=log_path)
@@ -191,14 +188,7 @@ class RuntimeSupervisor:
             await asyncio.shield(self._abort_start(entry, "the start was interrupted"))
             raise
         entry.watcher = asyncio.create_task(self._watch(entry), name=f"watch-{proc.pid}")
-        on_port = f" on port {running.port}" if running.port is not None else ""
-        op.note(f"Started {command.name}{on_port} (pid {proc.pid})")
-        if running.url:
-            op.note(f"{command.name}: {running.url}")
-        logger.info(
-            "runtime service started",
-            extra={"runtime_service_id": row.id, "pid": proc.pid, "port": running.port},
-        )
+        _report_started(op, command, running, proc.pid)
         return running
 
     async def _abort_start(self, entry: Supervised, reason: str) -> FailedPrecondition:
@@ -401,3 +391,29 @@ def _start_failed(
 def _with_tail(message: str, tail: str) -> str:
     """``message`` followed by the end of the service's log, when there is one."""
     return f"{message} | stderr: {tail}" if tail else message
+
+
+def _service_env(
+    command: CommandDef, row: RuntimeServiceRecord, values: dict[str, str]
+) -> dict[str, str]:
+    """The service process's environment: the sanitized one, the command's rendered
+    variables and its port."""
+    env = sanitized_env()
+    env.update({key: render(value, values) for key, value in command.env.items()})
+    if row.port is not None:
+        env[command.port_env] = str(row.port)
+    return env
+
+
+def _report_started(
+    op: Operation, command: CommandDef, running: RuntimeServiceRecord, pid: int
+) -> None:
+    """The operation's notes and the log line of a service that became ready."""
+    on_port = f" on port {running.port}" if running.port is not None else ""
+    op.note(f"Started {command.name}{on_port} (pid {pid})")
+    if running.url:
+        op.note(f"{command.name}: {running.url}")
+    logger.info(
+        "runtime service started",
+        extra={"runtime_service_id": running.id, "pid": pid, "port": running.port},
+    )

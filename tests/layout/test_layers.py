@@ -12,7 +12,15 @@ from __future__ import annotations
 import pytest
 
 from tests.deploy.test_manifests import dockerfile_stages, instructions
-from tests.layout.imports import GENERATED, PACKAGES, closure, imported_modules, source_files
+from tests.layout.imports import (
+    GENERATED,
+    PACKAGES,
+    closure,
+    cycles,
+    imported_modules,
+    load_time_imports,
+    source_files,
+)
 
 SERVICES = ("issue_service", "run_service", "workspace_service", "gateway")
 # What each package may import, besides itself and the generated protobuf package.
@@ -61,3 +69,17 @@ def test_the_image_copies_every_package_its_processes_import() -> None:
     needed = {module.partition(".")[0] for module in closure(IMAGE_PROCESSES)}
     assert "local_suite" not in needed
     assert needed - {GENERATED} <= copied
+
+
+def test_no_modules_import_one_another_in_a_circle() -> None:
+    graph = {
+        module: load_time_imports(path, module)
+        for package in PACKAGES
+        for module, path in source_files(package)
+    }
+    assert cycles(graph) == []
+
+
+def test_cycles_finds_a_circle() -> None:
+    graph = {"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}, "e": set()}
+    assert cycles(graph) == [["a", "b", "c"]]
