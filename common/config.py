@@ -19,6 +19,8 @@ from paperclip_client.errors import ConfigError
 DEFAULT_GATEWAY_ADDR = "127.0.0.1:50051"
 DEFAULT_INTERNAL_ADDR = "127.0.0.1:0"
 SECRETS_FILE = "secrets.json"
+#: The longest wake-loop window ``PAPERCLIP_WAKE_LOOP_WINDOW_SECONDS`` accepts (7 days).
+WAKE_LOOP_WINDOW_MAX_SECONDS = 604_800
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -73,6 +75,7 @@ class Settings:
     retention_runs_days: int = 30
     retention_skipped_wakes_days: int = 3
     retention_wakes_days: int = 30
+    retention_wake_breakers_days: int = 30
     retention_activity_days: int = 90
     retention_issue_events_days: int = 1
     retention_workspace_operations_days: int = 30
@@ -162,7 +165,11 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         ),
         wake_loop_runs=_int(env, "PAPERCLIP_WAKE_LOOP_RUNS", 10, low=0, high=10_000),
         wake_loop_window_seconds=_int(
-            env, "PAPERCLIP_WAKE_LOOP_WINDOW_SECONDS", 1800, low=60, high=604_800
+            env,
+            "PAPERCLIP_WAKE_LOOP_WINDOW_SECONDS",
+            1800,
+            low=60,
+            high=WAKE_LOOP_WINDOW_MAX_SECONDS,
         ),
         max_queued_seconds=_int(env, "PAPERCLIP_MAX_QUEUED_SECONDS", 14_400, low=0, high=2_592_000),
         host=(env.get("PAPERCLIP_HOST") or "").strip() or socket.gethostname(),
@@ -179,6 +186,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         retention_runs_days=_days(env, "PAPERCLIP_RETENTION_RUNS_DAYS", 30),
         retention_skipped_wakes_days=_days(env, "PAPERCLIP_RETENTION_SKIPPED_WAKES_DAYS", 3),
         retention_wakes_days=_days(env, "PAPERCLIP_RETENTION_WAKES_DAYS", 30),
+        retention_wake_breakers_days=_days(env, "PAPERCLIP_RETENTION_WAKE_BREAKERS_DAYS", 30),
         retention_activity_days=_days(env, "PAPERCLIP_RETENTION_ACTIVITY_DAYS", 90),
         retention_issue_events_days=_days(env, "PAPERCLIP_RETENTION_ISSUE_EVENTS_DAYS", 1),
         retention_workspace_operations_days=_days(

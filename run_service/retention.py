@@ -9,6 +9,10 @@ table                      deleted                                             d
                            horizon
 ``runs.wakeup_requests``   ``skipped`` and ``coalesced`` wakes                 3 days
 ``runs.wakeup_requests``   ``completed``, ``failed`` and ``cancelled`` wakes   30 days
+``runs.wake_breakers``     trips that no longer decide anything: a budget      30 days
+                           trip, a loop trip a later trip of its (agent,
+                           issue, reason) supersedes, a loop trip cleared
+                           longer ago than the longest loop window
 ``runs.heartbeat_runs``    runs finished longer ago than the horizon (their    30 days
                            remaining events go with them)
 =========================  ==================================================  =======
@@ -19,7 +23,9 @@ Never deleted, whatever their age: anything of a ``queued`` or ``running`` run; 
 for; a run another run retries (``retry_of_run_id``, a foreign key) or a kept wake
 names (``run_id``, a foreign key); a run an active environment lease names; the latest
 run of each (issue, agent) pair while the issue is open (stranded-issue reconciliation
-decides on it).
+decides on it); a trip whose comment is still to be posted, and the latest loop trip of
+an (agent, issue, reason) until it was cleared (``run_service.wake_breaker``: it stands,
+and the runs counted after it start when it was cleared).
 
 Run events are walked by run, in ``finished_at`` order behind a cursor, so runs whose
 events are gone are not read again within a sweep.
@@ -31,7 +37,7 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
 
-from common.config import Settings
+from common.config import WAKE_LOOP_WINDOW_MAX_SECONDS, Settings
 from common.db import Database
 from common.retention import Cursor, Policy, Step, counting, days, sweep_by_settings
 from common.sql import Tx, sql
@@ -40,6 +46,8 @@ from run_service.foreign_reads import (
     REFERENCED_BY_ISSUE,
     RUN_ISSUE_OPEN,
 )
+from run_service.wake_breaker import BUDGET_WINDOW_SECONDS
+from run_service.wake_breaker_store import CLEARS_LOOP_TRIP
 
 LOCK_KEY = "run_service.retention"
 TERMINAL = "('succeeded', 'failed', 'cancelled', 'timed_out')"
@@ -94,6 +102,42 @@ _WAKES = """
 """
 SKIPPED_WAKES = sql(_WAKES.format(statuses="('skipped', 'coalesced')"))
 FINISHED_WAKES = sql(_WAKES.format(statuses="('completed', 'failed', 'cancelled')"))
+
+#: Trips that decide nothing any more. ``run_service.wake_breaker`` reads the latest loop
+#: trip of an (agent, issue, reason) and the first activity clearing it, which bounds
+#: the runs it counts while that is within the loop window; and the budget trips of the
+#: last 24 hours.
+WAKE_BREAKERS = sql(
+    f"""
+    WITH victims AS (
+        SELECT b.id FROM runs.wake_breakers b
+        WHERE b.tripped_at < :cutoff
+          AND (b.announced_at IS NOT NULL OR b.issue_id IS NULL)
+          AND (
+              (b.kind = 'daily_run_budget'
+               AND b.tripped_at < now() - make_interval(secs => :budget_window))
+              OR EXISTS (
+                  SELECT 1 FROM runs.wake_breakers n
+                  WHERE n.agent_id = b.agent_id AND n.kind = b.kind
+                    AND n.issue_id = b.issue_id AND n.reason = b.reason
+                    AND n.tripped_at > b.tripped_at)
+              OR EXISTS (
+                  SELECT 1 FROM audit.activity_log a
+                  WHERE a.company_id = b.company_id AND a.entity_type = 'issue'
+                    AND a.entity_id = CAST(b.issue_id AS text)
+                    AND a.created_at > b.tripped_at
+                    AND a.created_at < now() - make_interval(secs => :loop_window)
+                    AND {CLEARS_LOOP_TRIP}))
+        ORDER BY b.tripped_at
+        LIMIT :limit
+        FOR UPDATE OF b SKIP LOCKED
+    ),
+    gone AS (
+        DELETE FROM runs.wake_breakers b USING victims v WHERE b.id = v.id RETURNING 1
+    )
+    SELECT count(*) FROM gone
+    """
+)
 
 RUNS = sql(
     f"""
@@ -154,6 +198,17 @@ def policies(settings: Settings) -> Sequence[Policy]:
             days(settings.retention_wakes_days),
             counting(FINISHED_WAKES),
             part="finished",
+        ),
+        Policy(
+            "runs.wake_breakers",
+            days(settings.retention_wake_breakers_days),
+            counting(
+                WAKE_BREAKERS,
+                {
+                    "budget_window": BUDGET_WINDOW_SECONDS,
+                    "loop_window": WAKE_LOOP_WINDOW_MAX_SECONDS,
+                },
+            ),
         ),
         Policy(
             "runs.heartbeat_runs",

@@ -12,18 +12,23 @@ from typing import Any
 
 from common.sql import Row, Tx, sql
 
+#: True for an issue's activity row ``a`` (``audit.activity_log``) that clears the loop
+#: trips before it: a status change, or a board user's comment or change.
+STATUS_CHANGE = "(a.action = 'issue.updated' AND a.details ? 'status')"
+CLEARS_LOOP_TRIP = f"""({STATUS_CHANGE}
+    OR (a.actor_type = 'user' AND a.action IN ('issue.comment_added', 'issue.updated')))"""
+
 #: The latest trip of the (agent, issue, reason), the issue's latest status change, and
 #: the first board action or status change after that trip (which clears it).
 _LOOP = sql(
-    """
+    f"""
     WITH latest AS (
         SELECT max(b.tripped_at) AS at FROM runs.wake_breakers b
         WHERE b.agent_id = :agent AND b.kind = 'wake_loop' AND b.issue_id = :issue
           AND b.reason = :reason
     ),
     issue_activity AS (
-        SELECT a.created_at, a.actor_type, a.action,
-               a.action = 'issue.updated' AND a.details ? 'status' AS status_change
+        SELECT a.created_at, {STATUS_CHANGE} AS status_change, {CLEARS_LOOP_TRIP} AS clears
         FROM audit.activity_log a
         WHERE a.company_id = :company AND a.entity_type = 'issue'
           AND a.entity_id = CAST(:issue AS text)
@@ -33,10 +38,7 @@ _LOOP = sql(
     ),
     cleared AS (
         SELECT min(i.created_at) AS at FROM issue_activity i, latest
-        WHERE i.created_at > latest.at
-          AND (i.status_change
-               OR (i.actor_type = 'user'
-                   AND i.action IN ('issue.comment_added', 'issue.updated')))
+        WHERE i.created_at > latest.at AND i.clears
     )
     SELECT latest.at IS NOT NULL AND cleared.at IS NULL AS standing,
            (SELECT count(*) FROM runs.heartbeat_runs r

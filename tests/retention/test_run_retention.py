@@ -9,11 +9,12 @@ from datetime import timedelta
 
 from common.config import Settings
 from common.db import Database
-from common.retention import sweep
-from run_service import retention
+from common.retention import Policy, sweep
+from run_service import retention, wake_breaker_store
 from tests.retention import support as s
 
 BATCH = 25
+LOOP_WINDOW_SECONDS = 1800
 
 
 async def test_run_events_of_finished_runs_go_after_their_horizon_the_rest_stay(
@@ -165,3 +166,177 @@ async def test_a_zero_horizon_keeps_everything(own_db: Database, settings: Setti
     assert await s.count_in(db, "runs.run_events", "run_id", old) == 6
     assert retention.policies(off)[0].keep is None
     assert retention.policies(settings)[0].keep == timedelta(days=14)
+
+
+def wake_breakers_policy(settings: Settings) -> Policy:
+    (policy,) = [p for p in retention.policies(settings) if p.table == "runs.wake_breakers"]
+    return policy
+
+
+async def trip(
+    db: Database,
+    company: str,
+    agent: str,
+    issue: str | None,
+    *,
+    kind: str = "wake_loop",
+    days_ago: float,
+    announced: bool = True,
+) -> str:
+    """A trip row of ``days_ago``, its comment posted when ``announced``."""
+    return str(
+        await s.scalar(
+            db,
+            """
+            INSERT INTO runs.wake_breakers
+                (company_id, agent_id, issue_id, kind, reason, runs, window_seconds,
+                 tripped_at, announced_at)
+            VALUES (:c, :a, :i, :k, 'issue_commented', 10, 1800,
+                    now() - make_interval(days => :d),
+                    CASE WHEN :announced THEN now() - make_interval(days => :d) END)
+            RETURNING id
+            """,
+            c=company,
+            a=agent,
+            i=issue,
+            k=kind,
+            d=days_ago,
+            announced=announced,
+        )
+    )
+
+
+async def activity(
+    db: Database,
+    company: str,
+    issue: str,
+    *,
+    actor: str,
+    action: str,
+    status: bool,
+    days_ago: float,
+) -> None:
+    """An audit row about ``issue`` of ``days_ago`` (a status change when ``status``)."""
+    await s.scalar(
+        db,
+        """
+        INSERT INTO audit.activity_log
+            (company_id, actor_type, actor_id, action, entity_type, entity_id, details,
+             created_at)
+        VALUES (:c, :actor, 'someone', :action, 'issue', :i,
+                CASE WHEN :status THEN '{"status": "in_progress"}'::jsonb
+                     ELSE '{}'::jsonb END,
+                now() - make_interval(days => :d))
+        """,
+        c=company,
+        actor=actor,
+        action=action,
+        i=issue,
+        status=status,
+        d=days_ago,
+    )
+
+
+async def loop_standing(db: Database, company: str, agent: str, issue: str) -> tuple[bool, int]:
+    async with db.unit_of_work() as tx:
+        row = await wake_breaker_store.loop_state(
+            tx,
+            company_id=company,
+            agent_id=agent,
+            issue_id=issue,
+            reason="issue_commented",
+            window=LOOP_WINDOW_SECONDS,
+        )
+    return bool(row["standing"]), int(row["runs"])
+
+
+async def test_wake_breaker_trips_go_once_they_decide_nothing(
+    own_db: Database, settings: Settings
+) -> None:
+    db = own_db
+    company = await s.company(db)
+    agent = await s.agent(db, company)
+    issues = {name: await s.issue(db, company) for name in ("budget", *"ABCDEF")}
+    budget_gone = [
+        await trip(db, company, agent, issues["budget"], kind="daily_run_budget", days_ago=40),
+        await trip(db, company, agent, None, kind="daily_run_budget", days_ago=40, announced=False),
+    ]
+    budget_kept = [
+        # Its comment is still to be posted.
+        await trip(
+            db,
+            company,
+            agent,
+            issues["budget"],
+            kind="daily_run_budget",
+            days_ago=40,
+            announced=False,
+        ),
+        await trip(db, company, agent, issues["budget"], kind="daily_run_budget", days_ago=10),
+    ]
+    # A: superseded by a later trip, which stands (nothing cleared it).
+    superseded = await trip(db, company, agent, issues["A"], days_ago=50)
+    standing = await trip(db, company, agent, issues["A"], days_ago=40)
+    # B: cleared by a board comment 35 days ago; E: by an agent's status change.
+    cleared_by_board = await trip(db, company, agent, issues["B"], days_ago=40)
+    await activity(
+        db,
+        company,
+        issues["B"],
+        actor="user",
+        action="issue.comment_added",
+        status=False,
+        days_ago=35,
+    )
+    cleared_by_status = await trip(db, company, agent, issues["E"], days_ago=40)
+    await activity(
+        db, company, issues["E"], actor="agent", action="issue.updated", status=True, days_ago=35
+    )
+    # C: cleared 2 days ago, within the longest loop window: it still bounds the count.
+    cleared_lately = await trip(db, company, agent, issues["C"], days_ago=40)
+    await activity(
+        db, company, issues["C"], actor="user", action="issue.updated", status=False, days_ago=2
+    )
+    # D: an agent's comment does not clear a trip; F: a young trip.
+    not_cleared = await trip(db, company, agent, issues["D"], days_ago=40)
+    await activity(
+        db,
+        company,
+        issues["D"],
+        actor="agent",
+        action="issue.comment_added",
+        status=False,
+        days_ago=35,
+    )
+    young = await trip(db, company, agent, issues["F"], days_ago=5)
+    before = {name: await loop_standing(db, company, agent, issues[name]) for name in "ABCDEF"}
+
+    result = await sweep(
+        db, [wake_breakers_policy(settings)], lock_key="test-breakers", batch=2, pause=0
+    )
+
+    gone = [*budget_gone, superseded, cleared_by_board, cleared_by_status]
+    kept = [*budget_kept, standing, cleared_lately, not_cleared, young]
+    assert await s.count_in(db, "runs.wake_breakers", "id", gone) == 0
+    assert await s.count_in(db, "runs.wake_breakers", "id", kept) == len(kept)
+    assert result.deleted("runs.wake_breakers") >= len(gone)
+    assert result.batches("runs.wake_breakers") >= 3
+    # What the breaker decides on each issue is what it decided before the sweep.
+    after = {name: await loop_standing(db, company, agent, issues[name]) for name in "ABCDEF"}
+    assert after == before
+    assert {name for name, (stands, _) in after.items() if stands} == {"A", "D", "F"}
+
+
+async def test_a_zero_wake_breaker_horizon_keeps_every_trip(
+    own_db: Database, settings: Settings
+) -> None:
+    db = own_db
+    company = await s.company(db)
+    agent = await s.agent(db, company)
+    old = await trip(db, company, agent, None, kind="daily_run_budget", days_ago=400)
+    off = replace(settings, retention_wake_breakers_days=0)
+
+    result = await sweep(db, [wake_breakers_policy(off)], lock_key="test-off", batch=BATCH, pause=0)
+
+    assert result.batches("runs.wake_breakers") == 0
+    assert await s.count_in(db, "runs.wake_breakers", "id", [old]) == 1

@@ -121,4 +121,5 @@ def test_the_default_horizons(settings: Settings) -> None:
         3,
         30,
         30,
+        30,
     ]
