@@ -155,6 +155,23 @@ def run_span(name: str, run_id: str) -> contextlib.AbstractContextManager[None]:
     return _run_span(name, run_id) if ENABLED else contextlib.nullcontext()
 
 
+@contextlib.contextmanager
+def _agent_process_span(run_id: str) -> Iterator[dict[str, str]]:
+    with _tracer.start_as_current_span("run.agent", attributes={RUN_ID_ATTRIBUTE: run_id}) as span:
+        carrier: dict[str, str] = {}
+        _PROPAGATOR.inject(carrier, context=trace.set_span_in_context(span))
+        yield {name.upper(): value for name, value in carrier.items()}
+
+
+def agent_process_span(run_id: str) -> contextlib.AbstractContextManager[dict[str, str]]:
+    """The span of a run's agent process, current from its spawn to the run's terminal
+    write, and the environment that hands it to the process: ``TRACEPARENT`` (and
+    ``TRACESTATE``), OpenTelemetry's environment carrier, which the typed client sends
+    with every call so that the agent's calls continue the run's trace. Nothing (an
+    empty environment) when off."""
+    return _agent_process_span(run_id) if ENABLED else contextlib.nullcontext({})
+
+
 # --- server spans --------------------------------------------------------------------
 
 

@@ -314,18 +314,19 @@ async def _execute(ctx: ExecutorContext, execution: Execution) -> bool:
         grace_seconds=float(max(1, agent.grace_seconds)),
     )
     writer = OutputWriter(ctx.db, execution.run_id)
-    process = await _spawn(ctx, execution, limits, writer)
-    if process is None:
-        return True
-    if not await _start(
-        ctx, execution, process, limits=limits, writer=writer, pre_events=pre_events
-    ):
-        return True
-    outcome = await process.wait()
-    await writer.close()
-    await _finish(
-        ctx, execution, finalize.result_of(outcome, cancel_reason=execution.cancel_reason)
-    )
+    with tracing.agent_process_span(execution.run_id) as trace_env:
+        process = await _spawn(ctx, execution, limits, writer, trace_env)
+        if process is None:
+            return True
+        if not await _start(
+            ctx, execution, process, limits=limits, writer=writer, pre_events=pre_events
+        ):
+            return True
+        outcome = await process.wait()
+        await writer.close()
+        await _finish(
+            ctx, execution, finalize.result_of(outcome, cancel_reason=execution.cancel_reason)
+        )
     return True
 
 
@@ -360,10 +361,15 @@ async def _before_spawn(
 
 
 async def _spawn(
-    ctx: ExecutorContext, execution: Execution, limits: ProcessLimits, writer: OutputWriter
+    ctx: ExecutorContext,
+    execution: Execution,
+    limits: ProcessLimits,
+    writer: OutputWriter,
+    trace_env: Mapping[str, str],
 ) -> SupervisedProcess | None:
-    """Start the agent's process (its output goes to ``writer``); None when it cannot
-    be started (the run has then ended ``failed`` / ``adapter_failed``)."""
+    """Start the agent's process (its output goes to ``writer``; ``trace_env`` names the
+    run's trace); None when it cannot be started (the run has then ended ``failed`` /
+    ``adapter_failed``)."""
     claim = execution.claim
     adapter = claim.agent.adapter
     env = _agent_env(
@@ -372,6 +378,7 @@ async def _spawn(
         issue_id=text_or_none(claim.run["issue_id"]),
         wake_reason=claim.run["wake_reason"] or "",
     )
+    env.update(trace_env)
     try:
         spec = ProcessSpec(
             argv=list(adapter.command), env=env, cwd=adapter.cwd or None, limits=limits

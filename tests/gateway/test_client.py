@@ -281,6 +281,58 @@ async def test_from_env_names_each_missing_variable(
         assert name not in str(caught.value)
 
 
+TRACEPARENT = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+
+
+async def test_from_env_sends_the_runs_trace_with_every_call_unless_the_call_has_one(
+    probe_server: ProbeServer,
+) -> None:
+    env = {
+        "PAPERCLIP_API_URL": probe_server.address,
+        "PAPERCLIP_AGENT_TOKEN": "env-token",
+        "TRACEPARENT": TRACEPARENT,
+        "TRACESTATE": "paperclip=run",
+    }
+    own = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+
+    async with PaperclipClient.from_env(env) as client:
+        await client.issues.GetIssue(issues_pb2.GetIssueRequest(issue="PAP-1"))
+        await client.issues.GetIssue(
+            issues_pb2.GetIssueRequest(issue="PAP-2"), metadata=(("traceparent", own),)
+        )
+
+    first, second = probe_server.issues.attempts
+    assert (first.metadata["traceparent"], first.metadata["tracestate"]) == (
+        TRACEPARENT,
+        "paperclip=run",
+    )
+    assert second.metadata["traceparent"] == own
+    assert "tracestate" not in second.metadata
+
+
+@pytest.mark.parametrize(
+    "value", ["", "  ", "not-a-trace", "00-00000000000000000000000000000000-00f067aa0ba902b7-01"]
+)
+async def test_from_env_leaves_out_a_missing_or_malformed_traceparent(
+    probe_server: ProbeServer, value: str
+) -> None:
+    env = {
+        "PAPERCLIP_API_URL": probe_server.address,
+        "PAPERCLIP_AGENT_TOKEN": "env-token",
+        "TRACEPARENT": value,
+    }
+
+    async with PaperclipClient.from_env(env) as client:
+        await client.issues.GetIssue(issues_pb2.GetIssueRequest(issue="PAP-1"))
+
+    assert "traceparent" not in probe_server.issues.attempts[0].metadata
+
+
+async def test_a_malformed_traceparent_given_to_the_client_is_refused() -> None:
+    with pytest.raises(ConfigError, match="traceparent"):
+        PaperclipClient("127.0.0.1:1", TOKEN, traceparent=TRACEPARENT.upper())
+
+
 def _method_configs(config: str) -> dict[str, dict[str, Any]]:
     entries: dict[str, dict[str, Any]] = {}
     for entry in json.loads(config)["methodConfig"]:

@@ -176,6 +176,8 @@ async def traced(database_url: str, db: Database) -> AsyncIterator[Traced]:
         )
         address = f"127.0.0.1:{gateway.running.port}"
         await wait_serving(address)
+        # The agents this runner starts reach this gateway.
+        runner.settings = replace(runner.settings, gateway_addr=address)
         admin_token = await create_admin_key(db, f"trace-{uuid.uuid4()}")
         admin = open_caller(address, bearer(admin_token))
         env = Traced(exporter, provider, address, settings, db, runner, admin, admin_token, [admin])
@@ -398,6 +400,68 @@ async def test_run_spans_carry_the_run_id(traced: Traced) -> None:
     assert (watched.attributes or {}).get(tracing.RUN_ID_ATTRIBUTE) == run_id
 
 
+async def test_an_agents_calls_continue_its_runs_trace(traced: Traced) -> None:
+    """The run service hands its agent the run's span (``TRACEPARENT``); the typed client
+    sends it, so the agent's calls are that span's children at the gateway."""
+    world = await _checkout_world(traced)
+    worker = await traced.admin.runs.CreateAgent(
+        agents_pb2.CreateAgentRequest(
+            company_id=world.company_id,
+            name=f"worker-{unique_prefix().lower()}",
+            role="engineer",
+            adapter_type="process",
+            adapter_config=agents_pb2.AdapterConfig(
+                command=[sys.executable, str(AGENTS / "worker.py")]
+            ),
+        )
+    )
+    issue = await traced.admin.issues.CreateIssue(
+        issues_pb2.CreateIssueRequest(
+            company_id=world.company_id,
+            title="Work it, traced",
+            assignee_agent_id=worker.id,
+            status=issues_pb2.ISSUE_STATUS_TODO,
+        )
+    )
+    traced.exporter.clear()
+    run_id = await _queue_run(traced.db, world.company_id, worker.id, issue.id)
+    companies = traced.runner.companies
+    assert companies is not None
+    companies.add(world.company_id)
+    try:
+        await wait_until(lambda: _run_status(traced.db, run_id), within=30, what="the run to end")
+    finally:
+        companies.discard(world.company_id)
+    done = await traced.admin.issues.GetIssue(issues_pb2.GetIssueRequest(issue=issue.id))
+    assert done.status == issues_pb2.ISSUE_STATUS_DONE, "the worker did its issue's work"
+
+    spans = await _spans_settled(traced, "run.agent", 1)
+    [agent_span] = [
+        s
+        for s in spans
+        if s.name == "run.agent" and (s.attributes or {}).get(tracing.RUN_ID_ATTRIBUTE) == run_id
+    ]
+    agent_ctx = agent_span.context
+    children = [s for s in spans if s.parent is not None and s.parent.span_id == agent_ctx.span_id]
+    calls = [s for s in children if s.kind == SpanKind.SERVER]
+    assert {s.name for s in calls} == {
+        CHECKOUT,
+        "paperclip.issues.v1.IssueService/AddComment",
+        "paperclip.issues.v1.IssueService/UpdateIssue",
+    }
+    for call in calls:
+        assert call.context.trace_id == agent_ctx.trace_id
+        assert call.parent is not None and call.parent.is_remote
+        assert (call.attributes or {}).get(tracing.RUN_ID_ATTRIBUTE) == run_id
+    # The run's own steps after the spawn are in the same trace.
+    [finalize] = [
+        s
+        for s in spans
+        if s.name == "run.finalize" and (s.attributes or {}).get(tracing.RUN_ID_ATTRIBUTE) == run_id
+    ]
+    assert finalize.parent is not None and finalize.parent.span_id == agent_ctx.span_id
+
+
 async def test_tracing_off_records_nothing_and_keeps_request_ids(traced: Traced) -> None:
     world = await _checkout_world(traced)
     tracing.disable()
@@ -421,28 +485,32 @@ async def test_tracing_off_records_nothing_and_keeps_request_ids(traced: Traced)
         tracing.enable(traced.provider)
 
 
-async def _queue_run(db: Database, company_id: str, agent_id: str) -> str:
-    """A queued wake and its queued run, as WakeAgent writes them; the run id."""
+async def _queue_run(
+    db: Database, company_id: str, agent_id: str, issue_id: str | None = None
+) -> str:
+    """A queued wake and its queued run (on ``issue_id``), as WakeAgent writes them; the
+    run id."""
     async with db.unit_of_work() as tx:
         wake = await tx.fetchval(
             sql(
                 """
-                INSERT INTO runs.wakeup_requests (company_id, agent_id, source, reason, status)
-                VALUES (:c, :a, 'on_demand', 'trace test', 'queued') RETURNING id
+                INSERT INTO runs.wakeup_requests
+                    (company_id, agent_id, issue_id, source, reason, status)
+                VALUES (:c, :a, :i, 'on_demand', 'trace test', 'queued') RETURNING id
                 """
             ),
-            {"c": company_id, "a": agent_id},
+            {"c": company_id, "a": agent_id, "i": issue_id},
         )
         run = await tx.fetchval(
             sql(
                 """
                 INSERT INTO runs.heartbeat_runs
-                    (company_id, agent_id, status, invocation_source, wake_reason,
+                    (company_id, agent_id, issue_id, status, invocation_source, wake_reason,
                      wakeup_request_id)
-                VALUES (:c, :a, 'queued', 'on_demand', 'trace test', :w) RETURNING id
+                VALUES (:c, :a, :i, 'queued', 'on_demand', 'trace test', :w) RETURNING id
                 """
             ),
-            {"c": company_id, "a": agent_id, "w": wake},
+            {"c": company_id, "a": agent_id, "i": issue_id, "w": wake},
         )
         await tx.execute(
             sql("UPDATE runs.wakeup_requests SET run_id = :r WHERE id = :w"),

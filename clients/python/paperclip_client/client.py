@@ -6,9 +6,11 @@ async stubs on it, so every call keeps its generated request and response types:
     async with PaperclipClient.from_env() as client:
         issue = await client.issues.CheckoutIssue(request)
 
-One client interceptor adds ``authorization: Bearer <token>`` and an ``x-request-id`` to
-every call and turns a failed call into the project's ``PaperclipError`` subclasses
-(``NotFound``, ``FailedPrecondition``...) instead of ``grpc.aio.AioRpcError``. Timeouts
+One client interceptor adds ``authorization: Bearer <token>``, an ``x-request-id`` and,
+when the client was given one (``TRACEPARENT`` in an agent run's environment), the W3C
+``traceparent`` of the trace its calls continue to every call, and turns a failed call
+into the project's ``PaperclipError`` subclasses (``NotFound``,
+``FailedPrecondition``...) instead of ``grpc.aio.AioRpcError``. Timeouts
 and retries are not code: they are the channel's gRPC service config, built from the
 service descriptors, so a new RPC gets the default timeout and is never retried until
 it is named in ``IDEMPOTENT_METHODS``.
@@ -19,6 +21,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from types import TracebackType
@@ -37,6 +40,13 @@ from paperclip_client.errors import ConfigError, PaperclipError, from_rpc_error
 
 API_URL_ENV = "PAPERCLIP_API_URL"
 TOKEN_ENV = "PAPERCLIP_AGENT_TOKEN"
+#: The trace an agent run's calls continue (OpenTelemetry's environment carrier of the
+#: W3C trace context): the run service sets them when it traces.
+TRACEPARENT_ENV = "TRACEPARENT"
+TRACESTATE_ENV = "TRACESTATE"
+#: A W3C ``traceparent`` the gateway accepts: version, trace id, parent id, flags (all
+#: lower-case hex, neither id all zeros).
+_TRACEPARENT = re.compile(r"[0-9a-f]{2}-(?!0{32})[0-9a-f]{32}-(?!0{16})[0-9a-f]{16}-[0-9a-f]{2}")
 #: The header the services log and echo in error trailers (common.interceptors).
 REQUEST_ID_HEADER = "x-request-id"
 
@@ -222,13 +232,15 @@ async def _stream_raising_project_errors(
 
 
 class _CallHeaders:
-    """Adds ``authorization`` and ``x-request-id`` to a call unless the caller set them."""
+    """Adds ``authorization``, ``x-request-id`` and the trace context to a call unless the
+    caller set them."""
 
-    def __init__(self, token: str) -> None:
+    def __init__(self, token: str, trace: tuple[tuple[str, str], ...] = ()) -> None:
         self._authorization = f"Bearer {token}"
+        self._trace = trace
 
     def apply(self, details: grpc.aio.ClientCallDetails) -> tuple[grpc.aio.ClientCallDetails, str]:
-        """The call's details with both headers, and the request id it carries."""
+        """The call's details with the headers, and the request id it carries."""
         # A copy: the caller's Metadata object may be reused for other calls.
         metadata = grpc.aio.Metadata.from_tuple(tuple(details.metadata or ()))
         if metadata.get("authorization") is None:
@@ -237,6 +249,9 @@ class _CallHeaders:
         if not isinstance(request_id, str) or not request_id:
             request_id = uuid.uuid4().hex
             metadata[REQUEST_ID_HEADER] = request_id
+        if self._trace and metadata.get("traceparent") is None:
+            for key, value in self._trace:
+                metadata.add(key, value)
         new = grpc.aio.ClientCallDetails(
             details.method,
             details.timeout,
@@ -245,6 +260,20 @@ class _CallHeaders:
             details.wait_for_ready,
         )
         return new, request_id
+
+
+def trace_headers(
+    traceparent: str | None, tracestate: str | None = None
+) -> tuple[tuple[str, str], ...]:
+    """The metadata that continues the W3C trace ``traceparent`` (with its ``tracestate``);
+    none without one. Raises ``ConfigError`` for a malformed ``traceparent``."""
+    parent = (traceparent or "").strip()
+    if not parent:
+        return ()
+    if not _TRACEPARENT.fullmatch(parent):
+        raise ConfigError(f"not a W3C traceparent: {parent[:64]!r}")
+    state = (tracestate or "").strip()
+    return (("traceparent", parent), ("tracestate", state)) if state else (("traceparent", parent),)
 
 
 # grpc.aio files an interceptor under the first of the four interceptor kinds it
@@ -309,7 +338,13 @@ class PaperclipClient:
     auth: auth_pb2_grpc.AuthServiceAsyncStub
 
     def __init__(
-        self, target: str, token: str, *, timeouts: Mapping[str, float] | None = None
+        self,
+        target: str,
+        token: str,
+        *,
+        timeouts: Mapping[str, float] | None = None,
+        traceparent: str | None = None,
+        tracestate: str | None = None,
     ) -> None:
         """Connect (lazily) to ``target`` (plaintext) as ``token``: one gateway
         (``host:port``), several (``10.0.0.5:50051,10.0.0.6:50051``) or a ``dns:///``
@@ -317,6 +352,9 @@ class PaperclipClient:
 
         ``timeouts`` maps ``"package.Service/Method"`` to seconds, replacing the
         default ceilings (30 s, 3600 s for streams) for those methods.
+
+        ``traceparent`` (W3C, with its ``tracestate``) is sent with every call that does
+        not carry its own, so the calls continue that trace at the gateway.
         """
         target, token = target.strip(), token.strip()
         if not target:
@@ -324,7 +362,7 @@ class PaperclipClient:
         if not token:
             raise ConfigError("the token is empty")
         self.target = target
-        headers = _CallHeaders(token)
+        headers = _CallHeaders(token, trace_headers(traceparent, tracestate))
         self.channel: grpc.aio.Channel = grpc.aio.insecure_channel(
             grpc_target(target, setting="gateway address"),
             options=channel_options(build_service_config(timeouts)),
@@ -343,12 +381,21 @@ class PaperclipClient:
         timeouts: Mapping[str, float] | None = None,
     ) -> Self:
         """The client an agent run is given: ``PAPERCLIP_API_URL`` and
-        ``PAPERCLIP_AGENT_TOKEN`` from ``env`` (default ``os.environ``)."""
+        ``PAPERCLIP_AGENT_TOKEN`` from ``env`` (default ``os.environ``), and the run's
+        trace, ``TRACEPARENT`` and ``TRACESTATE``, when set (a ``TRACEPARENT`` that is
+        not a W3C ``traceparent`` is left out: it is not this client's to refuse)."""
         source = os.environ if env is None else env
         missing = [name for name in (API_URL_ENV, TOKEN_ENV) if not source.get(name, "").strip()]
         if missing:
             raise ConfigError(f"{' and '.join(missing)} must be set to reach the gateway")
-        return cls(source[API_URL_ENV], source[TOKEN_ENV], timeouts=timeouts)
+        parent = source.get(TRACEPARENT_ENV, "").strip()
+        return cls(
+            source[API_URL_ENV],
+            source[TOKEN_ENV],
+            timeouts=timeouts,
+            traceparent=parent if _TRACEPARENT.fullmatch(parent) else None,
+            tracestate=source.get(TRACESTATE_ENV),
+        )
 
     async def close(self, grace: float | None = None) -> None:
         """Close the channel; calls still running get ``grace`` seconds, then CANCELLED."""
@@ -379,6 +426,8 @@ __all__ = [
     "REQUEST_ID_HEADER",
     "STREAM_TIMEOUT_SECONDS",
     "TOKEN_ENV",
+    "TRACEPARENT_ENV",
+    "TRACESTATE_ENV",
     "PaperclipClient",
     "build_service_config",
     "channel_options",
