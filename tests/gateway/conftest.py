@@ -69,8 +69,8 @@ def gateway_settings(database_url: str, **extra: str) -> Settings:
     )
 
 
-class _Headers(grpc.aio.UnaryUnaryClientInterceptor, grpc.aio.UnaryStreamClientInterceptor):
-    """Adds fixed metadata (``authorization``, forged headers...) to every call."""
+class _FixedMetadata:
+    """Fixed metadata (``authorization``, forged headers...) added to every call."""
 
     def __init__(self, metadata: Sequence[tuple[str, str]]) -> None:
         self.metadata = tuple(metadata)
@@ -80,9 +80,17 @@ class _Headers(grpc.aio.UnaryUnaryClientInterceptor, grpc.aio.UnaryStreamClientI
             return details
         return details._replace(metadata=[*(details.metadata or ()), *self.metadata])
 
+
+# grpc.aio files an interceptor under the first interceptor kind it subclasses, so each
+# kind needs an object of its own.
+
+
+class _UnaryHeaders(_FixedMetadata, grpc.aio.UnaryUnaryClientInterceptor):
     async def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
         return await continuation(self._details(details), request)
 
+
+class _StreamHeaders(_FixedMetadata, grpc.aio.UnaryStreamClientInterceptor):
     async def intercept_unary_stream(self, continuation: Any, details: Any, request: Any) -> Any:
         return await continuation(self._details(details), request)
 
@@ -103,7 +111,9 @@ class Caller:
 
 def open_caller(address: str, metadata: Sequence[tuple[str, str]] = ()) -> Caller:
     """A caller on a fresh channel to ``address`` (the caller closes it)."""
-    channel = grpc.aio.insecure_channel(address, interceptors=[_Headers(metadata)])
+    channel = grpc.aio.insecure_channel(
+        address, interceptors=[_UnaryHeaders(metadata), _StreamHeaders(metadata)]
+    )
     return Caller(
         channel,
         issues_pb2_grpc.IssueServiceStub(channel),

@@ -385,10 +385,7 @@ async def test_run_spans_carry_the_run_id(traced: Traced) -> None:
 
     # A stream too: every span of the watch, at both ends of both hops, ends OK.
     traced.exporter.clear()
-    # (The callers' header interceptor adds headers to unary calls only.)
-    watch_call = traced.admin.runs.WatchRun(
-        runs_pb2.WatchRunRequest(run_id=run_id), metadata=bearer(traced.admin_token)
-    )
+    watch_call = traced.admin.runs.WatchRun(runs_pb2.WatchRunRequest(run_id=run_id))
     events = [event async for event in watch_call]
     assert events
     spans = await _spans_settled(traced, WATCH_RUN, 3)
