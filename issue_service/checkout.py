@@ -109,8 +109,8 @@ async def _check_out_slowly(tx: Tx, attempt: _Attempt, row: Row) -> tuple[Row, b
         info.company_id if info is not None else None,
         info.status if info is not None else None,
     )
-    locks = await holders(tx, row)
     run = RunFacts(attempt.actor.agent_id, attempt.run_id) if attempt.run_id else None
+    locks = await holders(tx, row, Action.CHECK_OUT, run, facts)
     decision = decide(Action.CHECK_OUT, facts, agent, run, locks, expected=attempt.expected)
     if decision.refusal is not None:
         raise decision.refusal.exception()
@@ -200,7 +200,9 @@ async def release_issue(db: Database, actor: Actor, *, issue_id: str) -> issues_
             row = (await clear_if_terminal(tx, row)).row
         require_company_access(actor, str(row["company_id"]), write=True)
         run = run_facts(actor)
-        decision = decide(Action.RELEASE, issue_facts(row), None, run, await holders(tx, row))
+        facts = issue_facts(row)
+        locks = await holders(tx, row, Action.RELEASE, run, facts)
+        decision = decide(Action.RELEASE, facts, None, run, locks)
         if decision.refusal is not None:
             raise decision.refusal.exception()
         updated = locked.changed

@@ -192,6 +192,18 @@ def decide(
     return _write(issue, run, holders, others_may_append=action is Action.APPEND)
 
 
+def needs_checkout_status(action: Action, issue: IssueFacts, run: RunFacts | None) -> bool:
+    """Whether ``decide(action, issue, ..., run, holders)`` can depend on
+    ``holders.checkout``, the status of the checkout run: always for a checkout (its
+    refusal says whether the holder is live); for the other actions only when an agent's
+    run other than the checkout run asks (a board user or a service is let through, the
+    checkout run keeps what it holds). Callers read that status only then."""
+    if action is Action.CHECK_OUT:
+        return True
+    checkout = issue.checkout_run_id
+    return run is not None and checkout is not None and checkout != run.run_id
+
+
 def _unassignable(issue: IssueFacts, agent: AgentFacts) -> Refusal | None:
     if agent.company_id is None:
         return Refusal(NotFound, "agent not found", "AGENT_NOT_FOUND", {"agent_id": agent.id})

@@ -16,7 +16,15 @@ from common.authz import require_agent_run
 from common.protoconv import text_or_none
 from common.sql import Row, Tx
 from issue_service import foreign_reads, store
-from issue_service.ownership import Action, Holders, IssueFacts, RunFacts, Verdict, decide
+from issue_service.ownership import (
+    Action,
+    Holders,
+    IssueFacts,
+    RunFacts,
+    Verdict,
+    decide,
+    needs_checkout_status,
+)
 
 
 def issue_facts(row: Row, *, open_blockers: Sequence[str] = ()) -> IssueFacts:
@@ -40,10 +48,13 @@ def run_facts(actor: Actor) -> RunFacts | None:
     return RunFacts(actor.agent_id, require_agent_run(actor))
 
 
-async def holders(tx: Tx, row: Row) -> Holders:
+async def holders(
+    tx: Tx, row: Row, action: Action, run: RunFacts | None, facts: IssueFacts
+) -> Holders:
     """The statuses of the runs holding the locks of an issue row locked after its
-    terminal check: the execution run's as read with the row, the checkout run's read
-    now unless the execution run holds the checkout too."""
+    terminal check: the execution run's as read with the row; the checkout run's read
+    now when ``decide`` can depend on it (:func:`ownership.needs_checkout_status`) and
+    the execution run does not hold the checkout too."""
     checkout = text_or_none(row["checkout_run_id"])
     execution = text_or_none(row["execution_run_id"])
     execution_status = row["execution_run_status"] if execution is not None else None
@@ -51,6 +62,8 @@ async def holders(tx: Tx, row: Row) -> Holders:
         return Holders(None, execution_status)
     if checkout == execution:
         return Holders(execution_status, execution_status)
+    if not needs_checkout_status(action, facts, run):
+        return Holders(None, execution_status)
     return Holders(await foreign_reads.run_status(tx, checkout), execution_status)
 
 
@@ -99,7 +112,8 @@ async def enforce_agent_write(
     """
     run = run_facts(actor)
     action = Action.APPEND if allow_non_assignee else Action.WRITE
-    decision = decide(action, issue_facts(row), None, run, await holders(tx, row))
+    facts = issue_facts(row)
+    decision = decide(action, facts, None, run, await holders(tx, row, action, run, facts))
     if decision.refusal is not None:
         raise decision.refusal.exception()
     if decision.verdict is Verdict.KEEP:

@@ -12,6 +12,7 @@ were the caller the assignee.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import uuid
 from collections.abc import Iterator
@@ -148,9 +149,8 @@ async def _check_out_agrees(tx: Tx, c: Cast, s: Situation) -> Outcome:
     agent = AgentFacts(s.agent, info.company_id if info else None, info.status if info else None)
     facts = issue_facts(row, open_blockers=[str(b) for b in row["open_blockers"]])
     run = RunFacts(s.agent, s.run) if s.run else None
-    decision = decide(
-        Action.CHECK_OUT, facts, agent, run, await holders(tx, row), expected=s.expected
-    )
+    locks = await holders(tx, row, Action.CHECK_OUT, run, facts)
+    decision = decide(Action.CHECK_OUT, facts, agent, run, locks, expected=s.expected)
     stale = facts.execution_run_id is not None and run_is_stale(row["execution_run_status"])
     if (locked.changed is not None) != (decision.verdict is Verdict.TAKE and not stale):
         return Outcome(False, f"checkout {s}: fast {locked.changed is not None}, {decision}")
@@ -170,7 +170,7 @@ async def _release_agrees(tx: Tx, c: Cast, s: Situation) -> Outcome:
     row = locked.row
     facts = issue_facts(row)
     run = RunFacts(s.agent, s.run) if s.run else None
-    locks = await holders(tx, row)
+    locks = await holders(tx, row, Action.RELEASE, run, facts)
     decision = decide(Action.RELEASE, facts, None, run, locks)
     stale = facts.execution_run_id is not None and run_is_stale(row["execution_run_status"])
     # The statement leaves the assignee test to ``decide`` on the locked row.
@@ -187,13 +187,11 @@ async def test_fast_paths_apply_exactly_where_decide_lets_them(suite: Suite) -> 
     async with suite.db.unit_of_work() as tx:
         for s in _situations(c):
             for check in (_check_out_agrees, _release_agrees):
-                try:
+                with contextlib.suppress(_Rollback):
                     async with tx.conn.transaction():
                         await _set_up(tx, c, s)
                         outcomes.append((check.__name__, await check(tx, c, s)))
                         raise _Rollback
-                except _Rollback:
-                    pass
     assert len(outcomes) > 2000
     assert [o.difference for _, o in outcomes if o.difference is not None] == []
     # Both statements both applied and fell to the slow path somewhere in the table.

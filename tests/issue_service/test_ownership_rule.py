@@ -24,6 +24,7 @@ from issue_service.ownership import (
     RunFacts,
     Verdict,
     decide,
+    needs_checkout_status,
 )
 
 COMPANY = "company-1"
@@ -562,6 +563,23 @@ def test_write(
     action: Action, row: IssueFacts, run: RunFacts | None, holders: Holders, decision: Decision
 ) -> None:
     assert decide(action, row, None, run, holders) == decision
+
+
+@pytest.mark.parametrize(
+    ("action", "row", "run", "holders"),
+    [pytest.param(Action.RELEASE, *case[1:4], id=f"release: {case[0]}") for case in RELEASE_CASES]
+    + [pytest.param(*case[1:5], id=f"write: {case[0]}") for case in WRITE_CASES],
+)
+def test_the_checkout_runs_status_is_needed_only_where_it_can_change_the_answer(
+    action: Action, row: IssueFacts, run: RunFacts | None, holders: Holders
+) -> None:
+    first, *others = [
+        decide(action, row, None, run, replace(holders, checkout=status))
+        for status in (LIVE, FINISHED, QUEUED, MISSING)
+    ]
+    if not needs_checkout_status(action, row, run):
+        assert all(answer == first for answer in others)
+    assert needs_checkout_status(Action.CHECK_OUT, row, run)
 
 
 def test_a_checkout_decision_needs_the_agent() -> None:
