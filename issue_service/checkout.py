@@ -123,10 +123,9 @@ async def _check_out_slowly(tx: Tx, attempt: _Attempt, row: Row) -> tuple[Row, b
         )
         return adopted, True
     if decision.verdict is Verdict.CLEAR_AND_TAKE:
-        # A stale checkout on an issue not in progress: take it like a fresh checkout.
+        # A stale checkout of an issue not in progress (an in-progress issue has an
+        # assignee, a check of the table: its agent's run got TAKE_OVER): clear, take.
         await store.update_issue_row(tx, facts.id, dict(LOCK_COLUMNS_CLEARED))
-        if facts.status == Status.IN_PROGRESS:
-            return row, True
     name_key = info.name_key if info is not None else None
     updated = await check_out(
         tx,
