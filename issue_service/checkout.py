@@ -55,11 +55,6 @@ def _not_found() -> NotFound:
     return NotFound("issue not found", reason="ISSUE_NOT_FOUND")
 
 
-async def open_blocker_ids(tx: Tx, issue_id: str) -> list[str]:
-    """The unresolved blockers of an issue."""
-    return await store.open_blockers(tx, issue_id)
-
-
 async def checkout_issue(
     db: Database, actor: Actor, *, issue_id: str, agent_id: str, expected_statuses: Sequence[int]
 ) -> issues_pb2.Issue:
@@ -287,6 +282,5 @@ __all__ = [
     "checkout_issue",
     "enforce_agent_write",
     "force_release_issue",
-    "open_blocker_ids",
     "release_issue",
 ]

@@ -23,7 +23,6 @@ from common.protoconv import text_or_none, timestamp
 from common.sql import Row, Tx
 from common.validation import MAX_BODY, parse_uuid, require_text
 from issue_service import comment_store, store
-from issue_service.checkout import open_blocker_ids
 from issue_service.events import EventType, emit
 from issue_service.locks import lock_and_clear_terminal
 from issue_service.mentions import resolve_mentions
@@ -95,7 +94,7 @@ async def _reopen_target(tx: Tx, actor: Actor, row: Row, flags: CommentFlags) ->
             )
         if status not in (Status.DONE, Status.BLOCKED, Status.IN_REVIEW):
             return None
-        if await open_blocker_ids(tx, str(row["id"])):
+        if await store.open_blockers(tx, str(row["id"])):
             raise FailedPrecondition(
                 "issue is blocked by unresolved blockers", reason="ISSUE_BLOCKED"
             )
@@ -111,7 +110,7 @@ async def _reopen_target(tx: Tx, actor: Actor, row: Row, flags: CommentFlags) ->
     if flags.reopen and status in (Status.DONE, Status.CANCELLED):
         return status
     if agent_assignee and status in (Status.DONE, Status.BLOCKED):
-        if await open_blocker_ids(tx, str(row["id"])):
+        if await store.open_blockers(tx, str(row["id"])):
             return None
         return status
     return None

@@ -24,7 +24,6 @@ from common.validation import (
     require_text,
 )
 from issue_service import company_store, foreign_reads, store
-from issue_service.checkout import open_blocker_ids
 from issue_service.events import EventType, emit
 from issue_service.locks import lock_and_clear_terminal
 from issue_service.model import PRIORITY_PROTO_VALUES, STATUS_PROTO_VALUES, Priority, Status
@@ -365,7 +364,7 @@ async def _validate_status_change(tx: Tx, actor: Actor, row: Row, values: dict[s
     if "status" not in values:
         return False
     if target is Status.IN_PROGRESS:
-        blockers = await open_blocker_ids(tx, str(row["id"]))
+        blockers = await store.open_blockers(tx, str(row["id"]))
         if blockers:
             raise FailedPrecondition(
                 "issue is blocked by unresolved blockers",
