@@ -208,29 +208,47 @@ class CheckoutWorld:
     token: str
 
 
+async def _agent(env: Traced, company_id: str, script: str) -> agents_pb2.Agent:
+    """An agent of ``company_id`` running ``tests/agents/<script>``."""
+    return await env.admin.runs.CreateAgent(
+        agents_pb2.CreateAgentRequest(
+            company_id=company_id,
+            name=f"agent-{unique_prefix().lower()}",
+            role="engineer",
+            adapter_type="process",
+            adapter_config=agents_pb2.AdapterConfig(command=[sys.executable, str(AGENTS / script)]),
+        )
+    )
+
+
+async def _todo_issue(env: Traced, company_id: str, agent_id: str, title: str) -> issues_pb2.Issue:
+    return await env.admin.issues.CreateIssue(
+        issues_pb2.CreateIssueRequest(
+            company_id=company_id,
+            title=title,
+            assignee_agent_id=agent_id,
+            status=issues_pb2.ISSUE_STATUS_TODO,
+        )
+    )
+
+
+async def _run_to_its_end(env: Traced, company_id: str, run_id: str) -> None:
+    """Let the runner dispatch ``company_id`` until the queued ``run_id`` has ended."""
+    companies = env.runner.companies
+    assert companies is not None
+    companies.add(company_id)
+    try:
+        await wait_until(lambda: _run_status(env.db, run_id), within=30, what="the run to end")
+    finally:
+        companies.discard(company_id)
+
+
 async def _checkout_world(env: Traced) -> CheckoutWorld:
     company = await env.admin.issues.CreateCompany(
         issues_pb2.CreateCompanyRequest(name="Traced", issue_prefix=unique_prefix())
     )
-    agent = await env.admin.runs.CreateAgent(
-        agents_pb2.CreateAgentRequest(
-            company_id=company.id,
-            name=f"agent-{unique_prefix().lower()}",
-            role="engineer",
-            adapter_type="process",
-            adapter_config=agents_pb2.AdapterConfig(
-                command=[sys.executable, str(AGENTS / "succeed.py")]
-            ),
-        )
-    )
-    issue = await env.admin.issues.CreateIssue(
-        issues_pb2.CreateIssueRequest(
-            company_id=company.id,
-            title="Trace me",
-            assignee_agent_id=agent.id,
-            status=issues_pb2.ISSUE_STATUS_TODO,
-        )
-    )
+    agent = await _agent(env, company.id, "succeed.py")
+    issue = await _todo_issue(env, company.id, agent.id, "Trace me")
     run_id = await insert_run(env.db, company_id=company.id, agent_id=agent.id)
     token = mint_run_token(
         env.settings.jwt_secret, agent_id=agent.id, company_id=company.id, run_id=run_id
@@ -357,13 +375,7 @@ async def test_run_spans_carry_the_run_id(traced: Traced) -> None:
     world = await _checkout_world(traced)
     traced.exporter.clear()
     run_id = await _queue_run(traced.db, world.company_id, world.agent_id)
-    companies = traced.runner.companies
-    assert companies is not None
-    companies.add(world.company_id)
-    try:
-        await wait_until(lambda: _run_status(traced.db, run_id), within=30, what="the run to end")
-    finally:
-        companies.discard(world.company_id)
+    await _run_to_its_end(traced, world.company_id, run_id)
 
     spans = await _spans_settled(traced, "run.finalize", 1)
     [terminal] = [s for s in spans if s.name == "run.finalize"]
@@ -401,34 +413,11 @@ async def test_an_agents_calls_continue_its_runs_trace(traced: Traced) -> None:
     """The run service hands its agent the run's span (``TRACEPARENT``); the typed client
     sends it, so the agent's calls are that span's children at the gateway."""
     world = await _checkout_world(traced)
-    worker = await traced.admin.runs.CreateAgent(
-        agents_pb2.CreateAgentRequest(
-            company_id=world.company_id,
-            name=f"worker-{unique_prefix().lower()}",
-            role="engineer",
-            adapter_type="process",
-            adapter_config=agents_pb2.AdapterConfig(
-                command=[sys.executable, str(AGENTS / "worker.py")]
-            ),
-        )
-    )
-    issue = await traced.admin.issues.CreateIssue(
-        issues_pb2.CreateIssueRequest(
-            company_id=world.company_id,
-            title="Work it, traced",
-            assignee_agent_id=worker.id,
-            status=issues_pb2.ISSUE_STATUS_TODO,
-        )
-    )
+    worker = await _agent(traced, world.company_id, "worker.py")
+    issue = await _todo_issue(traced, world.company_id, worker.id, "Work it, traced")
     traced.exporter.clear()
     run_id = await _queue_run(traced.db, world.company_id, worker.id, issue.id)
-    companies = traced.runner.companies
-    assert companies is not None
-    companies.add(world.company_id)
-    try:
-        await wait_until(lambda: _run_status(traced.db, run_id), within=30, what="the run to end")
-    finally:
-        companies.discard(world.company_id)
+    await _run_to_its_end(traced, world.company_id, run_id)
     done = await traced.admin.issues.GetIssue(issues_pb2.GetIssueRequest(issue=issue.id))
     assert done.status == issues_pb2.ISSUE_STATUS_DONE, "the worker did its issue's work"
 
