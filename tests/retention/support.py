@@ -185,3 +185,67 @@ async def workspace(db: Database, company_id: str, *, closed_days_ago: float | N
             closed=closed_days_ago,
         )
     )
+
+
+async def trip(
+    db: Database,
+    company: str,
+    agent: str,
+    issue: str | None,
+    *,
+    kind: str = "wake_loop",
+    days_ago: float,
+    announced: bool = True,
+) -> str:
+    """A trip row of ``days_ago``, its comment posted when ``announced``."""
+    return str(
+        await scalar(
+            db,
+            """
+            INSERT INTO runs.wake_breakers
+                (company_id, agent_id, issue_id, kind, reason, runs, window_seconds,
+                 tripped_at, announced_at)
+            VALUES (:c, :a, :i, :k, 'issue_commented', 10, 1800,
+                    now() - make_interval(days => :d),
+                    CASE WHEN :announced THEN now() - make_interval(days => :d) END)
+            RETURNING id
+            """,
+            c=company,
+            a=agent,
+            i=issue,
+            k=kind,
+            d=days_ago,
+            announced=announced,
+        )
+    )
+
+
+async def activity(
+    db: Database,
+    company: str,
+    issue: str,
+    *,
+    actor: str,
+    action: str,
+    status: bool,
+    days_ago: float,
+) -> None:
+    """An audit row about ``issue`` of ``days_ago`` (a status change when ``status``)."""
+    await scalar(
+        db,
+        """
+        INSERT INTO audit.activity_log
+            (company_id, actor_type, actor_id, action, entity_type, entity_id, details,
+             created_at)
+        VALUES (:c, :actor, 'someone', :action, 'issue', :i,
+                CASE WHEN :status THEN '{"status": "in_progress"}'::jsonb
+                     ELSE '{}'::jsonb END,
+                now() - make_interval(days => :d))
+        """,
+        c=company,
+        actor=actor,
+        action=action,
+        i=issue,
+        status=status,
+        d=days_ago,
+    )

@@ -173,70 +173,6 @@ def wake_breakers_policy(settings: Settings) -> Policy:
     return policy
 
 
-async def trip(
-    db: Database,
-    company: str,
-    agent: str,
-    issue: str | None,
-    *,
-    kind: str = "wake_loop",
-    days_ago: float,
-    announced: bool = True,
-) -> str:
-    """A trip row of ``days_ago``, its comment posted when ``announced``."""
-    return str(
-        await s.scalar(
-            db,
-            """
-            INSERT INTO runs.wake_breakers
-                (company_id, agent_id, issue_id, kind, reason, runs, window_seconds,
-                 tripped_at, announced_at)
-            VALUES (:c, :a, :i, :k, 'issue_commented', 10, 1800,
-                    now() - make_interval(days => :d),
-                    CASE WHEN :announced THEN now() - make_interval(days => :d) END)
-            RETURNING id
-            """,
-            c=company,
-            a=agent,
-            i=issue,
-            k=kind,
-            d=days_ago,
-            announced=announced,
-        )
-    )
-
-
-async def activity(
-    db: Database,
-    company: str,
-    issue: str,
-    *,
-    actor: str,
-    action: str,
-    status: bool,
-    days_ago: float,
-) -> None:
-    """An audit row about ``issue`` of ``days_ago`` (a status change when ``status``)."""
-    await s.scalar(
-        db,
-        """
-        INSERT INTO audit.activity_log
-            (company_id, actor_type, actor_id, action, entity_type, entity_id, details,
-             created_at)
-        VALUES (:c, :actor, 'someone', :action, 'issue', :i,
-                CASE WHEN :status THEN '{"status": "in_progress"}'::jsonb
-                     ELSE '{}'::jsonb END,
-                now() - make_interval(days => :d))
-        """,
-        c=company,
-        actor=actor,
-        action=action,
-        i=issue,
-        status=status,
-        d=days_ago,
-    )
-
-
 async def loop_standing(db: Database, company: str, agent: str, issue: str) -> tuple[bool, int]:
     async with db.unit_of_work() as tx:
         row = await wake_breaker_store.loop_state(
@@ -258,12 +194,14 @@ async def test_wake_breaker_trips_go_once_they_decide_nothing(
     agent = await s.agent(db, company)
     issues = {name: await s.issue(db, company) for name in ("budget", *"ABCDEF")}
     budget_gone = [
-        await trip(db, company, agent, issues["budget"], kind="daily_run_budget", days_ago=40),
-        await trip(db, company, agent, None, kind="daily_run_budget", days_ago=40, announced=False),
+        await s.trip(db, company, agent, issues["budget"], kind="daily_run_budget", days_ago=40),
+        await s.trip(
+            db, company, agent, None, kind="daily_run_budget", days_ago=40, announced=False
+        ),
     ]
     budget_kept = [
         # Its comment is still to be posted.
-        await trip(
+        await s.trip(
             db,
             company,
             agent,
@@ -272,14 +210,14 @@ async def test_wake_breaker_trips_go_once_they_decide_nothing(
             days_ago=40,
             announced=False,
         ),
-        await trip(db, company, agent, issues["budget"], kind="daily_run_budget", days_ago=10),
+        await s.trip(db, company, agent, issues["budget"], kind="daily_run_budget", days_ago=10),
     ]
     # A: superseded by a later trip, which stands (nothing cleared it).
-    superseded = await trip(db, company, agent, issues["A"], days_ago=50)
-    standing = await trip(db, company, agent, issues["A"], days_ago=40)
+    superseded = await s.trip(db, company, agent, issues["A"], days_ago=50)
+    standing = await s.trip(db, company, agent, issues["A"], days_ago=40)
     # B: cleared by a board comment 35 days ago; E: by an agent's status change.
-    cleared_by_board = await trip(db, company, agent, issues["B"], days_ago=40)
-    await activity(
+    cleared_by_board = await s.trip(db, company, agent, issues["B"], days_ago=40)
+    await s.activity(
         db,
         company,
         issues["B"],
@@ -288,18 +226,18 @@ async def test_wake_breaker_trips_go_once_they_decide_nothing(
         status=False,
         days_ago=35,
     )
-    cleared_by_status = await trip(db, company, agent, issues["E"], days_ago=40)
-    await activity(
+    cleared_by_status = await s.trip(db, company, agent, issues["E"], days_ago=40)
+    await s.activity(
         db, company, issues["E"], actor="agent", action="issue.updated", status=True, days_ago=35
     )
     # C: cleared 2 days ago, within the longest loop window: it still bounds the count.
-    cleared_lately = await trip(db, company, agent, issues["C"], days_ago=40)
-    await activity(
+    cleared_lately = await s.trip(db, company, agent, issues["C"], days_ago=40)
+    await s.activity(
         db, company, issues["C"], actor="user", action="issue.updated", status=False, days_ago=2
     )
     # D: an agent's comment does not clear a trip; F: a young trip.
-    not_cleared = await trip(db, company, agent, issues["D"], days_ago=40)
-    await activity(
+    not_cleared = await s.trip(db, company, agent, issues["D"], days_ago=40)
+    await s.activity(
         db,
         company,
         issues["D"],
@@ -308,7 +246,7 @@ async def test_wake_breaker_trips_go_once_they_decide_nothing(
         status=False,
         days_ago=35,
     )
-    young = await trip(db, company, agent, issues["F"], days_ago=5)
+    young = await s.trip(db, company, agent, issues["F"], days_ago=5)
     before = {name: await loop_standing(db, company, agent, issues[name]) for name in "ABCDEF"}
 
     result = await sweep(
@@ -333,7 +271,7 @@ async def test_a_zero_wake_breaker_horizon_keeps_every_trip(
     db = own_db
     company = await s.company(db)
     agent = await s.agent(db, company)
-    old = await trip(db, company, agent, None, kind="daily_run_budget", days_ago=400)
+    old = await s.trip(db, company, agent, None, kind="daily_run_budget", days_ago=400)
     off = replace(settings, retention_wake_breakers_days=0)
 
     result = await sweep(db, [wake_breakers_policy(off)], lock_key="test-off", batch=BATCH, pause=0)
