@@ -27,7 +27,7 @@ from common.db import Database
 from common.errors import FailedPrecondition, PaperclipError
 from common.protoconv import text_or_none
 from common.sql import Row, Tx
-from run_service import finalize, recovery_store, run_store, terminal_store, wakes
+from run_service import finalize, recovery_store, run_store, terminal_store, wake_rules, wakes
 from run_service.adopted_runs import grace_of
 from run_service.issue_client import IssueClient
 from run_service.workspace_client import WorkspaceClient
@@ -140,7 +140,7 @@ async def write_lost(
 async def insert_retry(tx: Tx, run: Row) -> str | None:
     """The queued retry of a lost run and its wakeup row (None if the agent already has
     another active run on the issue)."""
-    context = _json_object(run["context"])
+    context = wake_rules.as_json(run["context"])
     context.update({"retryReason": RETRY_REASON, "wakeReason": RETRY_WAKE_REASON})
     context["retryOfRunId"] = str(run["id"])
     wake_id = str(uuid.uuid4())
@@ -209,10 +209,3 @@ def lost_message(
             {"pid": pid, "process_group_id": pgid, "descendantOnly": True},
         )
     return f"Process lost -- child pid {pid} is no longer running", {"pid": pid}
-
-
-def _json_object(value: object) -> dict[str, Any]:
-    if isinstance(value, str):
-        loaded = json.loads(value)
-        return dict(loaded) if isinstance(loaded, dict) else {}
-    return dict(value) if isinstance(value, dict) else {}

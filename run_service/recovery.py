@@ -57,14 +57,11 @@ SWEEP_LOCK_KEY = "runs.reap_orphaned_runs"
 
 
 class RecoveryHost(AdoptionHost, Protocol):
-    """What recovery needs of the runner of this node."""
+    """What recovery needs of the runner of this node (its ``wake`` also asks for a
+    dispatch pass when a retry was queued)."""
 
     hostname: str
     companies: set[str] | None
-
-    def wake(self) -> None:
-        """Ask for a dispatch pass (a retry was queued, a slot freed)."""
-        ...
 
 
 @dataclass
