@@ -47,13 +47,15 @@ def module_path(module: str) -> Path | None:
     return None
 
 
-def imported_modules(path: Path, module: str) -> set[str]:
+def imported_modules(path: Path, module: str, *, at_load: bool = False) -> set[str]:
     """Every module ``path`` (the source of ``module``) imports, absolute names; for
-    ``from a import b``, ``a.b`` too when that is a module of ours."""
+    ``from a import b``, ``a.b`` too when that is a module of ours. ``at_load``: only
+    what runs when the module is loaded, its module-level imports (not those inside
+    functions or ``if TYPE_CHECKING:``)."""
     tree = ast.parse(path.read_text(), filename=str(path))
     package = module if path.name == "__init__.py" else module.rpartition(".")[0]
     found: set[str] = set()
-    for node in ast.walk(tree):
+    for node in tree.body if at_load else ast.walk(tree):
         if isinstance(node, ast.Import):
             found.update(alias.name for alias in node.names)
         elif isinstance(node, ast.ImportFrom):
@@ -62,26 +64,6 @@ def imported_modules(path: Path, module: str) -> set[str]:
             for alias in node.names:
                 if module_path(f"{base}.{alias.name}") is not None:
                     found.add(f"{base}.{alias.name}")
-    return found
-
-
-def load_time_imports(path: Path, module: str) -> set[str]:
-    """The modules of ours ``path`` (the source of ``module``) imports when it is loaded:
-    its module-level imports, not those inside functions or ``if TYPE_CHECKING:``."""
-    tree = ast.parse(path.read_text(), filename=str(path))
-    package = module if path.name == "__init__.py" else module.rpartition(".")[0]
-    found: set[str] = set()
-    for node in tree.body:
-        if isinstance(node, ast.Import):
-            found.update(alias.name for alias in node.names if module_path(alias.name))
-        elif isinstance(node, ast.ImportFrom):
-            base = _absolute(node, package)
-            for alias in node.names:
-                name = f"{base}.{alias.name}"
-                if module_path(name) is not None:
-                    found.add(name)
-                elif module_path(base) is not None:
-                    found.add(base)
     return found
 
 

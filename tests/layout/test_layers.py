@@ -18,7 +18,6 @@ from tests.layout.imports import (
     closure,
     cycles,
     imported_modules,
-    load_time_imports,
     source_files,
 )
 
@@ -73,7 +72,7 @@ def test_the_image_copies_every_package_its_processes_import() -> None:
 
 def test_no_modules_import_one_another_in_a_circle() -> None:
     graph = {
-        module: load_time_imports(path, module)
+        module: imported_modules(path, module, at_load=True)
         for package in PACKAGES
         for module, path in source_files(package)
     }
